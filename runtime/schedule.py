@@ -20,6 +20,15 @@ import numpy as np
 
 from runtime.errors import ConfigError, InputError
 
+# diffusers FlowMatchEulerDiscreteScheduler options that the Qwen-Image pipelines leave off.
+_UNSUPPORTED_OPTIONS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -52,7 +61,14 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SchedulerConfig:
-        """Build from a diffusers ``scheduler_config.json`` dict; unknown keys are ignored."""
+        """Build from a diffusers ``scheduler_config.json`` dict; unknown keys are ignored.
+
+        Options that would change the sigmas or the step in ways this module does not implement are
+        rejected rather than ignored, so a config never silently samples differently from diffusers.
+        """
+        unsupported = [k for k in _UNSUPPORTED_OPTIONS if data.get(k)]
+        if unsupported:
+            raise ConfigError(f"scheduler config: {unsupported} are not supported; expected them unset or false")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -86,7 +102,9 @@ def shift_sigmas(sigmas: np.ndarray, config: SchedulerConfig, mu: float | None) 
     else:
         sigmas = config.shift * sigmas / (1 + (config.shift - 1) * sigmas)
     sigmas = sigmas.astype(np.float32)
-    if config.shift_terminal:
+    # The stretch is undefined when the last sigma is 1 (a single step from pure noise): diffusers
+    # divides 0 by 0 and returns NaN there; we keep the grid as it is.
+    if config.shift_terminal and sigmas[-1] < 1:
         one_minus = 1 - sigmas
         scale = one_minus[-1] / (1 - config.shift_terminal)
         sigmas = (1 - one_minus / scale).astype(np.float32)
