@@ -365,3 +365,31 @@ def test_save_component_matches_diffusers_layout(tmp_path, diffusers_dit):
     reloaded = type(diffusers_dit).from_pretrained(ours)
     expected = diffusers_dit.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_loads_transformers_save_pretrained_shards(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3VLConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=128, vocab_size=1000, max_position_embeddings=512,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[4, 2, 2],
+                                              mrope_interleaved=True)),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           out_hidden_size=64, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=990, video_token_id=991, vision_start_token_id=992, vision_end_token_id=993)
+    torch.manual_seed(2)
+    model_cls = transformers.Qwen3VLForConditionalGeneration
+    source = _random(model_cls(config)).eval()
+    source.save_pretrained(tmp_path, max_shard_size="300KB")
+    files, _ = ckpt.find_weight_files(tmp_path)
+    assert len(files) >= 3 and files[0].name.startswith("model-00001-of-")
+
+    with ckpt.meta_parameters():
+        empty = model_cls(model_cls.config_class.from_dict(ckpt.read_config(tmp_path))).eval()
+    loaded = ckpt.load_into(empty, tmp_path)
+    expected = source.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    ids = torch.randint(0, 900, (1, 7))
+    with torch.no_grad():  # identical weights and buffers (rotary inv_freq): identical logits
+        assert torch.equal(loaded(ids).logits, source(ids).logits)
