@@ -184,6 +184,46 @@ class PromptTokenizer:
         return out + ids[start:]
 
 
+def mrope_position_ids(batch: TokenBatch, merge_size: int = 2) -> np.ndarray:
+    """Qwen3-VL's 3-axis (t, h, w) position ids int64 [3, B, L], as transformers computes them.
+
+    Text-only batches get ``arange(L)`` on every axis, padding included (transformers does not
+    shift left-padded rows; RoPE is relative, so a constant shift changes nothing). With images,
+    each row counts only its real tokens: text runs advance one per token, an image block of
+    merged grid ``h x w`` takes ``(p, p + i, p + j)`` and advances ``p`` by ``max(h, w)``;
+    padding gets 0.
+    """
+    n_rows, length = batch.input_ids.shape
+    if batch.image_grid_thw is None:
+        return np.broadcast_to(np.arange(length, dtype=np.int64), (3, n_rows, length)).copy()  # [3, B, L]
+    positions = np.zeros((3, n_rows, length), dtype=np.int64)
+    grids = iter(batch.image_grid_thw.tolist())
+    for b in range(n_rows):
+        valid = np.flatnonzero(batch.attention_mask[b])
+        types = batch.mm_token_type_ids[b, valid]
+        row, p, k = [], 0, 0
+        while k < len(types):
+            run = k + 1
+            while run < len(types) and types[run] == types[k]:
+                run += 1
+            if types[k] == 0:
+                row.append(np.broadcast_to(np.arange(p, p + run - k), (3, run - k)))  # [3, n]
+                p += run - k
+            else:
+                t, h, w = next(grids)
+                if (run - k) != t * (h // merge_size) * (w // merge_size):
+                    raise ShapeError(
+                        f"token batch row {b}: image run of {run - k} tokens does not match grid {t, h, w}"
+                    )
+                axes = (np.arange(t), np.arange(h // merge_size), np.arange(w // merge_size))
+                grid = np.stack(np.meshgrid(*axes, indexing="ij"))  # [3, t, h/m, w/m]
+                row.append(grid.reshape(3, -1) + p)  # [3, t*h*w/merge**2]
+                p += max(h, w) // merge_size
+            k = run
+        positions[:, b, valid] = np.concatenate(row, axis=1)  # [3, n_valid]
+    return positions
+
+
 @dataclass(frozen=True, eq=False)
 class PromptIndex:
     """Where each output token of the post-processed embeddings comes from.

@@ -24,7 +24,7 @@ from qwen_image2_ref.encoder import (
 )
 from runtime.errors import CheckpointError, InputError
 from runtime.images import VisionConfig
-from runtime.tokens import PromptTokenizer, postprocess_hidden_states
+from runtime.tokens import PromptTokenizer, mrope_position_ids, postprocess_hidden_states
 
 SPECIALS = [
     "<|im_start|>",
@@ -244,6 +244,43 @@ def test_post_norm_state_fails_parity(ours, peer):
     wrong, _, _ = postprocess_hidden_states(post, batch)
     ref, _, _ = _peer_encode(peer, prompts, None)
     assert np.abs(wrong - ref.numpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_mrope_position_ids_match_transformers(ours, n_images):
+    """The numpy positions (for graphs that take them as input) equal what the model computes."""
+    prompts = ["a blue square", "turn image 1 into a sketch and add 3 stars"]
+    images = _images(8, [(96, 64), (64, 160)][:n_images]) or None
+    batch, pixel_values = ours.tokenize(prompts, images)
+    ids = mrope_position_ids(batch, ours.vision.merge_size)
+    inner = ours.model.model
+    if images:
+        ref, _ = inner.get_rope_index(
+            torch.from_numpy(batch.input_ids),
+            torch.from_numpy(batch.mm_token_type_ids),
+            image_grid_thw=torch.from_numpy(batch.image_grid_thw),
+            attention_mask=torch.from_numpy(batch.attention_mask),
+        )
+        np.testing.assert_array_equal(ids, ref.numpy())
+    # Feeding them explicitly leaves the encoder output unchanged.
+    captured = []
+    handle = inner.language_model.norm.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    try:
+        with torch.no_grad():
+            inner(
+                input_ids=torch.from_numpy(batch.input_ids),
+                attention_mask=torch.from_numpy(batch.attention_mask),
+                position_ids=torch.from_numpy(ids),
+                pixel_values=None if pixel_values is None else torch.from_numpy(pixel_values),
+                image_grid_thw=None if pixel_values is None else torch.from_numpy(batch.image_grid_thw),
+                mm_token_type_ids=torch.from_numpy(batch.mm_token_type_ids),
+                use_cache=False,
+            )
+    finally:
+        handle.remove()
+    valid = torch.from_numpy(batch.attention_mask).bool()
+    reference = ours.hidden_states(batch, pixel_values)
+    torch.testing.assert_close(captured[0][valid], reference[valid], atol=1e-5, rtol=0)
 
 
 def test_config_round_trip():
