@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from qwen_image2_ref.demo import data, judge, vocab
+from runtime import tokens
 from runtime.errors import InputError, ShapeError
 
 N_JUDGED = 330
@@ -205,15 +206,27 @@ def test_tokenizer_round_trips_and_special_tokens():
     rng = np.random.default_rng(7)
     texts = [data.caption(data.sample_scene(rng, 128, 192, "any"), rng) for _ in range(50)]
     texts += [data.sample_edit(rng, split="any").instruction for _ in range(30)]
-    texts += [vocab.t2i_text(texts[0]), vocab.edit_text(texts[-1], n_images=2), "\n\n", "unseen words: zebra 42!"]
+    texts += [tokens.prompt_text(texts[0]), tokens.prompt_text(texts[-1], 2), "\n\n", "unseen words: zebra 42!"]
     for text in texts:
         enc = tok.encode(text)
         assert tok.decode(enc.ids, skip_special_tokens=False) == text
-    edit = tok.encode(vocab.edit_text("make the circle blue")).tokens
+    edit = tok.encode(tokens.prompt_text("make the circle blue", 1)).tokens
     assert edit.count("Ċ") == 5  # newlines are tokens of their own
     assert [t for t in tok.encode("<image1>").tokens if "image" in t]  # a learned piece, not bytes
     # the caption language is compact: whole words are single tokens
     assert len(tok.encode(" red circle on the left").ids) == 5
+
+
+def test_tokenizer_works_with_the_runtime_prompt_tokenizer():
+    tok = vocab.train_tokenizer()
+    prompt_tok = tokens.PromptTokenizer(tok)
+    batch = prompt_tok.encode(["make the circle blue", "add the letter A"], image_grid_thw=[[1, 4, 6]])
+    assert batch.image_pad_mask.sum(axis=1).tolist() == [6, 6]  # 1*4*6 patches / merge 2**2
+    for row, mask in zip(batch.input_ids, batch.attention_mask):
+        ids = row[mask == 1].tolist()
+        # the system turn ends on a token boundary, so dropping drop_idx tokens leaves the user turn
+        assert tok.decode(ids[: batch.drop_idx], skip_special_tokens=False) == tokens.system_message()
+        assert tok.decode(ids[batch.drop_idx :], skip_special_tokens=False).startswith("<|im_start|>user\n<image1>")
 
 
 def test_tokenizer_is_deterministic(tmp_path):

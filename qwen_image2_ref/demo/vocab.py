@@ -6,7 +6,9 @@ needs, and splits "<image1>" into "<", "image", "1", ">" exactly as the real tok
 runtime's templates and drop-index logic run unchanged on the demo model. A few hundred merges
 cover the whole caption language (each vocabulary word becomes one or two tokens).
 
-The Qwen special tokens come first (ids 0-6, <|endoftext|> is the pad), so the demo encoder
+The chat and edit templates are runtime.tokens' own (``prompt_text``), so the corpus holds exactly
+what the runtime will feed the encoder. The Qwen special tokens come first (ids 0-6,
+<|endoftext|> is the pad, as runtime.tokens.PAD_TOKEN expects), so the demo encoder
 config can name its image/video/vision token ids from ``special_token_ids``. Training is
 deterministic: a fixed corpus from a seeded generator and a trainer that breaks ties by pair id.
 """
@@ -20,28 +22,16 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from qwen_image2_ref.demo import data
+from runtime import tokens
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|image_pad|>", "<|video_pad|>",
 )
-PAD_TOKEN = "<|endoftext|>"
-SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
-CHAT_TEMPLATE = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-IMAGE_PREFIX = "<image{index}><|vision_start|><|image_pad|><|vision_end|>"
 DEFAULT_VOCAB_SIZE = 512
 # Qwen2's pre-tokenizer split (letters runs, single digits, punctuation runs, newlines, spaces).
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def t2i_text(prompt: str, system: str = SYSTEM_PROMPT) -> str:
-    return CHAT_TEMPLATE.format(system=system, prompt=prompt)
-
-
-def edit_text(instruction: str, n_images: int = 1, system: str = SYSTEM_PROMPT) -> str:
-    prefix = " ".join(IMAGE_PREFIX.format(index=i + 1) for i in range(n_images))
-    return CHAT_TEMPLATE.format(system=system, prompt=prefix + instruction)
 
 
 def corpus(seed: int = 0, n_captions: int = 3000, n_edits: int = 1500) -> list[str]:
@@ -51,12 +41,12 @@ def corpus(seed: int = 0, n_captions: int = 3000, n_edits: int = 1500) -> list[s
     for i in range(n_captions):
         w, h = data.SIZES[i % len(data.SIZES)]
         cap = data.caption(data.sample_scene(rng, w, h, "any"), rng)
-        texts.append(t2i_text(cap) if i % 4 == 0 else cap)
+        texts.append(tokens.prompt_text(cap) if i % 4 == 0 else cap)
     for i in range(n_edits):
         ex = data.sample_edit(rng, split="any")
-        texts.append(edit_text(ex.instruction, 1 + i % 2) if i % 3 == 0 else ex.instruction)
+        texts.append(tokens.prompt_text(ex.instruction, 1 + i % 2) if i % 3 == 0 else ex.instruction)
     words = [*data.COLORS, *data.SHAPES, *data.POSITIONS, *data.BACKGROUNDS, *data.GLYPHS,
-             "system", "user", "assistant", SYSTEM_PROMPT]
+             "system", "user", "assistant", tokens.SYSTEM_PROMPT]
     for phrases in (*data.POSITION_PHRASES.values(), *data.BACKGROUND_PHRASES.values(), *data.INSTRUCTIONS.values()):
         words.extend(phrases)
     texts.extend(words)
