@@ -1,0 +1,124 @@
+"""The ``qwen-image-edge`` command: a thin dispatcher, one subcommand per stage.
+
+Each handler parses its arguments, imports its stage inside the handler and calls one library
+function, so importing this module (and running the torch-free stages) never loads torch.
+Expected failures are ``QwenImageEdgeError``s: they become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+PROG = "qwen-image-edge"
+
+DESCRIPTION = """\
+Qwen-Image-2 on small GPUs. A deployment runs these stages in order:
+
+  export      PyTorch reference -> ONNX graphs (condition encoder, transformer, VAE) + manifest.json
+  quantize    FP8 / INT8 (W8A8) with timestep-aware calibration
+  distill     step distillation: fewer sampling steps (alternative or complement to quantize)
+  build       ONNX graphs -> TensorRT engines for one GPU
+  run         generate or edit images from an export directory (no torch)
+  validate    per-graph and end-to-end numbers against the reference
+
+Only the commands listed below exist in this version; the others arrive with their stage.
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwen-image-edge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log progress (-v: INFO, -vv: DEBUG)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = commands.add_parser(
+        "info",
+        help="parameter counts and weight sizes of a model preset",
+        description="Print the parameter counts and bf16 weight sizes of a preset's transformer, "
+        "VAE and text encoder (counted on the meta device: no weights, no memory).",
+    )
+    info.add_argument("--preset", default="qwen-image-2.1", help="preset name (default: %(default)s)")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(handler=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when a host application already configured logging
+
+    from runtime.errors import QwenImageEdgeError
+
+    try:
+        return args.handler(args)
+    except QwenImageEdgeError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from qwen_image2_ref.config import get_preset
+    from qwen_image2_ref.sizes import model_sizes
+
+    sizes = model_sizes(get_preset(args.preset))
+    print(json.dumps(sizes.to_dict(), indent=2) if args.json else format_sizes(sizes))
+    return 0
+
+
+def format_sizes(sizes) -> str:
+    """A ``ModelSizes`` as a plain-text table."""
+    t, v, e = sizes.transformer, sizes.vae, sizes.encoder
+    rows = [
+        (
+            "transformer",
+            t.params,
+            t.bf16_gb,
+            f"{t.layers} layers, {t.heads} heads x {t.head_dim} = {t.hidden}",
+        ),
+        ("vae", v.params, v.bf16_gb, f"encoder {v.encoder_params:,}, decoder {v.decoder_params:,}"),
+        (
+            "text encoder",
+            e.params,
+            e.bf16_gb,
+            f"text {e.text_params:,}, vision {e.vision_params:,}, lm_head {e.lm_head_params:,}",
+        ),
+        ("total", sizes.params, sum(r.bf16_gb for r in (t, v, e)), ""),
+    ]
+    header = ("component", "params", "bf16", "")
+    cells = [header] + [(name, f"{n:,}", _human_gb(gb), detail) for name, n, gb, detail in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(3)]
+    lines = [f"preset {sizes.preset}"]
+    for name, n, gb, detail in cells:
+        lines.append(f"{name:<{widths[0]}}  {n:>{widths[1]}}  {gb:>{widths[2]}}  {detail}".rstrip())
+    return "\n".join(lines)
+
+
+def _human_gb(gb: float) -> str:
+    if gb >= 1:
+        return f"{gb:.2f} GB"
+    if gb >= 1e-3:
+        return f"{gb * 1e3:.2f} MB"
+    return f"{gb * 1e6:.2f} kB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
