@@ -143,8 +143,12 @@ class QwenImageVAE(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_dim * 2, config.z_dim * 2, 1)
         self.post_quant_conv = nn.Conv2d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the latent statistics; called again after a meta-device load."""
         # not persistent: the checkpoint keeps them in config.json, not in the state dict
-        stats = torch.tensor([config.latents_mean, config.latents_std], dtype=torch.float32)
+        stats = torch.tensor([self.config.latents_mean, self.config.latents_std], dtype=torch.float32)
         self.register_buffer("latents_mean", stats[0].reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("latents_std", stats[1].reshape(1, -1, 1, 1), persistent=False)
 

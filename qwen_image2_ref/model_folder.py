@@ -1,0 +1,151 @@
+"""Whole checkpoint folders, laid out as the public Qwen-Image-2.1 one that diffusers writes.
+
+``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``, ``processor/``, ``scheduler/``.
+Schedule parameters come from ``scheduler/scheduler_config.json`` and the pipeline's
+``sample_sigmas`` from ``model_index.json``, never from constants in code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen_image2_ref.checkpoint import checkpoint_digest, load_into, read_config, save_component
+from qwen_image2_ref.config import ModelConfig, PipelineConfig, TransformerConfig, VAEConfig
+from qwen_image2_ref.transformer import QwenImageTransformer
+from qwen_image2_ref.vae import QwenImageVAE
+from runtime.errors import CheckpointError
+from runtime.schedule import SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+COMPONENTS = ("transformer", "vae", "text_encoder", "processor", "scheduler")
+SCHEDULER_CONFIG = "scheduler_config.json"
+# Keys this project adds to model_index.json (diffusers ignores unknown pipeline kwargs with a warning).
+EDGE_KEY = "qwen_image_edge"
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    transformer: QwenImageTransformer
+    vae: QwenImageVAE
+    encoder: object  # qwen_image2_ref.encoder.ConditionEncoder
+    path: Path
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A checkpoint folder path; the name ``demo`` means the embedded demo model."""
+    if str(model) == "demo":
+        from qwen_image2_ref.demo import weights_path
+
+        return weights_path()
+    path = Path(model)
+    if not (path / MODEL_INDEX).is_file():
+        raise CheckpointError(
+            f"model {path}: expected a checkpoint folder with {MODEL_INDEX} "
+            f"(components {', '.join(COMPONENTS)}), not found"
+        )
+    return path
+
+
+def read_pipeline_config(path: Path) -> PipelineConfig:
+    index = json.loads((path / MODEL_INDEX).read_text())
+    sched_path = path / "scheduler" / SCHEDULER_CONFIG
+    if not sched_path.is_file():
+        raise CheckpointError(f"model {path}: expected scheduler/{SCHEDULER_CONFIG}, not found")
+    scheduler = SchedulerConfig.from_dict(json.loads(sched_path.read_text()))
+    extra = index.get(EDGE_KEY) or {}
+    sigmas = index.get("sample_sigmas")
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    kwargs = {k: v for k, v in extra.items() if k in fields and k != "scheduler"}
+    if sigmas is not None:
+        kwargs["sample_sigmas"] = tuple(sigmas)
+        kwargs.setdefault("num_steps", len(sigmas))
+    return PipelineConfig(scheduler=scheduler, **kwargs)
+
+
+def load_model(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               name: str | None = None) -> LoadedModel:
+    """Build every component on the meta device and fill it from the folder's safetensors."""
+    from qwen_image2_ref.encoder import ConditionEncoder
+
+    path = resolve_model_path(model)
+    pipeline_cfg = read_pipeline_config(path)
+    t_cfg = TransformerConfig.from_diffusers(read_config(path / "transformer"))
+    v_cfg = VAEConfig.from_diffusers(read_config(path / "vae"))
+    with torch.device("meta"):
+        transformer = QwenImageTransformer(t_cfg)
+        vae = QwenImageVAE(v_cfg)
+    load_into(transformer, path / "transformer", dtype=dtype, device=device)
+    load_into(vae, path / "vae", dtype=dtype, device=device)
+    encoder = ConditionEncoder.from_pretrained(
+        path / "text_encoder", path / "processor", dtype=dtype,
+        system_prompt=pipeline_cfg.system_prompt, max_prompt_tokens=pipeline_cfg.max_prompt_tokens,
+    ).to(device)
+    config = ModelConfig(name=name or path.name, transformer=t_cfg, vae=v_cfg, encoder=encoder.config,
+                         pipeline=pipeline_cfg)
+    log.info("loaded %s: transformer %d layers, hidden %d", path, t_cfg.num_layers, t_cfg.hidden_size)
+    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path)
+
+
+def load_pipeline(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    from qwen_image2_ref.pipeline import QwenImagePipeline
+
+    m = load_model(model, dtype=dtype, device=device)
+    return QwenImagePipeline(m.config, m.transformer, m.vae, m.encoder, device=device, dtype=dtype)
+
+
+def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae, encoder, *,
+               max_shard_size: int | str = "10GB", dtype: torch.dtype | None = None,
+               overwrite: bool = False) -> Path:
+    """Write a checkpoint folder diffusers' ``QwenImage21Pipeline.from_pretrained`` loads, atomically."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise CheckpointError(f"model folder {folder} already exists; pass overwrite=True to replace it")
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        save_component(transformer, tmp / "transformer", config.transformer.to_diffusers(),
+                       max_shard_size=max_shard_size, dtype=dtype)
+        save_component(vae, tmp / "vae", config.vae.to_diffusers(), max_shard_size=max_shard_size, dtype=dtype)
+        encoder.save_pretrained(tmp / "text_encoder", tmp / "processor")
+        sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **config.pipeline.scheduler.to_dict()}
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / SCHEDULER_CONFIG).write_text(json.dumps(sched, indent=2) + "\n")
+        p = config.pipeline
+        index = {
+            "_class_name": "QwenImage21Pipeline",
+            "_diffusers_version": "0.42.1",
+            "processor": ["transformers", "Qwen3VLProcessor"],
+            "sample_sigmas": list(p.sample_sigmas) if p.sample_sigmas is not None else None,
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+            "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLQwenImage21"],
+            EDGE_KEY: {
+                "num_steps": p.num_steps,
+                "guidance_scale": p.guidance_scale,
+                "guidance_distilled": p.guidance_distilled,
+                "output_resolution": p.output_resolution,
+                "max_prompt_tokens": p.max_prompt_tokens,
+            },
+        }
+        (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s (digest %s)", folder, checkpoint_digest(folder / "transformer")[:12])
+    return folder

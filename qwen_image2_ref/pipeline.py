@@ -1,0 +1,149 @@
+"""The torch reference sampling loop: text-to-image and edit.
+
+Everything that is not network math comes from ``runtime`` (noise, schedule, Euler step,
+guidance, layout, image rules, pixels -> PIL), so the runtime reproduces this loop image for image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.config import ModelConfig
+from qwen_image2_ref.transformer import QwenImageTransformer, check_inputs, layout_inputs
+from qwen_image2_ref.vae import QwenImageVAE, pack_latents, unpack_latents
+from runtime import images as rimages
+from runtime import schedule
+from runtime.errors import InputError
+from runtime.layout import build_layout
+from runtime.sampling import Request, initial_noise, make_request, to_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Condition:
+    """One prompt set encoded for the transformer (positive or negative)."""
+
+    text_states: torch.Tensor  # [B, L_enc, ctx]
+    layout_inputs: dict[str, torch.Tensor]
+    layout: object
+
+
+class QwenImagePipeline:
+    def __init__(self, config: ModelConfig, transformer: QwenImageTransformer, vae: QwenImageVAE, encoder,
+                 *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.transformer = transformer.eval()
+        self.vae = vae.eval()
+        self.encoder = encoder
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+                 width: int | None = None, height: int | None = None, steps: int | None = None,
+                 guidance: float | None = None, seed: int | None = None, latents: np.ndarray | None = None,
+                 callback: Callable[[int, int, np.ndarray], None] | None = None, progress: bool = True,
+                 output: str = "pil"):
+        """Text to image. Returns one PIL RGBA image per prompt (``output="latent"``: packed latents)."""
+        res = self.config.pipeline.output_resolution
+        request = self._request(prompt, negative_prompt, width, height, steps, guidance, seed, (res, res))
+        return self._sample(request, [], [], latents, callback, progress, output)
+
+    @torch.inference_mode()
+    def edit(self, images, instruction: str | Sequence[str], *, negative_prompt=None, width: int | None = None,
+             height: int | None = None, steps: int | None = None, guidance: float | None = None,
+             seed: int | None = None, latents: np.ndarray | None = None, callback=None, progress: bool = True,
+             output: str = "pil"):
+        """Edit one or more condition images as the instruction says. Output size follows the last image."""
+        pil_images = [rimages.load_image(img) for img in (images if isinstance(images, (list, tuple)) else [images])]
+        limit = self.config.pipeline.max_condition_images
+        if not pil_images:
+            raise InputError("edit: expected at least one condition image, got none")
+        if len(pil_images) > limit:
+            raise InputError(f"edit: at most {limit} condition images are supported, got {len(pil_images)}")
+        res = self.config.pipeline.output_resolution
+        sizes = [rimages.calculate_dimensions(res * res, im.width / im.height) for im in pil_images]
+        request = self._request(instruction, negative_prompt, width, height, steps, guidance, seed, sizes[-1])
+        return self._sample(request, pil_images, sizes, latents, callback, progress, output)
+
+    # ------------------------------------------------------------------ internals
+
+    def _request(self, prompt, negative_prompt, width, height, steps, guidance, seed, default_size) -> Request:
+        pcfg = self.config.pipeline
+        if steps is None:
+            steps = len(pcfg.sample_sigmas) if pcfg.sample_sigmas is not None else pcfg.num_steps
+        if guidance is None:
+            guidance = pcfg.guidance_scale
+        return make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size)
+
+    def _encode(self, prompts, vl_images, cond_shapes, target_shape) -> Condition:
+        states, mask, pad = self.encoder.encode(list(prompts), vl_images or None)
+        pad = np.asarray(pad.cpu().numpy() if torch.is_tensor(pad) else pad, dtype=bool)
+        mask = np.asarray(mask.cpu().numpy() if torch.is_tensor(mask) else mask, dtype=bool)
+        if not (pad == pad[:1]).all():
+            raise InputError("prompts in one batch must place their condition images at the same positions")
+        layout = build_layout(pad[0], mask, cond_shapes, target_shape)
+        inputs = layout_inputs(layout, self.transformer.config, self.device)
+        return Condition(states.to(self.device, self.dtype), inputs, layout)
+
+    def _condition_latents(self, pil_images, sizes, batch: int) -> torch.Tensor:
+        packed = []
+        for im, (w, h) in zip(pil_images, sizes):
+            pixels = torch.from_numpy(rimages.vae_input(im, w, h)).to(self.device, self.dtype)  # [1, 4, H, W]
+            packed.append(pack_latents(self.vae.encode_normalized(pixels)))  # [1, h*w, C]
+        cond = torch.cat(packed, dim=1) if packed else torch.zeros(1, 0, self.transformer.config.in_channels)
+        return cond.to(self.device, self.dtype).expand(batch, -1, -1)  # [B, N_c, C]
+
+    def _velocity(self, cond: Condition, x: torch.Tensor, cond_latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        t = torch.full((x.shape[0],), float(sigma), device=self.device, dtype=self.dtype)
+        return self.transformer(x, cond.text_states, t, cond_latents, **cond.layout_inputs)
+
+    def _sample(self, request: Request, pil_images, sizes, latents, callback, progress, output):
+        batch = len(request.prompts)
+        target_shape = request.latent_shape
+        cond_shapes = [(h // 16, w // 16) for w, h in sizes]
+        vl_images = [rimages.resize_rgba(im, w, h) for im, (w, h) in zip(pil_images, sizes)]
+        positive = self._encode(request.prompts, vl_images, cond_shapes, target_shape)
+        negative = None
+        if request.use_guidance:
+            negative = self._encode(request.negative_prompts, vl_images, cond_shapes, target_shape)
+        elif request.negative_prompts is not None:
+            log.warning("negative_prompt is ignored: guidance %.2f <= 1 disables it", request.guidance)
+        cond_latents = self._condition_latents(pil_images, sizes, batch)
+
+        channels = self.transformer.config.in_channels
+        if latents is None:
+            latents = initial_noise(request.seed, batch, request.height, request.width, channels)
+        x = torch.from_numpy(np.asarray(latents, dtype=np.float32)).to(self.device, self.dtype)
+        check_inputs(positive.layout, x, positive.text_states, cond_latents)
+
+        pcfg = self.config.pipeline
+        sigmas = schedule.make_sigmas(request.steps, x.shape[1], pcfg.scheduler, fixed_sigmas=pcfg.sample_sigmas)
+        for i in tqdm(range(request.steps), desc="denoising", disable=not progress, leave=False):
+            v = self._velocity(positive, x, cond_latents, sigmas[i])
+            if negative is not None:
+                v_neg = self._velocity(negative, x, cond_latents, sigmas[i])
+                v = v_neg + request.guidance * (v - v_neg)
+            x = (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(self.dtype)
+            if callback is not None:
+                callback(i, request.steps, x.float().cpu().numpy())
+        if output == "latent":
+            return x.float().cpu().numpy()
+        pixels = self.decode_pixels(x, request.height, request.width)
+        if output == "np":
+            return np.clip(pixels.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)  # [B, H, W, 4] in [0, 1]
+        return to_images(pixels)
+
+    def decode_pixels(self, packed: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """Packed normalised latents -> float32 pixels ``[B, 4, H, W]`` in [-1, 1]."""
+        z = unpack_latents(packed, height // 16, width // 16)  # [B, C, h, w]
+        return self.vae.decode_normalized(z.to(self.dtype)).float().cpu().numpy()

@@ -1,0 +1,74 @@
+"""A tiny random Qwen-Image-2.1 model with weights that matter, saved in the real folder layout.
+
+Used by the pipeline, CLI and export tests. Transformer and VAE start from diffusers' own init
+(so both libraries hold the same weights) and are scaled/perturbed as the toolchain notes (section 9)
+say, or random weights barely move the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from qwen_image2_ref.config import TINY, ModelConfig, PipelineConfig
+from qwen_image2_ref.encoder import ConditionEncoder
+from qwen_image2_ref.model_folder import save_model
+from qwen_image2_ref.transformer import QwenImageTransformer
+from qwen_image2_ref.vae import QwenImageVAE
+from tests.test_encoder import SPECIALS, VISION, _scale_weights, _train_tokenizer
+from tests.transformer_peer import make_peer
+
+
+def _peer_vae(cfg, seed: int):
+    from diffusers import AutoencoderKLQwenImage21
+
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"}
+    vae = AutoencoderKLQwenImage21(**kwargs)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.mul_(0.5 + torch.rand_like(p))
+    return vae.eval()
+
+
+def build_tiny_model(root: Path, seed: int = 0, output_resolution: int = 64) -> tuple[ModelConfig, Path]:
+    """Train a tokenizer, build and save a tiny model under ``root / 'model'``."""
+    tokenizer = _train_tokenizer(root / "tok")
+    ids = {t: tokenizer.tokenizer.token_to_id(t) for t in SPECIALS}
+    enc_cfg = dataclasses.replace(
+        TINY.encoder,
+        vocab_size=tokenizer.tokenizer.get_vocab_size(),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    encoder = ConditionEncoder.from_config(enc_cfg, tokenizer, VISION)
+    _scale_weights(encoder.model)
+    config = dataclasses.replace(
+        TINY, encoder=enc_cfg, pipeline=PipelineConfig(output_resolution=output_resolution, num_steps=3)
+    )
+    transformer = QwenImageTransformer(config.transformer)
+    transformer.load_state_dict(make_peer(config.transformer, seed=seed).state_dict())
+    vae = QwenImageVAE(config.vae)
+    vae.load_state_dict(_peer_vae(config.vae, seed).state_dict())
+    path = save_model(root / "model", config, transformer, vae, encoder)
+    return config, path
+
+
+def load_peer_pipeline(path: Path):
+    """diffusers' QwenImage21Pipeline from a folder, with a processor that needs no torchvision."""
+    from diffusers import QwenImage21Pipeline
+    from transformers import Qwen3VLProcessor
+
+    class ImageOnlyProcessor(Qwen3VLProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    processor = ImageOnlyProcessor.from_pretrained(path / "processor")
+    return QwenImage21Pipeline.from_pretrained(path, processor=processor)
