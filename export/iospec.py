@@ -1,0 +1,147 @@
+"""One IOSpec per graph, defined once.
+
+It names every input and output, its dtype and its dims (ints for sizes fixed by the model,
+symbols for dynamic ones) and the declared range of every symbol. It drives the ONNX dynamic
+axes, is written into the manifest, and later drives TensorRT optimisation profiles and the
+runtime's buffers. Symbols shared between graphs mean the same quantity:
+
+- ``B`` batch (prompts x guidance branches); ``L_tok`` encoder tokens (template + prompt +
+  image slots, left padded); ``L_enc`` post-processed encoder rows the transformer reads;
+- ``N_t`` target latent tokens (h*w), ``N_c`` condition latent tokens (0 for text-to-image),
+  ``L_prefix`` text + condition positions of the joint sequence, ``L = L_prefix + N_t``;
+- ``h, w`` latent size, ``H = 16 h, W = 16 w`` pixel size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qwen_image2_ref.config import ModelConfig
+from runtime.errors import ConfigError
+from runtime.manifest import GRAPH_NAMES, TensorSpec
+
+# Template tokens around a prompt: ChatML system + user + assistant headers, plus vision markers.
+TEMPLATE_TOKEN_ALLOWANCE = 64
+RESOLUTION_MULTIPLE = 32  # pixel sizes are multiples of 32 (VAE 16 x rope/vision merge 2)
+MIN_RESOLUTION = 32
+MAX_BATCH = 4  # two prompts x (conditional, unconditional)
+MAX_CONDITION_IMAGES = 2  # exported range of condition tokens: this many target-sized images
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Inputs, outputs and symbol ranges (min, opt, max) of one graph."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dim_ranges: dict[str, tuple[int, int, int]]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``torch.onnx.export(dynamic_axes=...)``: every symbolic dim of every input and output."""
+        return {
+            t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+            for t in (*self.inputs, *self.outputs)
+            if any(isinstance(d, str) for d in t.dims)
+        }
+
+
+def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims))
+
+
+def text_encoder_io(cfg: ModelConfig) -> GraphIO:
+    max_tok = cfg.pipeline.max_prompt_tokens + TEMPLATE_TOKEN_ALLOWANCE
+    return GraphIO(
+        "text_encoder",
+        inputs=(
+            _t("input_ids", "int64", "B", "L_tok"),
+            _t("attention_mask", "int64", "B", "L_tok"),
+            _t("position_ids", "int64", 3, "B", "L_tok"),  # runtime.tokens.mrope_position_ids
+        ),
+        outputs=(_t("hidden_states", "float32", "B", "L_tok", cfg.encoder.hidden_size),),
+        dim_ranges={"B": (1, 2, MAX_BATCH), "L_tok": (1, 128, max_tok)},
+    )
+
+
+def _latent_tokens(max_resolution: int, vae_factor: int) -> int:
+    return (max_resolution // vae_factor) ** 2
+
+
+def transformer_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
+    t = cfg.transformer
+    n_max = _latent_tokens(max_resolution, cfg.vae.scale_factor_spatial)
+    n_opt = _latent_tokens(min(cfg.pipeline.output_resolution, max_resolution), cfg.vae.scale_factor_spatial)
+    l_enc = cfg.pipeline.max_prompt_tokens + TEMPLATE_TOKEN_ALLOWANCE
+    n_c = MAX_CONDITION_IMAGES * n_max
+    return GraphIO(
+        "transformer",
+        inputs=(
+            _t("latents", "float32", "B", "N_t", t.in_channels),
+            _t("text_states", "float32", "B", "L_enc", t.context_dim),
+            _t("timestep", "float32", "B"),
+            _t("cond_latents", "float32", "B", "N_c", t.in_channels),
+            _t("prefix_index", "int64", "L_prefix"),
+            _t("rope_cos", "float32", "L", t.head_dim // 2),
+            _t("rope_sin", "float32", "L", t.head_dim // 2),
+            _t("attn_mask", "bool", "B", "L", "L"),
+        ),
+        outputs=(_t("velocity", "float32", "B", "N_t", t.out_channels),),
+        dim_ranges={
+            "B": (1, 2, MAX_BATCH),
+            "N_t": (1, n_opt, n_max),
+            "N_c": (0, 0, n_c),
+            "L_enc": (1, 128, l_enc),
+            "L_prefix": (1, 128, l_enc + n_c),
+            "L": (2, 128 + n_opt, l_enc + n_c + n_max),
+        },
+    )
+
+
+def vae_decoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
+    f = cfg.vae.scale_factor_spatial
+    lo, hi, opt = MIN_RESOLUTION // f, max_resolution // f, min(cfg.pipeline.output_resolution, max_resolution) // f
+    return GraphIO(
+        "vae_decoder",
+        inputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "h", "w"),),  # denormalised
+        outputs=(_t("image", "float32", "B", cfg.vae.out_channels, "H", "W"),),  # RGBA in [-1, 1]
+        dim_ranges={
+            "B": (1, 1, MAX_BATCH),
+            "h": (lo, opt, hi),
+            "w": (lo, opt, hi),
+            "H": (lo * f, opt * f, hi * f),
+            "W": (lo * f, opt * f, hi * f),
+        },
+    )
+
+
+def vae_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
+    dec = vae_decoder_io(cfg, max_resolution)
+    return GraphIO(
+        "vae_encoder",
+        inputs=(_t("image", "float32", "B", cfg.vae.in_channels, "H", "W"),),
+        outputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "h", "w"),),  # posterior mode, unnormalised
+        dim_ranges=dec.dim_ranges,
+    )
+
+
+def graph_io(name: str, cfg: ModelConfig, max_resolution: int) -> GraphIO:
+    """The IOSpec of graph ``name`` for a model config and an exported resolution range."""
+    if max_resolution % RESOLUTION_MULTIPLE or max_resolution < MIN_RESOLUTION:
+        raise ConfigError(
+            f"max_resolution: expected a multiple of {RESOLUTION_MULTIPLE} >= {MIN_RESOLUTION}, got {max_resolution}"
+        )
+    if name == "text_encoder":
+        return text_encoder_io(cfg)
+    builders = {"transformer": transformer_io, "vae_decoder": vae_decoder_io, "vae_encoder": vae_encoder_io}
+    if name not in builders:
+        raise ConfigError(f"graph {name!r}: unknown; expected one of {list(GRAPH_NAMES)}")
+    return builders[name](cfg, max_resolution)

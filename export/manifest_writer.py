@@ -1,0 +1,153 @@
+"""Writing an export directory: manifest sections from a loaded model, atomic staging.
+
+Everything is written into a hidden staging directory next to the output
+(``.<name>.tmp-<id>``); the manifest is written last, then the staging directory is renamed
+into place. An export that fails or is killed leaves at most a hidden staging directory, never
+a directory at ``out`` that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from runtime.errors import ManifestError
+from runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, sha256_file
+from runtime.tokens import prompt_text
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+TOOLS = ("qwen-image-edge", "torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for name in TOOLS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh hidden directory next to ``out``; rename it to ``out`` when the block succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ManifestError(f"export directory {out} already exists; choose another --out or allow overwriting")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not (tmp / MANIFEST_NAME).is_file():
+            raise ManifestError(f"export staging {tmp}: no {MANIFEST_NAME} was written; refusing to publish")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer(model_path: Path, staging: Path) -> dict[str, str]:
+    """Copy ``processor/tokenizer.json`` (+ tokenizer_config.json) into ``tokenizer/``."""
+    src, dst = model_path / "processor", staging / TOKENIZER_DIR
+    dst.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    rel = f"{TOKENIZER_DIR}/tokenizer.json"
+    return {"tokenizer": rel, "tokenizer_sha256": sha256_file(staging / rel)}
+
+
+def prompt_section(model, tokenizer_files: dict[str, str]) -> dict:
+    tok = model.encoder.tokenizer
+    p = model.config.pipeline
+    return {
+        **tokenizer_files,
+        "template": prompt_text("{prompt}", 0, tok.system_prompt),
+        "system_prompt": tok.system_prompt,
+        "drop_rule": "after left padding, drop the first drop_idx tokens (the system turn)",
+        "drop_idx": tok.drop_idx,
+        "pad_token": tok.tokenizer.id_to_token(tok.pad_id),
+        "max_prompt_tokens": p.max_prompt_tokens,
+        "max_condition_images": p.max_condition_images,
+    }
+
+
+def schedule_section(model) -> dict:
+    p = model.config.pipeline
+    return {
+        "scheduler": p.scheduler.to_dict(),
+        "num_steps": p.num_steps,
+        "sigmas": list(p.sample_sigmas) if p.sample_sigmas is not None else None,
+        "guidance_scale": p.guidance_scale,
+        "guidance_distilled": p.guidance_distilled,
+    }
+
+
+def image_section(model, min_resolution: int, max_resolution: int, multiple: int) -> dict:
+    return {
+        "output_resolution": model.config.pipeline.output_resolution,
+        "min_resolution": min_resolution,
+        "max_resolution": max_resolution,
+        "multiple": multiple,
+        "vae_scale_factor": model.config.vae.scale_factor_spatial,
+        "latent_channels": model.config.vae.z_dim,
+        "vision": model.encoder.vision.to_dict(),
+    }
+
+
+def provenance_section(model) -> dict:
+    from qwen_image2_ref.checkpoint import checkpoint_digest
+
+    digests = {c: checkpoint_digest(model.path / c) for c in ("transformer", "vae", "text_encoder")}
+    return {
+        "source": {"path": str(model.path), "name": model.config.name, "checkpoint_sha256": digests},
+        "tool_versions": tool_versions(),
+        "exporter": "torch.onnx TorchScript (dynamo=False) + onnx-graphsurgeon clean-up",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "calibration": None,
+        "distillation": None,
+    }
+
+
+def build_manifest(model, graphs: dict[str, GraphSpec], prompt: dict, image: dict) -> Manifest:
+    return Manifest(
+        model=json.loads(json.dumps(dataclasses.asdict(model.config))),  # tuples -> lists
+        prompt=prompt,
+        schedule=schedule_section(model),
+        image=image,
+        graphs=graphs,
+        provenance=provenance_section(model),
+    )
+
+
+def write_manifest(staging: Path, manifest: Manifest) -> Path:
+    """The last write of an export."""
+    path = staging / MANIFEST_NAME
+    write_text_atomic(path, manifest.to_json())
+    log.info("wrote %s (%d graphs)", path, len(manifest.graphs))
+    return path

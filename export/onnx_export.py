@@ -1,0 +1,167 @@
+"""torch -> ONNX for every graph of a model, into an export directory with its manifest.
+
+The TorchScript exporter (``dynamo=False``) is used: it takes 0.2-0.6 s per tiny graph, is the
+only path that carries modelopt's Q/DQ nodes, and keeps every dynamic axis symbolic when the
+trace inputs use distinct sizes > 1 (the dynamo exporter silently specialised dims here; see
+the toolchain notes). Every graph is cleaned up with onnx-graphsurgeon and saved with its
+weights inline, or in one ``model.onnx.data`` file once it is over the protobuf limit (2 GB).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+from export.cleanup import cleanup_graph
+from export.graphs import example_inputs, graph_module
+from export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, GraphIO, graph_io
+from export.manifest_writer import (
+    build_manifest,
+    copy_tokenizer,
+    image_section,
+    prompt_section,
+    staging_dir,
+    write_manifest,
+)
+from runtime.errors import ConfigError
+from runtime.manifest import GRAPH_NAMES, DataFile, GraphSpec, Manifest, Precision, sha256_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 19
+PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger graphs keep their weights in external data
+ONNX_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    spec: GraphSpec
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def trace_to_onnx(module: torch.nn.Module, inputs: tuple, io: GraphIO, path: Path, opset: int) -> onnx.ModelProto:
+    """Trace ``module`` at ``inputs`` and return the ONNX model (weights loaded)."""
+    scratch = path.parent / "_trace"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(
+                module,
+                inputs,
+                str(scratch / ONNX_NAME),
+                dynamo=False,
+                opset_version=opset,
+                input_names=io.input_names,
+                output_names=io.output_names,
+                dynamic_axes=io.dynamic_axes(),
+                do_constant_folding=True,
+            )
+        return onnx.load(str(scratch / ONNX_NAME))  # also loads per-tensor external files of big traces
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def save_graph(model: onnx.ModelProto, path: Path, external_threshold: int = PROTOBUF_LIMIT) -> list[Path]:
+    """Save inline, or with all weights in one ``model.onnx.data`` beside it; returns the data files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _weight_bytes(model) <= external_threshold:
+        onnx.save(model, str(path))
+        return []
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=DATA_NAME, size_threshold=1024)
+    return [path.parent / DATA_NAME]
+
+
+def export_graph(
+    name: str,
+    module: torch.nn.Module,
+    inputs: tuple,
+    io: GraphIO,
+    export_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    external_threshold: int = PROTOBUF_LIMIT,
+) -> ExportedGraph:
+    """Trace, clean up and save one graph under ``export_dir/<name>/``; hash what was written."""
+    start = time.perf_counter()
+    path = export_dir / name / ONNX_NAME
+    model = trace_to_onnx(module, inputs, io, path, opset)
+    model, stats = cleanup_graph(model, name)
+    data_files = save_graph(model, path, external_threshold)
+    del model
+    rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
+    spec = GraphSpec(
+        name=name,
+        file=rel(path),
+        sha256=sha256_file(path),
+        precision=Precision.FP32,
+        inputs=io.inputs,
+        outputs=io.outputs,
+        dim_ranges=io.dim_ranges,
+        external_data=tuple(DataFile(rel(p), sha256_file(p)) for p in data_files),
+    )
+    seconds = time.perf_counter() - start
+    log.info("%s: exported in %.1f s (%d -> %d nodes%s)", name, seconds, stats.nodes_before,
+             stats.nodes_after, ", external data" if data_files else "")
+    return ExportedGraph(spec, stats.nodes_before, stats.nodes_after, seconds)
+
+
+def export_model(
+    model,
+    out: str | Path,
+    graphs: Sequence[str] | None = None,
+    max_resolution: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    external_threshold: int = PROTOBUF_LIMIT,
+) -> Manifest:
+    """Export the graphs of ``model`` (a checkpoint folder, ``"demo"`` or a ``LoadedModel``) to ``out``.
+
+    ``max_resolution`` (pixels, multiple of 32) bounds the declared image-size range; it
+    defaults to the model's output resolution. ``out`` appears only once everything, manifest
+    last, has been written.
+    """
+    if opset < 19:
+        raise ConfigError(f"export opset: expected >= 19 (float8 / bf16 Q/DQ need it), got {opset}")
+    graphs = list(graphs or GRAPH_NAMES)
+    unknown = [g for g in graphs if g not in GRAPH_NAMES]
+    if unknown:
+        raise ConfigError(f"export graphs {unknown}: unknown; expected some of {list(GRAPH_NAMES)}")
+    if not hasattr(model, "transformer"):
+        from qwen_image2_ref.model_folder import load_model
+
+        model = load_model(model)
+    cfg = model.config
+    max_resolution = max_resolution or cfg.pipeline.output_resolution
+    out = Path(out)
+    with staging_dir(out, overwrite=overwrite) as staging:
+        specs: dict[str, GraphSpec] = {}
+        for name in tqdm(graphs, desc="export", unit="graph"):
+            io = graph_io(name, cfg, max_resolution)
+            done = export_graph(name, graph_module(name, model), example_inputs(name, cfg), io, staging,
+                                opset, external_threshold)
+            specs[name] = done.spec
+        prompt = prompt_section(model, copy_tokenizer(model.path, staging))
+        image = image_section(model, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
+        write_manifest(staging, build_manifest(model, specs, prompt, image))
+    log.info("export %s complete: %s", out, ", ".join(graphs))
+    from runtime.manifest import load_manifest
+
+    return load_manifest(out, verify_hashes=False)
