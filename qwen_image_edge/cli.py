@@ -57,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default="qwen-image-2.1", help="preset name (default: %(default)s)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(handler=_cmd_info)
+
+    export = commands.add_parser("export", help="PyTorch checkpoint -> ONNX graphs + manifest.json")
+    export.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
+    export.add_argument("--out", required=True, help="export directory to create")
+    export.add_argument("--graphs", nargs="+", help="graphs to export (default: all)")
+    export.add_argument("--max-resolution", type=int, help="largest image side in pixels (default: the model's)")
+    export.add_argument("--opset", type=int, default=19, help="ONNX opset, >= 19 (default: %(default)s)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    export.set_defaults(handler=_cmd_export)
+
+    validate = commands.add_parser("validate", help="compare each exported graph with the reference")
+    validate.add_argument("export_dir", help="export directory (with manifest.json)")
+    validate.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
+    validate.add_argument("--report", help="JSON report path (default: <export_dir>/validation.json)")
+    validate.set_defaults(handler=_cmd_validate)
     return parser
 
 
@@ -82,6 +97,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
     sizes = model_sizes(get_preset(args.preset))
     print(json.dumps(sizes.to_dict(), indent=2) if args.json else format_sizes(sizes))
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_model
+
+    export_model(args.model, args.out, graphs=args.graphs, max_resolution=args.max_resolution,
+                 opset=args.opset, overwrite=args.overwrite)
+    print(f"exported to {args.out}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """Exit 0 when every graph is within its precision's bounds, 1 otherwise."""
+    from export.validate import validate
+
+    report = validate(args.export_dir, args.model, report=args.report)
+    print(report.table())
+    return 0 if report.passed else 1
 
 
 def format_sizes(sizes) -> str:
