@@ -63,6 +63,7 @@ def trace_to_onnx(module: torch.nn.Module, inputs: tuple, io: GraphIO, path: Pat
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", module=r"torch\.onnx.*")  # constant-folding notices
             torch.onnx.export(
                 module,
                 inputs,
