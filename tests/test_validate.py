@@ -110,5 +110,5 @@ def test_cli_validate_passes_and_tampering_is_an_error(tiny, tmp_path, capsys):
 def test_transformer_inputs_are_consistent(tiny):
     _, model, _ = tiny
     args = transformer_inputs(model.config, 2, 5, (2, 3), ((2, 2),), pad=2)
-    n_t, l_prefix, l = args[0].shape[1], args[4].shape[0], args[5].shape[0]
-    assert l == l_prefix + n_t and args[7].shape == (2, l, l) and args[3].shape[1] == 4
+    n_t, l_prefix, seq = args[0].shape[1], args[4].shape[0], args[5].shape[0]
+    assert seq == l_prefix + n_t and args[7].shape == (2, seq, seq) and args[3].shape[1] == 4
