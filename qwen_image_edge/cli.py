@@ -72,7 +72,41 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
     validate.add_argument("--report", help="JSON report path (default: <export_dir>/validation.json)")
     validate.set_defaults(handler=_cmd_validate)
+
+    gen = commands.add_parser(
+        "generate",
+        help="text to image with the PyTorch reference",
+        description="Generate an image from a prompt with the PyTorch reference pipeline "
+        "(the numbers the runtime is validated against).",
+    )
+    gen.add_argument("prompt", help="what to draw")
+    _add_reference_args(gen)
+    gen.set_defaults(handler=_cmd_generate)
+
+    edit = commands.add_parser(
+        "edit",
+        help="edit an image with the PyTorch reference",
+        description="Edit one or more condition images as an instruction says, with the PyTorch "
+        "reference pipeline. The output size follows the last image unless --width/--height are given.",
+    )
+    edit.add_argument("instruction", help="what to change")
+    edit.add_argument("--image", action="append", required=True, metavar="PATH",
+                      help="condition image (repeat for several, in prompt order)")
+    _add_reference_args(edit)
+    edit.set_defaults(handler=_cmd_edit)
     return parser
+
+
+def _add_reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'demo'")
+    p.add_argument("-o", "--output", required=True, help="output PNG path")
+    p.add_argument("--negative-prompt", default=None, help="enables guidance together with --guidance > 1")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 32 (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,6 +149,54 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     report = validate(args.export_dir, args.model, report=args.report)
     print(report.table())
     return 0 if report.passed else 1
+
+
+def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
+    from pathlib import Path
+
+    from runtime.errors import InputError
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"output {out}: expected a .png path (RGBA output)")
+    if not out.parent.is_dir():
+        raise InputError(f"output {out}: folder {out.parent} does not exist")
+    import torch
+
+    from qwen_image2_ref.model_folder import load_pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model)
+    kwargs = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+                  steps=args.steps, guidance=args.guidance, seed=args.seed)
+    if images is None:
+        (image,) = pipe.generate(args.prompt, **kwargs)
+    else:
+        (image,) = pipe.edit(images, args.instruction, **kwargs)
+    _save_atomic(image, out)
+    print(out)
+    return 0
+
+
+def _save_atomic(image, out) -> None:
+    """Write next to the target, then rename: no half-written PNG on interruption."""
+    import os
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    return _reference_run(args, None)
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    return _reference_run(args, args.image)
 
 
 def format_sizes(sizes) -> str:
