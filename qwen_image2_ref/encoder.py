@@ -217,6 +217,11 @@ class ConditionEncoder(torch.nn.Module):
             max_prompt_tokens=max_prompt_tokens,
             merge_size=vision.merge_size,
         )
+        from transformers.utils import logging as hf_logging
+
+        # transformers draws a per-tensor bar; our own logging says what is loading (-v shows it)
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             model = Qwen3VLForConditionalGeneration.from_pretrained(
                 text_encoder_dir, use_safetensors=True, dtype=dtype or "auto"
@@ -225,6 +230,9 @@ class ConditionEncoder(torch.nn.Module):
             raise CheckpointError(
                 f"text encoder {text_encoder_dir}: cannot load safetensors weights ({exc})"
             ) from exc
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         logger.info("loaded Qwen3-VL encoder from %s (%s)", text_encoder_dir, model.dtype)
         return cls(model, tokenizer, vision)
 

@@ -161,6 +161,14 @@ def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
         raise InputError(f"output {out}: expected a .png path (RGBA output)")
     if not out.parent.is_dir():
         raise InputError(f"output {out}: folder {out.parent} does not exist")
+    from runtime.sampling import check_guidance, check_steps, resolve_size
+
+    # Explicit values are checked before minutes of loading; defaults come from the model.
+    if args.steps is not None:
+        check_steps(args.steps)
+    if args.guidance is not None:
+        check_guidance(args.guidance)
+    resolve_size(args.width, args.height, (1024, 1024))
     import torch
 
     from qwen_image2_ref.model_folder import load_pipeline
