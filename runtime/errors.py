@@ -33,3 +33,7 @@ class ManifestError(QwenImageEdgeError):
 
 class BackendError(QwenImageEdgeError):
     """An inference backend is unavailable or failed to run a graph."""
+
+
+class NumericalError(QwenImageEdgeError):
+    """A graph produced NaN or Inf (the step is named, nothing is saved)."""
