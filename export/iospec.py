@@ -37,6 +37,11 @@ class GraphIO:
     outputs: tuple[TensorSpec, ...]
     dim_ranges: dict[str, tuple[int, int, int]]
 
+    def __post_init__(self) -> None:
+        # the optimum (TensorRT's "opt" shape) is clamped into [min, max]
+        clamped = {k: (lo, min(max(opt, lo), hi), hi) for k, (lo, opt, hi) in self.dim_ranges.items()}
+        object.__setattr__(self, "dim_ranges", clamped)
+
     @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
