@@ -8,14 +8,11 @@ specialise a dim to 0 or 1; the exported graph is then checked at other shapes.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import qwen_image2_ref.transformer as ref_transformer
+from export.iospec import image_channels
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import QwenImageVAE
@@ -47,37 +44,14 @@ class TextEncoderGraph(nn.Module):
         return captured[0]  # [B, L, D]
 
 
-@contextlib.contextmanager
-def _static_layer_norm(hidden: int):
-    """While tracing, give ``layer_norm`` its width as a constant.
-
-    The reference's ``layer_norm`` passes ``(x.shape[-1],)``; under the TorchScript tracer that is
-    a traced value, and the exporter's LayerNormalization needs a constant normalized_shape. The
-    width is fixed by the config, so the math is unchanged.
-    """
-    original = ref_transformer.layer_norm
-
-    def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-        return F.layer_norm(x, (hidden,), eps=eps)
-
-    ref_transformer.layer_norm = layer_norm
-    try:
-        yield
-    finally:
-        ref_transformer.layer_norm = original
-
-
 class TransformerGraph(nn.Module):
     def __init__(self, transformer: QwenImageTransformer) -> None:
         super().__init__()
         self.transformer = transformer
 
     def forward(self, latents, text_states, timestep, cond_latents, prefix_index, rope_cos, rope_sin, attn_mask):
-        args = (latents, text_states, timestep, cond_latents, prefix_index, rope_cos, rope_sin, attn_mask)
-        if not torch.jit.is_tracing():
-            return self.transformer(*args)
-        with _static_layer_norm(self.transformer.config.hidden_size):
-            return self.transformer(*args)
+        return self.transformer(latents, text_states, timestep, cond_latents, prefix_index, rope_cos, rope_sin,
+                                attn_mask)
 
 
 class VAEDecoderGraph(nn.Module):
@@ -164,7 +138,8 @@ def vae_decoder_inputs(cfg: ModelConfig, batch: int, h: int, w: int, seed: int =
 
 def vae_encoder_inputs(cfg: ModelConfig, batch: int, height: int, width: int, seed: int = 0) -> tuple:
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(batch, cfg.vae.in_channels, height, width, generator=g) * 2 - 1,)
+    channels = image_channels(cfg.vae.in_channels, cfg)
+    return (torch.rand(batch, channels, height, width, generator=g) * 2 - 1,)
 
 
 def example_inputs(name: str, cfg: ModelConfig) -> tuple:

@@ -111,13 +111,19 @@ def transformer_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     )
 
 
+def image_channels(channels: int, cfg: ModelConfig) -> int:
+    """Pixel channels: a patchified VAE counts ``channels`` after its p x p patchify."""
+    p = cfg.vae.patch_size or 1
+    return channels // (p * p)
+
+
 def vae_decoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     f = cfg.vae.scale_factor_spatial
     lo, hi, opt = MIN_RESOLUTION // f, max_resolution // f, min(cfg.pipeline.output_resolution, max_resolution) // f
     return GraphIO(
         "vae_decoder",
         inputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "h", "w"),),  # denormalised
-        outputs=(_t("image", "float32", "B", cfg.vae.out_channels, "H", "W"),),  # RGBA in [-1, 1]
+        outputs=(_t("image", "float32", "B", image_channels(cfg.vae.out_channels, cfg), "H", "W"),),  # RGBA
         dim_ranges={
             "B": (1, 1, MAX_BATCH),
             "h": (lo, opt, hi),
@@ -132,7 +138,7 @@ def vae_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     dec = vae_decoder_io(cfg, max_resolution)
     return GraphIO(
         "vae_encoder",
-        inputs=(_t("image", "float32", "B", cfg.vae.in_channels, "H", "W"),),
+        inputs=(_t("image", "float32", "B", image_channels(cfg.vae.in_channels, cfg), "H", "W"),),
         outputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "h", "w"),),  # posterior mode, unnormalised
         dim_ranges=dec.dim_ranges,
     )

@@ -44,9 +44,13 @@ def zero_centred_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> 
     return (xf * (weight.float() + 1.0)).to(x.dtype)
 
 
-def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm without affine parameters."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+def layer_norm(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
+    """LayerNorm without affine parameters over the last ``dim`` features.
+
+    The width is a Python int from the config, not ``x.shape[-1]``: the TorchScript exporter
+    needs a constant normalized_shape.
+    """
+    return F.layer_norm(x, (dim,), eps=eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -186,15 +190,15 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.eps = cfg.eps
+        self.dim, self.eps = cfg.hidden_size, cfg.eps
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.eps)
         self.img_mlp = SwiGLU(cfg.hidden_size, cfg.hidden_size * cfg.mlp_ratio)
 
     def forward(self, x, mod, cos, sin, mask):
         """mod: ``(scale1, gate1, scale2, gate2)``, each ``[B, L or 1, D]``."""
         scale1, gate1, scale2, gate2 = mod
-        x = x + torch.tanh(gate1) * self.attn(layer_norm(x, self.eps) * (1 + scale1), cos, sin, mask)
-        x = x + torch.tanh(gate2) * self.img_mlp(layer_norm(x, self.eps) * (1 + scale2))
+        x = x + torch.tanh(gate1) * self.attn(layer_norm(x, self.dim, self.eps) * (1 + scale1), cos, sin, mask)
+        x = x + torch.tanh(gate2) * self.img_mlp(layer_norm(x, self.dim, self.eps) * (1 + scale2))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
@@ -205,11 +209,11 @@ class NormOut(nn.Module):
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
+        self.dim, self.eps = dim, eps
         self.linear = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.eps) * (1 + scale)
+        return layer_norm(x, self.dim, self.eps) * (1 + scale)
 
 
 class QwenImageTransformer(nn.Module):
