@@ -4,15 +4,12 @@ the seeded initial noise, output-size rules, request validation and pixels -> PI
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from runtime.errors import InputError, ShapeError
-
-log = logging.getLogger(__name__)
 
 # A target latent grid must split into 2x2 groups (one encoder slot each): pixels in multiples of 32.
 SIZE_MULTIPLE = 32
@@ -28,8 +25,11 @@ def initial_noise(seed: int, batch: int, height: int, width: int, channels: int)
 
 
 def resolve_size(width: int | None, height: int | None, default: tuple[int, int]) -> tuple[int, int]:
-    """Output size in pixels: defaults filled in, rounded down to a multiple of 32 with a warning
-    (as diffusers does), and refused outside ``[32, 4096]``."""
+    """Output size in pixels: defaults filled in; a multiple of 32 in ``[32, 4096]`` or an InputError.
+
+    Sizes are not rounded silently: a target latent grid must split into 2x2 groups (one encoder
+    slot each), and an embedded caller should get exactly the size it asked for or an error.
+    """
     out = []
     for name, value, fallback in (("width", width, default[0]), ("height", height, default[1])):
         value = fallback if value is None else value
@@ -37,10 +37,13 @@ def resolve_size(width: int | None, height: int | None, default: tuple[int, int]
             raise InputError(f"{name}: expected an integer number of pixels, got {value!r}")
         if not MIN_SIZE <= value <= MAX_SIZE:
             raise InputError(f"{name}: expected {MIN_SIZE}..{MAX_SIZE} pixels, got {value}")
-        rounded = value // SIZE_MULTIPLE * SIZE_MULTIPLE
-        if rounded != value:
-            log.warning("%s %d is not a multiple of %d; using %d", name, value, SIZE_MULTIPLE, rounded)
-        out.append(int(rounded))
+        if value % SIZE_MULTIPLE:
+            lower = value // SIZE_MULTIPLE * SIZE_MULTIPLE
+            raise InputError(
+                f"{name} {value}: expected a multiple of {SIZE_MULTIPLE} pixels (16 per latent token x 2x2 "
+                f"groups); try {lower} or {lower + SIZE_MULTIPLE}"
+            )
+        out.append(int(value))
     return out[0], out[1]
 
 
