@@ -235,6 +235,15 @@ def _value_info(buf: bytes) -> TensorSpec:
 
 def read_onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Graph inputs and outputs declared in an ONNX file, read without loading its weights."""
+    try:
+        return _read_onnx_io(path)
+    except ManifestError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ManifestError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     with open(path, "rb") as fh:
@@ -343,8 +352,8 @@ def load_manifest(export_dir: str | os.PathLike, verify_hashes: bool = True) -> 
         onnx_path = _existing(export_dir, graph.file, f"graph {graph.name!r}")
         for d in graph.external_data:
             _existing(export_dir, d.file, f"graph {graph.name!r}")
+        if verify_hashes:  # first: a corrupt file is reported as a hash mismatch, not a parse error
+            verify_graph(export_dir, graph)
         inputs, outputs = read_onnx_io(onnx_path)
         check_io(graph, inputs, outputs, source=graph.file)
-        if verify_hashes:
-            verify_graph(export_dir, graph)
     return manifest

@@ -1,0 +1,16 @@
+"""Inference backends behind one small interface (see ``base``)."""
+
+from __future__ import annotations
+
+from runtime.errors import BackendError
+
+BACKENDS = ("onnxruntime",)
+
+
+def make_backend(name: str, **options):
+    """A backend by name; TensorRT needs engines built by ``qwen-image-edge build``."""
+    if name == "onnxruntime":
+        from runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(**options)
+    raise BackendError(f"backend {name!r} is not available; available backends: ['onnxruntime']")

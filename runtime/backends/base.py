@@ -1,0 +1,75 @@
+"""The backend interface: open a graph, run it with named arrays. Same tensor names everywhere.
+
+A backend turns a :class:`~runtime.manifest.GraphSpec` plus its verified file into a
+:class:`Session`; the pipeline only ever calls ``Session.run(feeds) -> outputs`` with numpy
+arrays keyed by the IOSpec names. Sessions must be safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from runtime.errors import BackendError, ShapeError
+from runtime.manifest import GraphSpec, TensorSpec
+
+
+class Session(Protocol):
+    spec: GraphSpec
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def open(self, spec: GraphSpec, path: Path) -> Session: ...
+
+
+def check_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every declared input present with its dtype and rank, inside the exported dim ranges.
+
+    Symbols must be consistent across inputs (one value per symbol); a message names the graph,
+    the input and what was expected, e.g. ``transformer input 'timestep': expected float32[B], got float16[2]``.
+    """
+    missing = [t.name for t in spec.inputs if t.name not in feeds]
+    extra = sorted(set(feeds) - {t.name for t in spec.inputs})
+    if missing or extra:
+        raise ShapeError(f"{spec.name}: missing inputs {missing}, unexpected inputs {extra}")
+    bound: dict[str, int] = {}
+    out = {}
+    for t in spec.inputs:
+        arr = np.asarray(feeds[t.name])
+        if str(arr.dtype) != t.dtype or arr.ndim != len(t.dims):
+            raise ShapeError(f"{spec.name} input {t.name!r}: expected {_fmt(t)}, got {arr.dtype}{list(arr.shape)}")
+        for dim, size in zip(t.dims, arr.shape):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise ShapeError(
+                        f"{spec.name} input {t.name!r}: expected {_fmt(t)}, got {arr.dtype}{list(arr.shape)}"
+                    )
+                continue
+            if bound.setdefault(dim, size) != size:
+                raise ShapeError(
+                    f"{spec.name} input {t.name!r}: dim {dim} is {size} here but {bound[dim]} in another input"
+                )
+            lo, _, hi = spec.dim_ranges.get(dim, (0, 0, 2**62))
+            if not lo <= size <= hi:
+                raise ShapeError(
+                    f"{spec.name} input {t.name!r}: {dim}={size} is outside the exported range [{lo}, {hi}]"
+                )
+        out[t.name] = np.ascontiguousarray(arr)
+    return out
+
+
+def check_outputs(spec: GraphSpec, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for t in spec.outputs:
+        if t.name not in outputs:
+            raise BackendError(f"{spec.name}: the backend returned no output {t.name!r}")
+    return outputs
+
+
+def _fmt(t: TensorSpec) -> str:
+    return f"{t.dtype}[{', '.join(str(d) for d in t.dims)}]"

@@ -1,0 +1,100 @@
+"""onnxruntime backend: CPU here; CUDA / TensorRT execution providers where onnxruntime-gpu is installed.
+
+On a GPU provider the session runs through IO binding: inputs are copied to the device once per
+call and outputs are bound to device memory, so onnxruntime does not allocate and copy through
+host staging buffers on every step. ``InferenceSession.run`` is thread-safe; a binding is not,
+so each call makes its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends.base import check_feeds, check_outputs
+from runtime.errors import BackendError
+from runtime.manifest import GraphSpec, Precision
+
+log = logging.getLogger(__name__)
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError(
+            "backend 'onnxruntime': the onnxruntime package is not installed; "
+            "install the 'runtime' extra (CPU) or 'runtime-gpu' (CUDA / TensorRT)"
+        ) from None
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    return list(_ort().get_available_providers())
+
+
+class OnnxRuntimeSession:
+    def __init__(self, spec: GraphSpec, path: Path, providers: list[str], threads: int | None):
+        ort = _ort()
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        # FP8 QDQ graphs: onnxruntime < 1.32 optimisers break them; BASIC is safe everywhere.
+        if spec.precision is Precision.FP8:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"{spec.name}: onnxruntime could not open {path.name}: {exc}") from None
+        self.spec = spec
+        self.providers = self.session.get_providers()
+        self.on_gpu = self.providers[0] in GPU_PROVIDERS
+        self._outputs = [t.name for t in spec.outputs]
+        log.info("%s: opened %s on %s", spec.name, path.name, self.providers)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = check_feeds(self.spec, feeds)
+        try:
+            if self.on_gpu:
+                values = self._run_bound(feeds)
+            else:
+                values = self.session.run(self._outputs, feeds)
+        except Exception as exc:
+            raise BackendError(f"{self.spec.name}: onnxruntime failed: {exc}") from None
+        return check_outputs(self.spec, dict(zip(self._outputs, values)))
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ort = _ort()
+        binding = self.session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+        for name in self._outputs:
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        return [v.numpy() for v in binding.get_outputs()]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, providers: list[str] | None = None, threads: int | None = None):
+        available = available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise BackendError(f"onnxruntime providers {unknown} are not available; available: {available}")
+        if threads is not None and threads < 1:
+            raise BackendError(f"threads: expected >= 1, got {threads}")
+        self.providers = list(providers)
+        self.threads = threads
+
+    def open(self, spec: GraphSpec, path: Path) -> OnnxRuntimeSession:
+        return OnnxRuntimeSession(spec, path, self.providers, self.threads)

@@ -1,0 +1,155 @@
+"""The torch-free runtime over onnxruntime against the reference pipeline (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import BackendError, InputError, ManifestError, NumericalError
+from runtime.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from export.onnx_export import export_model
+    from qwen_image2_ref.model_folder import load_model
+    from tests.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("rt")
+    _, path = build_tiny_model(root)
+    export_model(load_model(path), root / "export", max_resolution=128)
+    return path, root / "export"
+
+
+@pytest.fixture(scope="module")
+def runtime_pipe(exported):
+    return Pipeline.load(exported[1], threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference(exported):
+    from qwen_image2_ref.model_folder import load_pipeline
+
+    return load_pipeline(exported[0])
+
+
+@pytest.mark.parametrize("prompt, size, guidance", [
+    ("a red circle on the left", (96, 64), None),
+    (["a blue square", "the green triangle is at the top right"], (64, 64), None),
+    ("a red circle", (64, 32), 3.0),
+])
+def test_matches_the_reference(runtime_pipe, reference, prompt, size, guidance):
+    kw = dict(width=size[0], height=size[1], steps=STEPS, seed=4, output="np")
+    if guidance:
+        kw.update(guidance=guidance, negative_prompt="blurry")
+    ours = runtime_pipe.generate(prompt, **kw)
+    ref = reference.generate(prompt, progress=False, **kw)
+    # fp32 graphs vs eager torch: the same math in another order; pixels agree to ~1e-6.
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_pil_output_and_defaults(runtime_pipe, exported):
+    img = runtime_pipe.generate("a red circle", seed=1)
+    assert img.mode == "RGBA" and img.size == (64, 64)  # the tiny model's output_resolution
+    imgs = runtime_pipe.generate(["a", "b"], seed=1, steps=1)
+    assert isinstance(imgs, list) and len(imgs) == 2
+
+
+def test_runtime_never_imports_torch(exported, tmp_path):
+    """import runtime and a full generate, in a process where importing torch raises."""
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'diffusers', 'onnx'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import runtime
+from runtime.pipeline import Pipeline
+img = Pipeline.load({str(exported[1])!r}, threads=1).generate('a red circle', steps=2, seed=0)
+img.save({str(tmp_path / 'x.png')!r})
+print('ok', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'diffusers')))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok []"
+    assert (tmp_path / "x.png").is_file()
+
+
+def test_thread_safety(runtime_pipe):
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    kw = dict(width=64, height=64, steps=2, output="np")
+    sequential = [runtime_pipe.generate(p, seed=i, **kw) for i, p in enumerate(prompts)]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            results[i] = runtime_pipe.generate(prompts[i], seed=i, **kw)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(4):
+        np.testing.assert_array_equal(results[i], sequential[i])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps: expected a positive integer, got 0"),
+    (dict(width=256), "width 256: outside the exported range 32..128"),
+    (dict(width=48), "width 48: expected a multiple of 32"),
+    (dict(guidance=0.0), "guidance: expected a number >= 1"),
+])
+def test_bad_request(runtime_pipe, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        runtime_pipe.generate("a red circle", **kwargs)
+
+
+def test_prompt_over_the_limit(runtime_pipe):
+    with pytest.raises(InputError, match="1025 tokens, over the limit of 1024"):
+        runtime_pipe.generate("a" + " a" * 1024, steps=1)
+
+
+def test_nan_is_detected_with_its_step(runtime_pipe):
+    bad = np.zeros((1, 16, 64), np.float32)
+    bad[0, 3, 5] = np.nan
+    with pytest.raises(NumericalError, match="transformer output 'velocity': NaN or Inf at step 0"):
+        runtime_pipe.generate("a red circle", width=64, height=64, steps=2, latents=bad)
+
+
+def test_unknown_backend_and_provider(exported):
+    with pytest.raises(BackendError, match=r"available backends: \['onnxruntime'\]"):
+        Pipeline.load(exported[1], backend="coreml")
+    with pytest.raises(BackendError, match="CPUExecutionProvider"):
+        Pipeline.load(exported[1], providers=["NoSuchExecutionProvider"])
+
+
+def test_missing_and_corrupt_exports(exported, tmp_path):
+    with pytest.raises(ManifestError, match="manifest.json"):
+        Pipeline.load(tmp_path)
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported[1], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    graph = copy / manifest["graphs"]["vae_decoder"]["file"]
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="sha256"):
+        Pipeline.load(copy)
