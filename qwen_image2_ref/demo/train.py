@@ -1,0 +1,157 @@
+"""Train the embedded demo model: ``python -m qwen_image2_ref.demo.train [--out DIR] [--seed N] ...``.
+
+Stages, each saved under ``--out`` so a later stage can run in another process (``--stages``):
+
+1. ``vae``: the f16c64 RGBA VAE on rendered scenes (``train_vae``).
+2. ``encoder``: the byte-level BPE tokenizer and a random-init small Qwen3-VL, frozen. Why frozen:
+   the MMDiT trains on encoder states computed once up front, so each of its steps costs only its
+   own forward/backward. Training the encoder would need an encoder forward and backward on every
+   step (about halving the MMDiT's steps in the same 90 minutes) for little gain: a random LLM
+   already maps every word to a distinct, context-mixed state, and ``txt_in`` plus the MMDiT's
+   attention learn to read them (an earlier experiment got colors and positions 100% this way).
+3. ``data``: renders text-to-image scenes and edit triples, encodes them once with the VAE (mode)
+   and the encoder, and measures the latent statistics (``latents_mean/std``), which must be known
+   before the MMDiT trains because it sees normalised latents.
+4. ``dit``: the MMDiT with the flow-matching objective (``train_dit``).
+5. ``save``: the checkpoint folder (``save_model``), the layout of the public Qwen-Image-2.1 one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_image2_ref.config import DEMO, ModelConfig, VAEConfig
+from qwen_image2_ref.demo.train_vae import VAESettings, evaluate_vae, train_vae
+from qwen_image2_ref.vae import QwenImageVAE
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vae", "encoder", "data", "dit", "save")
+DEFAULT_OUT = Path("/tmp/demo_train")
+MIN_PIXELS = 32 * 32
+
+
+def save_state(path: Path, module: torch.nn.Module, config, **extra) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": module.state_dict(), "config": dataclasses.asdict(config), **extra}, tmp)
+    tmp.replace(path)
+
+
+def load_vae(out: Path) -> QwenImageVAE:
+    blob = torch.load(out / "vae.pt", weights_only=False)
+    vae = QwenImageVAE(VAEConfig(**blob["config"]))
+    vae.load_state_dict(blob["state_dict"])
+    return vae.eval()
+
+
+def build_encoder(out: Path, config: ModelConfig, seed: int):
+    """Train the tokenizer, save it through transformers' Qwen2Tokenizer (so transformers' processor
+    and ``runtime.tokens`` agree), and build the random-init encoder from a fixed seed."""
+    from transformers import Qwen2Tokenizer
+
+    from qwen_image2_ref.demo import vocab
+    from qwen_image2_ref.encoder import ConditionEncoder
+    from runtime.images import VisionConfig
+    from runtime.tokens import PromptTokenizer
+
+    bpe = vocab.train_tokenizer(vocab.DEFAULT_VOCAB_SIZE, seed=seed)
+    model = json.loads(bpe.to_str())["model"]
+    specials = list(vocab.SPECIAL_TOKENS)
+    qwen = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                                         for m in model["merges"]])
+    qwen.add_special_tokens({"additional_special_tokens": specials[1:]})
+    qwen.pad_token = specials[0]
+    qwen.eos_token = "<|im_end|>"
+    tok_dir = out / "tokenizer"
+    qwen.save_pretrained(tok_dir)
+    tokenizer = PromptTokenizer.from_file(tok_dir / "tokenizer.json", merge_size=config.encoder.vision_spatial_merge_size)
+    ids = [tokenizer.tokenizer.token_to_id(t) for t in specials]
+    if ids != list(range(len(specials))):
+        raise RuntimeError(f"demo tokenizer: expected special token ids 0..{len(specials) - 1}, got {ids}")
+    size = tokenizer.tokenizer.get_vocab_size()
+    if size > config.encoder.vocab_size:
+        raise RuntimeError(f"demo tokenizer has {size} tokens, more than the encoder's vocab {config.encoder.vocab_size}")
+    torch.manual_seed(seed + 7)
+    # min_pixels: Qwen3-VL's default (256x256) would upscale a 128 px condition image to 4x the
+    # <|image_pad|> slots that its 8x8 latents fill; the demo keeps every image at its own size.
+    enc = config.encoder
+    vision = VisionConfig(patch_size=enc.vision_patch_size, temporal_patch_size=enc.vision_temporal_patch_size,
+                          merge_size=enc.vision_spatial_merge_size, min_pixels=MIN_PIXELS)
+    encoder = ConditionEncoder.from_config(config.encoder, tokenizer, vision)
+    encoder.requires_grad_(False)
+    return encoder
+
+
+def stage_vae(out: Path, config: ModelConfig, seed: int, settings: VAESettings, fixed: bool, progress: bool) -> dict:
+    vae, losses, stats = train_vae(config.vae, settings, seed, progress=progress, fixed_steps=fixed)
+    stats["eval"] = evaluate_vae(vae) if not fixed else {}
+    save_state(out / "vae.pt", vae, config.vae, losses=losses, stats=stats)
+    log.info("vae stage: %s", stats)
+    return {"losses": losses, **stats}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qwen_image2_ref.demo.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="work folder (stage outputs)")
+    p.add_argument("--weights", type=Path, default=None, help="checkpoint folder to write (default OUT/weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    p.add_argument("--vae-minutes", type=float, default=9.0)
+    p.add_argument("--vae-steps", type=int, default=900)
+    p.add_argument("--dit-minutes", type=float, default=55.0)
+    p.add_argument("--dit-steps", type=int, default=20000)
+    p.add_argument("--fixed-steps", action="store_true",
+                   help="run exactly the given step counts (no time budget): reproducible loss curves")
+    p.add_argument("--small-data", action="store_true", help="tiny data pools (smoke tests)")
+    p.add_argument("--guidance", type=float, default=1.0, help="default guidance saved in the checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}, expected a subset of {STAGES}")
+    config = DEMO
+    progress = not args.no_progress
+    report: dict = {}
+    timings: dict[str, float] = {}
+    small = args.small_data
+    for stage in stages:
+        t0 = time.time()
+        if stage == "vae":
+            settings = VAESettings(steps=args.vae_steps, minutes=None if args.fixed_steps else args.vae_minutes,
+                                   **({"pool_128": 64, "pool_other": 8, "batch": 4} if small else {}))
+            report["vae"] = stage_vae(out, config, args.seed, settings, args.fixed_steps, progress)
+        elif stage == "encoder":
+            encoder = build_encoder(out, config, args.seed)
+            torch.save(encoder.model.state_dict(), out / "encoder.pt")
+        else:
+            from qwen_image2_ref.demo import train_dit
+
+            report[stage] = train_dit.run_stage(stage, out, config, args, progress)
+        timings[stage] = round(time.time() - t0, 1)
+        log.info("stage %s done in %.1f s", stage, timings[stage])
+    report["timings_s"] = timings
+    (out / f"report_{'_'.join(stages)}.json").write_text(json.dumps(
+        {k: ({kk: vv for kk, vv in v.items() if kk != "losses"} if isinstance(v, dict) else v)
+         for k, v in report.items()}, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

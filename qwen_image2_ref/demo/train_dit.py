@@ -1,0 +1,275 @@
+"""Stages 3-5 of the demo trainer: precomputed latents and encoder states, the MMDiT, the checkpoint.
+
+The MMDiT learns flow matching on normalised latents: ``x_t = (1 - s) x0 + s noise`` with a
+logit-normal ``s`` and the velocity target ``noise - x0`` (what ``runtime.schedule``'s Euler step
+integrates from s = 1 to 0). Captions are dropped to the empty prompt " " 10% of the time so
+classifier-free guidance has an unconditional branch; the EMA of the weights is what ships.
+Text-to-image and edit batches are mixed. Every batch goes through the pipeline's own layout code
+(``runtime.layout.build_layout`` + ``transformer.layout_inputs``): edits put the condition
+image's latents where the prompt's ``<|image_pad|>`` slots are, exactly as ``QwenImagePipeline``
+does at inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.config import ModelConfig
+from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
+from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
+from qwen_image2_ref.vae import pack_latents
+from runtime import images as rimages
+from runtime.layout import build_layout
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_PROMPT = " "  # the unconditional prompt of caption dropout and of guidance
+DROPOUT = 0.1
+# (group, share of steps): the held-out goals are measured at 128x128; other aspect ratios and
+# edits keep those abilities alive.
+MIX = (("t2i_128", 0.62), ("edit_128", 0.30), ("t2i_192x128", 0.04), ("t2i_128x192", 0.04))
+DATA_SIZES = {"t2i_128": 14000, "t2i_192x128": 1200, "t2i_128x192": 1200, "edit_128": 4000}
+SINGLE_OBJECT_SHARE = 0.4  # extra one-object scenes in t2i_128: the cleanest signal for shape words
+
+
+@dataclasses.dataclass
+class Group:
+    latents: torch.Tensor  # [N, h*w, C] normalised, packed
+    states: list[np.ndarray]  # N x [L_i, D] float16
+    neg_states: list[np.ndarray]  # N x [L_i', D] (edits: " " with the same image) or one shared entry
+    target_shape: tuple[int, int]
+    cond_latents: torch.Tensor | None = None  # [N, N_c, C]
+    pad_prefix: np.ndarray | None = None  # [K] bool: image-slot pattern that starts every edit prompt
+
+
+def _encode_latents(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vae.encode(to_pixels(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def _trim(embeds: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+    return [e[: int(m.sum())].numpy().astype(np.float16) for e, m in zip(embeds, mask)]
+
+
+def build_data(vae, encoder, seed: int, small: bool, progress: bool) -> tuple[dict[str, Group], dict]:
+    """Render, encode, measure latent statistics, normalise. Returns the groups and the stats."""
+    sizes = {k: (24 if small else v) for k, v in DATA_SIZES.items()}
+    raw: dict[str, tuple] = {}
+    for i, name in enumerate(("t2i_128", "t2i_192x128", "t2i_128x192")):
+        w, h = (int(v) for v in name.split("_")[1].split("x")) if "x" in name.split("_")[1] else (128, 128)
+        if name == "t2i_128":
+            n1 = int(sizes[name] * SINGLE_OBJECT_SHARE)
+            a = data.make_dataset(sizes[name] - n1, seed + 1000, w, h)
+            b = data.make_dataset(n1, seed + 1010, w, h, n_objects=1)
+            captions, images = a.captions + b.captions, np.concatenate([a.images, b.images])
+        else:
+            ds = data.make_dataset(sizes[name], seed + 1000 + i, w, h)
+            captions, images = ds.captions, ds.images
+        raw[name] = (captions, _encode_latents(vae, images), (h // 16, w // 16))
+    rng = np.random.default_rng(seed + 2000)
+    edits = [data.sample_edit(rng, 128, 128, "train") for _ in range(sizes["edit_128"])]
+    src = np.stack([data.render(e.source) for e in edits])
+    tgt = np.stack([data.render(e.target) for e in edits])
+    src_lat, tgt_lat = _encode_latents(vae, src), _encode_latents(vae, tgt)
+
+    allz = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) for _, z, _ in raw.values()] +
+                     [tgt_lat.permute(0, 2, 3, 1).reshape(-1, tgt_lat.shape[1])])  # [M, C]
+    mean, std = allz.mean(0), allz.std(0).clamp_min(1e-3)
+    stats = {"latents_mean": [round(float(v), 5) for v in mean], "latents_std": [round(float(v), 5) for v in std]}
+
+    def norm(z: torch.Tensor) -> torch.Tensor:
+        return pack_latents((z - mean[None, :, None, None]) / std[None, :, None, None])  # [N, h*w, C]
+
+    neg, neg_mask, _ = encoder.encode([NEGATIVE_PROMPT])
+    groups: dict[str, Group] = {}
+    with torch.no_grad():
+        for name, (captions, z, shape) in raw.items():
+            states = []
+            for i in range(0, len(captions), 64):
+                e, m, _ = encoder.encode(list(captions[i:i + 64]))
+                states += _trim(e, m)
+            groups[name] = Group(norm(z), states, _trim(neg, neg_mask), shape)
+        states, negs, prefix = [], [], None
+        for e_ex, img in tqdm(list(zip(edits, src)), desc="encode edits", disable=not progress):
+            vl = rimages.resize_rgba(Image.fromarray(img), 128, 128)  # pipeline: calculate_dimensions -> 128x128
+            e, m, pad = encoder.encode([e_ex.instruction, NEGATIVE_PROMPT], [vl])
+            pos_s, neg_s = _trim(e, m)
+            k = int(np.flatnonzero(pad[0].numpy()).max()) + 1
+            if prefix is None:
+                prefix = pad[0].numpy()[:k]
+            if not np.array_equal(pad[0].numpy()[:k], prefix) or pad[0].numpy()[k:].any():
+                raise RuntimeError("edit prompts: image slots are expected at the same positions in every prompt")
+            states.append(pos_s)
+            negs.append(neg_s)
+        groups["edit_128"] = Group(norm(tgt_lat), states, negs, (8, 8), norm(src_lat), prefix)
+    return groups, stats
+
+
+def make_batch(group: Group, idx: np.ndarray, drop: np.ndarray):
+    """Padded states [B, L, D], the shared layout and its tensors, condition latents [B, N_c, C]."""
+    rows = [group.neg_states[i if len(group.neg_states) > 1 else 0] if d else group.states[i]
+            for i, d in zip(idx, drop)]
+    length = max(len(r) for r in rows)
+    states = np.zeros((len(rows), length, rows[0].shape[1]), np.float32)
+    mask = np.zeros((len(rows), length), bool)
+    for j, r in enumerate(rows):
+        states[j, : len(r)] = r
+        mask[j, : len(r)] = True
+    pad = np.zeros(length, bool)
+    cond_shapes: list[tuple[int, int]] = []
+    if group.cond_latents is not None:
+        pad[: len(group.pad_prefix)] = group.pad_prefix
+        cond_shapes = [group.target_shape]
+        cond = group.cond_latents[idx]
+    else:
+        cond = torch.zeros(len(idx), 0, group.latents.shape[2])
+    layout = build_layout(pad, mask, cond_shapes, group.target_shape)
+    return torch.from_numpy(states), layout, cond
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTSettings:
+    steps: int = 20000
+    minutes: float | None = 55.0
+    batch: int = 24
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.999
+    checkpoint_every_s: float = 300.0
+
+
+def flow_loss(model, group: Group, idx, drop, gen: torch.Generator, cfg) -> torch.Tensor:
+    states, layout, cond = make_batch(group, idx, drop)
+    x0 = group.latents[idx]  # [B, N, C]
+    noise = torch.randn(x0.shape, generator=gen)
+    s = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))  # logit-normal(0, 1)
+    xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
+    pred = model(xt, states, s, cond, **layout_inputs(layout, cfg))
+    return (pred - (noise - x0)).square().mean()
+
+
+def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettings, seed: int,
+              progress: bool = True, checkpoint=None):
+    """Returns (EMA model, losses, stats). ``settings.minutes`` None: exactly ``settings.steps``."""
+    torch.manual_seed(seed)
+    model = QwenImageTransformer(config.transformer)
+    with torch.no_grad():
+        model.proj_out.weight.zero_()  # start as "predict zero velocity"
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng = np.random.default_rng(seed + 3000)
+    gen = torch.Generator().manual_seed(seed + 4000)
+    names = [n for n, _ in MIX if n in groups]
+    p = np.array([w for n, w in MIX if n in groups])
+    p = p / p.sum()
+    total, losses, step = settings.steps, [], 0
+    t0 = last_ckpt = time.time()
+    bar = tqdm(total=total, desc="dit", disable=not progress)
+    while step < total:
+        g = groups[names[rng.choice(len(names), p=p)]]
+        idx = rng.integers(len(g.latents), size=settings.batch)
+        drop = rng.random(settings.batch) < DROPOUT
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, total, settings.lr, settings.warmup)
+        loss = flow_loss(model, g, idx, drop, gen, config.transformer)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(settings.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        elapsed = time.time() - t0
+        if settings.minutes is not None:
+            if step == 30:
+                per_step = elapsed / 30
+                total = max(step, min(settings.steps, int(settings.minutes * 60 / per_step)))
+                bar.total = total
+                log.info("dit: %.2f s/step -> %d steps", per_step, total)
+            if elapsed > settings.minutes * 60 * 1.1:
+                log.warning("dit: stopping at step %d/%d, over the time budget", step, total)
+                break
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % 250 == 0:
+            log.info("dit step %d/%d loss %.4f lr %.2e", step, total, np.mean(losses[-250:]),
+                     opt.param_groups[0]["lr"])
+        if checkpoint is not None and time.time() - last_ckpt > settings.checkpoint_every_s:
+            checkpoint(ema, losses)
+            last_ckpt = time.time()
+    bar.close()
+    return ema.eval(), losses, {"steps": step, "seconds": round(time.time() - t0, 1)}
+
+
+def smoothed(losses: list[float], every: int = 500) -> list[tuple[int, float]]:
+    return [(i + every, round(float(np.mean(losses[i:i + every])), 4)) for i in range(0, len(losses), every)]
+
+
+def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dict:
+    from qwen_image2_ref.demo.train import build_encoder, load_vae, save_state
+
+    if stage == "data":
+        vae = load_vae(out)
+        encoder = build_encoder(out, config, args.seed)
+        encoder.model.load_state_dict(torch.load(out / "encoder.pt"))
+        t0 = time.time()
+        groups, stats = build_data(vae, encoder, args.seed, args.small_data, progress)
+        torch.save({"groups": groups, "stats": stats}, out / "data.pt")
+        return {"seconds": round(time.time() - t0, 1), "sizes": {k: len(g.latents) for k, g in groups.items()}}
+    blob = torch.load(out / "data.pt", weights_only=False)
+    if stage == "dit":
+        settings = DiTSettings(steps=args.dit_steps, minutes=None if args.fixed_steps else args.dit_minutes,
+                               **({"batch": 4} if args.small_data else {}))
+
+        def ckpt(model, losses):
+            save_state(out / "dit.pt", model, config.transformer, losses=losses)
+
+        model, losses, stats = train_dit(config, blob["groups"], settings, args.seed, progress, ckpt)
+        ckpt(model, losses)
+        stats["loss_every_500"] = smoothed(losses)
+        log.info("dit stage: %s", stats)
+        return {"losses": losses, **stats}
+    if stage == "save":
+        return {"folder": str(save_weights(out, config, blob["stats"], args))}
+    raise ValueError(stage)
+
+
+def save_weights(out, config: ModelConfig, stats: dict, args):
+    from qwen_image2_ref.demo.train import build_encoder, load_vae
+    from qwen_image2_ref.model_folder import save_model
+
+    vae = load_vae(out)
+    vcfg = dataclasses.replace(vae.config, latents_mean=tuple(stats["latents_mean"]),
+                               latents_std=tuple(stats["latents_std"]))
+    vae.config = vcfg
+    vae.reset_buffers()
+    encoder = build_encoder(out, config, args.seed)
+    encoder.model.load_state_dict(torch.load(out / "encoder.pt"))
+    blob = torch.load(out / "dit.pt", weights_only=False)
+    model = QwenImageTransformer(config.transformer)
+    model.load_state_dict(blob["state_dict"])
+    pipe = dataclasses.replace(config.pipeline, output_resolution=128, num_steps=40,
+                               guidance_scale=float(getattr(args, "guidance", 1.0) or 1.0))
+    full = dataclasses.replace(config, vae=vcfg, encoder=encoder.config, pipeline=pipe)
+    n_params = sum(p.numel() for m in (model, vae, encoder.model) for p in m.parameters())
+    dtype = torch.bfloat16 if n_params * 4 > 24e6 else None
+    folder = args.weights or (out / "weights")
+    log.info("saving %d parameters (%s) to %s", n_params, dtype or "float32", folder)
+    return save_model(folder, full, model, vae, encoder, dtype=dtype, overwrite=True)
+
+
+def latent_stats_ok(stats: dict) -> bool:
+    return all(math.isfinite(v) for v in stats["latents_mean"] + stats["latents_std"])
