@@ -297,7 +297,28 @@ TINY = dataclasses.replace(
     pipeline=PipelineConfig(output_resolution=128),
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (TINY, QWEN_IMAGE_21)}
+# The embedded demo model (qwen_image2_ref/demo): 128 px scenes, 8x8 latents. The VAE's 4x4
+# patchify does part of the 16x so it trains on CPU; latents_mean/std are placeholders that the
+# trainer replaces with measured statistics; encoder token ids are the demo tokenizer's (ids 0-6).
+DEMO = dataclasses.replace(
+    QWEN_IMAGE_21,
+    name="demo",
+    transformer=TransformerConfig(num_layers=4, num_heads=4, head_dim=64, context_dim=64, axes_dims_rope=(8, 28, 28)),
+    vae=VAEConfig(
+        base_dim=32, decoder_base_dim=32, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(False, True),
+        in_channels=64, out_channels=64, patch_size=4, latents_mean=(0.0,) * 64, latents_std=(1.0,) * 64,
+    ),
+    encoder=EncoderConfig(
+        vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=128, rope_theta=10000.0, mrope_section=(2, 3, 3), max_position_embeddings=4096,
+        vision_depth=1, vision_hidden_size=32, vision_num_heads=2, vision_intermediate_size=64,
+        vision_num_position_embeddings=64, deepstack_visual_indexes=(0,),
+        image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4,
+    ),
+    pipeline=PipelineConfig(output_resolution=128, num_steps=40),
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (TINY, DEMO, QWEN_IMAGE_21)}
 
 
 def get_preset(name: str) -> ModelConfig:
