@@ -105,6 +105,7 @@ def schedule_section(model) -> dict:
         "sigmas": list(p.sample_sigmas) if p.sample_sigmas is not None else None,
         "guidance_scale": p.guidance_scale,
         "guidance_distilled": p.guidance_distilled,
+        "default_negative_prompt": p.default_negative_prompt,
     }
 
 

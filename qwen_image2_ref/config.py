@@ -217,6 +217,9 @@ class PipelineConfig:
     max_prompt_tokens: int = 1024
     max_condition_images: int = 10
     system_prompt: str = "Comprehend and analyze the provided prompt."
+    # Used for the unconditional branch when guidance > 1 and the caller gives no negative prompt
+    # (a model trained with caption dropout learned its unconditional state from this text).
+    default_negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.sample_sigmas is not None:

@@ -138,6 +138,7 @@ def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae,
                 "guidance_distilled": p.guidance_distilled,
                 "output_resolution": p.output_resolution,
                 "max_prompt_tokens": p.max_prompt_tokens,
+                "default_negative_prompt": p.default_negative_prompt,
             },
         }
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -83,6 +83,8 @@ class QwenImagePipeline:
             steps = len(pcfg.sample_sigmas) if pcfg.sample_sigmas is not None else pcfg.num_steps
         if guidance is None:
             guidance = pcfg.guidance_scale
+        if negative_prompt is None and guidance > 1:
+            negative_prompt = pcfg.default_negative_prompt
         return make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size)
 
     def _encode(self, prompts, vl_images, cond_shapes, target_shape) -> Condition:

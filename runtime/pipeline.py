@@ -119,6 +119,8 @@ class Pipeline:
             steps = len(sigmas) if sigmas else int(sched["num_steps"])
         if guidance is None:
             guidance = float(sched["guidance_scale"])
+        if negative_prompt is None and isinstance(guidance, (int, float)) and guidance > 1:
+            negative_prompt = sched.get("default_negative_prompt")
         request = make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size)
         for name, value in (("width", request.width), ("height", request.height)):
             if not self._min_res <= value <= self._max_res:

@@ -157,3 +157,19 @@ def test_bad_edit_input(ours, tmp_path):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(CheckpointError, match="model_index.json"):
         load_model(tmp_path)
+
+
+def test_default_negative_prompt_is_used_under_guidance(ours):
+    import dataclasses
+
+    kw = dict(width=64, height=64, steps=2, seed=3, output="np", progress=False)
+    explicit = ours.generate("a red circle", negative_prompt="blurry", guidance=3.0, **kw)
+    saved = ours.config
+    try:
+        ours.config = dataclasses.replace(
+            saved, pipeline=dataclasses.replace(saved.pipeline, default_negative_prompt="blurry")
+        )
+        implicit = ours.generate("a red circle", guidance=3.0, **kw)
+    finally:
+        ours.config = saved
+    np.testing.assert_array_equal(implicit, explicit)
