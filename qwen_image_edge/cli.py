@@ -94,19 +94,55 @@ def build_parser() -> argparse.ArgumentParser:
                       help="condition image (repeat for several, in prompt order)")
     _add_reference_args(edit)
     edit.set_defaults(handler=_cmd_edit)
+
+    run = commands.add_parser(
+        "run",
+        help="generate or edit with the torch-free runtime from an export directory",
+        description="Run an export directory with the runtime (numpy + onnxruntime, no torch). "
+        "With --image it edits the given images; without, it generates from the prompt.",
+    )
+    run.add_argument("prompt", help="what to draw, or the edit instruction with --image")
+    run.add_argument("--export", required=True, help="export directory (with manifest.json)")
+    run.add_argument("--image", action="append", default=None, metavar="PATH",
+                     help="condition image to edit (repeat for several, in prompt order)")
+    _add_sampling_args(run)
+    run.add_argument("--backend", default="onnxruntime", help="inference backend (default: %(default)s)")
+    run.add_argument("--providers", nargs="+", default=None,
+                     help="onnxruntime execution providers in order (default: CUDA if present, then CPU)")
+    run.add_argument("--no-verify", action="store_true",
+                     help="skip the sha256 check of the graph files (~1 s per GB)")
+    run.set_defaults(handler=_cmd_run)
+
+    demo = commands.add_parser(
+        "demo",
+        help="export the embedded demo model if needed and generate with the runtime",
+        description="The main job on a fresh machine: export the shipped demo model once (cached), "
+        "then generate an image from a prompt with the torch-free runtime.",
+    )
+    demo.add_argument("prompt", nargs="?", default="a red circle on the left on a white background",
+                      help="what to draw (default: %(default)r)")
+    demo.add_argument("--export-dir", default=None,
+                      help="where the export is kept (default: $QWEN_IMAGE_EDGE_CACHE or ~/.cache/qwen-image-edge)")
+    _add_sampling_args(demo, output_default="demo.png")
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
 def _add_reference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'demo'")
-    p.add_argument("-o", "--output", required=True, help="output PNG path")
+    _add_sampling_args(p)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, output_default: str | None = None) -> None:
+    p.add_argument("-o", "--output", required=output_default is None, default=output_default,
+                   help="output PNG path" + (" (default: %(default)s)" if output_default else ""))
     p.add_argument("--negative-prompt", default=None, help="enables guidance together with --guidance > 1")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 32 (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch, or onnxruntime for run/demo)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,24 +187,59 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
+def _check_request_args(args: argparse.Namespace):
+    """Output path and explicit sampling values, checked before any loading."""
     from pathlib import Path
 
     from runtime.errors import InputError
+    from runtime.sampling import check_guidance, check_steps, resolve_size
 
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise InputError(f"output {out}: expected a .png path (RGBA output)")
     if not out.parent.is_dir():
         raise InputError(f"output {out}: folder {out.parent} does not exist")
-    from runtime.sampling import check_guidance, check_steps, resolve_size
-
-    # Explicit values are checked before minutes of loading; defaults come from the model.
     if args.steps is not None:
         check_steps(args.steps)
     if args.guidance is not None:
         check_guidance(args.guidance)
     resolve_size(args.width, args.height, (1024, 1024))
+    return out
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+                steps=args.steps, guidance=args.guidance, seed=args.seed)
+
+
+def _runtime_generate(export_dir, args: argparse.Namespace, out, images=None, **load) -> int:
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(export_dir, threads=args.threads, **load)
+    if images:
+        image = pipe.edit(images, args.prompt, **_sampling_kwargs(args))
+    else:
+        image = pipe.generate(args.prompt, **_sampling_kwargs(args))
+    _save_atomic(image, out)
+    print(out)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    out = _check_request_args(args)
+    return _runtime_generate(args.export, args, out, images=args.image, backend=args.backend,
+                             providers=args.providers, verify_hashes=not args.no_verify)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out = _check_request_args(args)
+    from export.demo import ensure_export
+
+    return _runtime_generate(ensure_export("demo", args.export_dir), args, out)
+
+
+def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
+    out = _check_request_args(args)
     import torch
 
     from qwen_image2_ref.model_folder import load_pipeline
@@ -176,8 +247,7 @@ def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
-    kwargs = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-                  steps=args.steps, guidance=args.guidance, seed=args.seed)
+    kwargs = _sampling_kwargs(args)
     if images is None:
         (image,) = pipe.generate(args.prompt, **kwargs)
     else:

@@ -1,0 +1,74 @@
+"""`run` and `demo` on the command line (tiny model standing in for the shipped demo)."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+import qwen_image2_ref.demo as demo_pkg
+from export.demo import ensure_export
+from qwen_image_edge.cli import main
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from tests.tiny_model import build_tiny_model
+
+    _, path = build_tiny_model(tmp_path_factory.mktemp("clirt"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def export_dir(model, tmp_path_factory):
+    return ensure_export(model, tmp_path_factory.mktemp("clirt-export") / "export", max_resolution=128)
+
+
+def test_ensure_export_reuses_a_verified_export(model, export_dir):
+    stamp = (export_dir / "manifest.json").stat().st_mtime_ns
+    assert ensure_export(model, export_dir, max_resolution=128) == export_dir
+    assert (export_dir / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_ensure_export_redoes_a_corrupt_export(model, tmp_path):
+    out = ensure_export(model, tmp_path / "e", max_resolution=64)
+    (out / "manifest.json").write_text("{}")
+    assert ensure_export(model, out, max_resolution=64) == out
+    assert (out / "manifest.json").read_text() != "{}"
+
+
+def test_run_generates_a_png(export_dir, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["run", "--export", str(export_dir), "a red circle", "-o", str(out), "--steps", "2",
+                 "--threads", "1"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert capsys.readouterr().out.strip() == str(out)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--steps", "-1"], "steps: expected a positive integer, got -1"),
+    (["--width", "100"], "width 100: expected a multiple of 32"),
+    (["--width", "512"], "outside the exported range 32..128"),
+    (["--backend", "nope"], "available backends"),
+    (["--providers", "FooExecutionProvider"], "available: "),
+])
+def test_run_bad_input_is_one_line(export_dir, tmp_path, capsys, extra, match):
+    code = main(["run", "--export", str(export_dir), "a red circle", "-o", str(tmp_path / "o.png"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_run_missing_export(tmp_path, capsys):
+    assert main(["run", "--export", str(tmp_path), "x", "-o", str(tmp_path / "o.png")]) == 2
+    assert "not an export" in capsys.readouterr().err
+
+
+def test_demo_exports_once_then_generates(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo_pkg, "WEIGHTS_DIR", model)
+    out = tmp_path / "demo.png"
+    args = ["demo", "a red circle", "--export-dir", str(tmp_path / "cache"), "-o", str(out), "--steps", "2"]
+    assert main(args) == 0
+    assert Image.open(out).mode == "RGBA"
+    stamp = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
+    assert main(args) == 0  # the second run reuses the export
+    assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == stamp
