@@ -17,7 +17,7 @@ from qwen_image2_ref.encoder import ConditionEncoder
 from qwen_image2_ref.model_folder import save_model
 from qwen_image2_ref.transformer import QwenImageTransformer
 from qwen_image2_ref.vae import QwenImageVAE
-from tests.test_encoder import SPECIALS, VISION, _scale_weights, _train_tokenizer
+from tests.tiny_parts import SPECIALS, VISION, _scale_weights, _train_tokenizer
 from tests.transformer_peer import make_peer
 
 
