@@ -169,10 +169,6 @@ class Attention(nn.Module):
         k = apply_rope(self.norm_k(k), cos, sin)
         return q, k, v
 
-    def forward(self, x, cos, sin, mask):
-        q, k, v = self.qkv(x, cos, sin)
-        return self.to_out[0](attention(q, k, v, mask))
-
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -194,14 +190,23 @@ class Block(nn.Module):
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.eps)
         self.img_mlp = SwiGLU(cfg.hidden_size, cfg.hidden_size * cfg.mlp_ratio)
 
-    def forward(self, x, mod, cos, sin, mask):
-        """mod: ``(scale1, gate1, scale2, gate2)``, each ``[B, L or 1, D]``."""
+    def forward(self, x, mod, cos, sin, mask, past=None):
+        """mod: ``(scale1, gate1, scale2, gate2)``, each ``[B, L or 1, D]``.
+
+        ``past``: the prefix's ``(k, v)`` ``[B, L_prefix, H, Dh]`` put before this call's keys (the
+        cached step). Returns the new hidden states and this call's ``(k, v)``.
+        """
         scale1, gate1, scale2, gate2 = mod
-        x = x + torch.tanh(gate1) * self.attn(layer_norm(x, self.dim, self.eps) * (1 + scale1), cos, sin, mask)
+        q, k, v = self.attn.qkv(layer_norm(x, self.dim, self.eps) * (1 + scale1), cos, sin)
+        kv = (k, v)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=1)  # [B, L_prefix + N_t, H, Dh]
+            v = torch.cat([past[1], v], dim=1)
+        x = x + torch.tanh(gate1) * self.attn.to_out[0](attention(q, k, v, mask))
         x = x + torch.tanh(gate2) * self.img_mlp(layer_norm(x, self.dim, self.eps) * (1 + scale2))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
-        return x
+        return x, kv
 
 
 class NormOut(nn.Module):
@@ -256,34 +261,76 @@ class QwenImageTransformer(nn.Module):
             ``[B, N_t, C_out]``.
         """
         n_target = latents.shape[1]
+        x = torch.cat([self.embed_prefix(text_states, cond_latents, prefix_index), self.img_in(latents)], dim=1)
+        seq_len = x.shape[1]  # [B, L, D]
+        temb, real, zero = self.modulation_params(timestep, x.dtype)
+        params = tuple(per_token(r, z, seq_len, n_target) for r, z in zip(real, zero or (None,) * 4))
+        for block in self.transformer_blocks:
+            x = block(x, params, rope_cos, rope_sin, attn_mask)[0]
+        # norm_out and proj_out are per token: only the target tokens are needed.
+        return self.output(x[:, seq_len - n_target :], temb[: latents.shape[0]])  # [B, N_t, C]
+
+    # ------------------------------------------------------------------ pieces shared by both paths
+
+    def embed_prefix(self, text_states, cond_latents, prefix_index) -> torch.Tensor:
+        """Text rows and condition-latent rows in joint-sequence order: ``[B, L_prefix, D]``."""
         txt = self.txt_in(text_states)  # [B, L_enc, D]
         cond = self.img_in(cond_latents)  # [B, N_c, D]
-        prefix = torch.cat([txt, cond], dim=1).index_select(1, prefix_index)  # [B, L_prefix, D]
-        x = torch.cat([prefix, self.img_in(latents)], dim=1)  # [B, L, D]
-        seq_len = x.shape[1]
+        return torch.cat([txt, cond], dim=1).index_select(1, prefix_index)  # [B, L_prefix, D]
 
+    def modulation_params(self, timestep: torch.Tensor, dtype: torch.dtype):
+        """``temb [B(+1), D]``, the per-sample ``(scale1, gate1, scale2, gate2)`` ``[B, D]`` each,
+        and the same four from t=0 ``[1, D]`` (None without causal_condition)."""
         causal = self.config.causal_condition
         t = torch.cat([timestep, timestep.new_zeros(1)]) if causal else timestep  # [B(+1)]
-        temb = self.time_text_embed(t, x.dtype)  # [B(+1), D]
+        temb = self.time_text_embed(t, dtype)  # [B(+1), D]
         mod = self.modulation(temb)  # [B(+1), 4D]
-        real, zero = (mod[:-1], mod[-1:]) if causal else (mod, None)
-        mod1_r, mod2_r = real.chunk(2, dim=-1)
-        mod1_z, mod2_z = zero.chunk(2, dim=-1) if causal else (None, None)
-        s1, g1 = split_modulation(mod1_r)
-        s2, g2 = split_modulation(mod2_r)
-        z1 = split_modulation(mod1_z) if causal else (None, None)
-        z2 = split_modulation(mod2_z) if causal else (None, None)
-        params = tuple(
-            per_token(r, z, seq_len, n_target) for r, z in ((s1, z1[0]), (g1, z1[1]), (s2, z2[0]), (g2, z2[1]))
-        )
 
-        for block in self.transformer_blocks:
-            x = block(x, params, rope_cos, rope_sin, attn_mask)
+        def four(m):
+            mod1, mod2 = m.chunk(2, dim=-1)
+            return (*split_modulation(mod1), *split_modulation(mod2))
 
-        # norm_out and proj_out are per token: only the target tokens are needed.
-        x = x[:, seq_len - n_target :]  # [B, N_t, D]
-        scale = self.norm_out.linear(F.silu(temb[: latents.shape[0]]).to(x.dtype))  # [B, D]
+        if not causal:
+            return temb, four(mod), None
+        return temb, four(mod[:-1]), four(mod[-1:])
+
+    def output(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale = self.norm_out.linear(F.silu(temb).to(x.dtype))  # [B, D]
         return self.proj_out(self.norm_out(x, scale[:, None, :]))
+
+    # ------------------------------------------------------------------ condition KV cache
+
+    def prefill(self, text_states, cond_latents, prefix_index, rope_cos, rope_sin, attn_mask) -> torch.Tensor:
+        """Per-layer keys and values of the prefix (text + condition tokens), computed once.
+
+        Valid because the prefix is modulated at t=0 and, block-causally, never attends to the
+        target: its activations do not depend on the step. rope and mask cover the prefix only.
+        Returns ``[layers, 2, B, L_prefix, H, Dh]``.
+        """
+        if not self.config.causal_condition:
+            raise ValueError("the condition KV cache needs causal_condition=True")
+        x = self.embed_prefix(text_states, cond_latents, prefix_index)  # [B, L_prefix, D]
+        zero = self.modulation_params(x.new_zeros(x.shape[0]), x.dtype)[2]
+        params = tuple(z[:, None, :] for z in zero)  # [1, 1, D] each
+        cache = []
+        for block in self.transformer_blocks:
+            x, (k, v) = block(x, params, rope_cos, rope_sin, attn_mask)
+            cache.append(torch.stack([k, v]))  # [2, B, L_prefix, H, Dh]
+        return torch.stack(cache)  # [layers, 2, B, L_prefix, H, Dh]
+
+    def step(self, latents, timestep, kv_cache, rope_cos, rope_sin, key_mask) -> torch.Tensor:
+        """Velocity from the target tokens and the prefix cache.
+
+        rope: ``[N_t, head_dim/2]`` (the target rows); key_mask: ``[B, L_prefix + N_t]`` bool
+        (False at padded text). Target queries see every valid key, so no block structure is needed.
+        """
+        x = self.img_in(latents)  # [B, N_t, D]
+        temb, real, _ = self.modulation_params(timestep, x.dtype)
+        params = tuple(r[:, None, :] for r in real)  # [B, 1, D] each
+        mask = key_mask[:, None, :]  # [B, 1, L_prefix + N_t] -> broadcast over the target queries
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, params, rope_cos, rope_sin, mask, past=(kv_cache[i, 0], kv_cache[i, 1]))[0]
+        return self.output(x, temb[: latents.shape[0]])
 
 
 def layout_inputs(layout: JointLayout, config: TransformerConfig, device=None) -> dict[str, torch.Tensor]:
@@ -295,6 +342,25 @@ def layout_inputs(layout: JointLayout, config: TransformerConfig, device=None) -
         "rope_sin": torch.from_numpy(sin).to(device),
         "attn_mask": torch.from_numpy(attention_mask(layout.block_ids, layout.key_valid)).to(device),
     }
+
+
+def cache_inputs(layout: JointLayout, config: TransformerConfig, device=None) -> tuple[dict, dict]:
+    """Layout inputs of the cached path: ``(prefill kwargs, step kwargs)`` without the tensors
+    that change per call (text states, latents, timestep, cache)."""
+    full = layout_inputs(layout, config, device)
+    lp = layout.prefix_len
+    prefill = {
+        "prefix_index": full["prefix_index"],
+        "rope_cos": full["rope_cos"][:lp],
+        "rope_sin": full["rope_sin"][:lp],
+        "attn_mask": full["attn_mask"][:, :lp, :lp],
+    }
+    step = {
+        "rope_cos": full["rope_cos"][lp:],
+        "rope_sin": full["rope_sin"][lp:],
+        "key_mask": torch.from_numpy(layout.key_valid).to(device),
+    }
+    return prefill, step
 
 
 def check_inputs(
