@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import ModelConfig
-from qwen_image2_ref.transformer import QwenImageTransformer, check_inputs, layout_inputs
+from qwen_image2_ref.transformer import QwenImageTransformer, cache_inputs, check_inputs, layout_inputs
 from qwen_image2_ref.vae import QwenImageVAE, pack_latents, unpack_latents
 from runtime import images as rimages
 from runtime import schedule
@@ -33,17 +33,22 @@ class Condition:
     text_states: torch.Tensor  # [B, L_enc, ctx]
     layout_inputs: dict[str, torch.Tensor]
     layout: object
+    kv_cache: torch.Tensor | None = None  # [layers, 2, B, L_prefix, H, Dh] once prefilled
+    step_inputs: dict[str, torch.Tensor] | None = None
 
 
 class QwenImagePipeline:
     def __init__(self, config: ModelConfig, transformer: QwenImageTransformer, vae: QwenImageVAE, encoder,
-                 *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 use_kv_cache: bool = False):
         self.config = config
         self.transformer = transformer.eval()
         self.vae = vae.eval()
         self.encoder = encoder
         self.device = torch.device(device)
         self.dtype = dtype
+        # Text and condition keys/values computed once instead of at every step (causal_condition models).
+        self.use_kv_cache = use_kv_cache
 
     # ------------------------------------------------------------------ public API
 
@@ -107,7 +112,14 @@ class QwenImagePipeline:
 
     def _velocity(self, cond: Condition, x: torch.Tensor, cond_latents: torch.Tensor, sigma: float) -> torch.Tensor:
         t = torch.full((x.shape[0],), float(sigma), device=self.device, dtype=self.dtype)
+        if cond.kv_cache is not None:
+            return self.transformer.step(x, t, cond.kv_cache, **cond.step_inputs)
         return self.transformer(x, cond.text_states, t, cond_latents, **cond.layout_inputs)
+
+    def _prefill(self, cond: Condition, cond_latents: torch.Tensor) -> None:
+        """Text and condition-image keys/values once per prompt set, reused by every step."""
+        prefill_kw, cond.step_inputs = cache_inputs(cond.layout, self.transformer.config, self.device)
+        cond.kv_cache = self.transformer.prefill(cond.text_states, cond_latents, **prefill_kw)
 
     def _sample(self, request: Request, pil_images, sizes, latents, callback, progress, output):
         batch = len(request.prompts)
@@ -127,6 +139,10 @@ class QwenImagePipeline:
             latents = initial_noise(request.seed, batch, request.height, request.width, channels)
         x = torch.from_numpy(np.asarray(latents, dtype=np.float32)).to(self.device, self.dtype)
         check_inputs(positive.layout, x, positive.text_states, cond_latents)
+        if self.use_kv_cache and self.transformer.config.causal_condition:
+            for cond in (positive, negative):
+                if cond is not None:
+                    self._prefill(cond, cond_latents)
 
         pcfg = self.config.pipeline
         sigmas = schedule.make_sigmas(request.steps, x.shape[1], pcfg.scheduler, fixed_sigmas=pcfg.sample_sigmas)

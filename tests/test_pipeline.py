@@ -173,3 +173,20 @@ def test_default_negative_prompt_is_used_under_guidance(ours):
     finally:
         ours.config = saved
     np.testing.assert_array_equal(implicit, explicit)
+
+
+def test_kv_cache_option_gives_the_same_images(ours, peer):
+    kw = dict(width=64, height=64, steps=STEPS, seed=6, output="np", progress=False)
+    plain = ours.edit([_rgba(5, 64, 64)], "make it blue", negative_prompt="x", guidance=2.0, **kw)
+    ours.use_kv_cache = True
+    try:
+        cached = ours.edit([_rgba(5, 64, 64)], "make it blue", negative_prompt="x", guidance=2.0, **kw)
+    finally:
+        ours.use_kv_cache = False
+    assert np.abs(cached - plain).max() <= TOL
+    noise = torch.from_numpy(initial_noise(6, 1, 64, 64, 64))
+    with torch.no_grad():
+        ref = peer("make it blue", image=[_rgba(5, 64, 64)], negative_prompt="x", true_cfg_scale=2.0, height=64,
+                   width=64, num_inference_steps=STEPS, latents=noise, output_type="np", use_kv_cache=True,
+                   output_resolution=64).images
+    assert np.abs(cached - ref).max() <= TOL
