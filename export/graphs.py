@@ -11,37 +11,96 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from export.iospec import image_channels
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import QwenImageVAE
+from runtime.errors import ConfigError
 from runtime.layout import build_layout
+from runtime.vision import VisionTower, vision_feeds
 
 
 class TextEncoderGraph(nn.Module):
-    """Qwen3-VL language model, text path: ids + mask + M-RoPE positions -> final-norm input.
+    """Qwen3-VL language model: ids + mask + M-RoPE positions + visual rows -> final-norm input.
 
-    The position ids are an input (``runtime.tokens.mrope_position_ids``), so the graph does not
-    contain transformers' Python rope-index code, and the vision path can later feed positions
-    of image tokens through the same input.
+    One graph serves text-to-image and edit prompts (``N_vis = 0`` for text): two graphs would
+    hold the language model's weights twice (most of the encoder), and the visual inputs cost two
+    gathers and a select per deepstack layer. ``visual_index`` [B, L_tok] is 0 on text and k + 1 at
+    the k-th image pad of a row; the pad's embedding is replaced by ``visual_embeds[k]`` and, after
+    each of the first ``n_deepstack`` decoder layers, ``deepstack_embeds[layer, k]`` is added there
+    (transformers' masked_scatter and ``_deepstack_process``, without data-dependent shapes). The
+    position ids are an input (``runtime.tokens.mrope_position_ids``): no rope-index code in the graph.
     """
 
     def __init__(self, qwen3vl) -> None:
         super().__init__()
         self.language_model = qwen3vl.model.language_model
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, visual_embeds, deepstack_embeds, visual_index):
+        lm = self.language_model
+        dim = visual_embeds.shape[-1]
+        is_visual = (visual_index > 0).unsqueeze(-1)  # [B, L, 1]
+        table = torch.cat([visual_embeds.new_zeros(1, dim), visual_embeds], dim=0)  # [1 + N_vis, D]
+        embeds = torch.where(is_visual, table[visual_index], lm.embed_tokens(input_ids))  # [B, L, D]
+        deep = torch.cat([deepstack_embeds.new_zeros(deepstack_embeds.shape[0], 1, dim), deepstack_embeds],
+                         dim=1)  # [n_ds, 1 + N_vis, D]
+
+        def inject(layer: int):
+            return lambda module, args, out: torch.where(is_visual, out + deep[layer][visual_index], out)
+
         captured: list[torch.Tensor] = []
+        handles = [lm.layers[i].register_forward_hook(inject(i)) for i in range(deepstack_embeds.shape[0])]
         # The MMDiT reads the final norm's input; transformers only returns its output.
-        handle = self.language_model.norm.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        handles.append(lm.norm.register_forward_pre_hook(lambda m, args: captured.append(args[0])))
         try:
-            self.language_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
+            lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return captured[0]  # [B, L, D]
+
+
+class VisionEncoderGraph(nn.Module):
+    """Qwen3-VL vision tower: patches + numpy position/rope/mask tables -> merged visual embeddings
+    [N_vis, D] and deepstack features [n_deepstack, N_vis, D].
+
+    transformers computes the position-table resampling, the rotary angles and the per-image
+    attention segments from ``grid_thw`` in Python (``runtime.vision`` explains); here they are
+    inputs, and the blocks run on the tower's own modules with one masked attention over all
+    patches instead of a Python loop over images.
+    """
+
+    def __init__(self, qwen3vl) -> None:
+        super().__init__()
+        self.visual = qwen3vl.model.visual
+        if not self.visual.deepstack_visual_indexes:
+            raise ConfigError("vision_encoder: expected a Qwen3-VL tower with deepstack layers, got none")
+
+    def forward(self, pixel_values, pos_index, pos_weight, rope_cos, rope_sin, attn_mask):
+        v = self.visual
+        x = v.patch_embed(pixel_values)  # [N, Dv]
+        x = x + (v.pos_embed(pos_index) * pos_weight.unsqueeze(-1)).sum(1)  # [N, Dv]
+        deep = []
+        for i, block in enumerate(v.blocks):
+            x = _vision_block(block, x, rope_cos, rope_sin, attn_mask)
+            if i in v.deepstack_visual_indexes:
+                deep.append(v.deepstack_merger_list[v.deepstack_visual_indexes.index(i)](x))  # [N/4, D]
+        return v.merger(x), torch.stack(deep)  # [N/4, D], [n_ds, N/4, D]
+
+
+def _vision_block(block, x, cos, sin, mask):
+    """One ``Qwen3VLVisionBlock`` on its own modules; attention masked to each image's patches."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+    attn = block.attn
+    q, k, v = attn.qkv(block.norm1(x)).reshape(-1, 3, attn.num_heads, attn.head_dim).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # [N, H, hd]
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, hd]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # [H, N, hd]
+    x = x + attn.proj(out.transpose(0, 1).reshape(x.shape[0], -1))  # [N, Dv]
+    return x + block.mlp(block.norm2(x))
 
 
 class TransformerGraph(nn.Module):
@@ -82,6 +141,8 @@ def graph_module(name: str, model) -> nn.Module:
         return TextEncoderGraph(model.encoder.model).eval()
     if name == "transformer":
         return TransformerGraph(model.transformer).eval()
+    if name == "vision_encoder":
+        return VisionEncoderGraph(model.encoder.model).eval()
     if name == "vae_decoder":
         return VAEDecoderGraph(model.vae).eval()
     return VAEEncoderGraph(model.vae).eval()
@@ -90,14 +151,41 @@ def graph_module(name: str, model) -> nn.Module:
 # ----------------------------------------------------------------------------- inputs
 
 
-def text_encoder_inputs(cfg: ModelConfig, batch: int, length: int, pad: int, seed: int = 0) -> tuple:
-    """Random token ids with ``pad`` left-padded positions in row 0, arange M-RoPE positions."""
+def vision_tower(qwen3vl) -> VisionTower:
+    """The facts ``runtime.vision`` needs about a transformers Qwen3-VL vision tower."""
+    vc = qwen3vl.config.vision_config
+    return VisionTower(merge_size=vc.spatial_merge_size, head_dim=vc.hidden_size // vc.num_heads,
+                       rope_theta=float(vc.rope_parameters["rope_theta"]),
+                       grid_side=int(vc.num_position_embeddings**0.5))
+
+
+def text_encoder_inputs(cfg: ModelConfig, batch: int, length: int, pad: int, n_visual: int = 0,
+                        seed: int = 0) -> tuple:
+    """Random token ids with ``pad`` left-padded positions in row 0, arange M-RoPE positions and
+    ``n_visual`` random visual rows read by the last ``n_visual`` tokens of every row."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, cfg.encoder.vocab_size, size=(batch, length), dtype=np.int64)
+    enc = cfg.encoder
+    ids = rng.integers(0, enc.vocab_size, size=(batch, length), dtype=np.int64)
     mask = np.ones((batch, length), dtype=np.int64)
     mask[0, :pad] = 0
     pos = np.broadcast_to(np.arange(length, dtype=np.int64), (3, batch, length)).copy()  # [3, B, L]
-    return tuple(torch.from_numpy(a) for a in (ids, mask, pos))
+    index = np.zeros((batch, length), dtype=np.int64)
+    if n_visual:
+        index[:, -n_visual:] = np.arange(1, n_visual + 1)
+        ids[:, -n_visual:] = enc.image_token_id
+    visual = rng.standard_normal((n_visual, enc.hidden_size), dtype=np.float32)
+    deep = rng.standard_normal((len(enc.deepstack_visual_indexes), n_visual, enc.hidden_size), dtype=np.float32)
+    return tuple(torch.from_numpy(a) for a in (ids, mask, pos, visual, deep, index))
+
+
+def vision_encoder_inputs(cfg: ModelConfig, tower: VisionTower, grids, seed: int = 0) -> tuple:
+    """Random patches for the images of ``grids`` [(t, h, w), ...] and their numpy tables."""
+    enc = cfg.encoder
+    grid_thw = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+    width = 3 * enc.vision_temporal_patch_size * enc.vision_patch_size**2
+    pixels = np.random.default_rng(seed).standard_normal((int(grid_thw.prod(1).sum()), width), dtype=np.float32)
+    feeds = vision_feeds(pixels, grid_thw, tower)
+    return tuple(torch.from_numpy(a) for a in feeds.values())
 
 
 def transformer_inputs(
@@ -145,9 +233,14 @@ def vae_encoder_inputs(cfg: ModelConfig, batch: int, height: int, width: int, se
 def example_inputs(name: str, cfg: ModelConfig) -> tuple:
     """Tracing inputs: batch 2, every dynamic dim > 1 and different from the others."""
     if name == "text_encoder":
-        return text_encoder_inputs(cfg, batch=2, length=9, pad=3)
+        return text_encoder_inputs(cfg, batch=2, length=9, pad=3, n_visual=3)
     if name == "transformer":
         return transformer_inputs(cfg, batch=2, text_len=8, target=(2, 3), cond=((2, 2),), pad=2)
+    if name == "vision_encoder":
+        enc = cfg.encoder  # the tables' values do not shape the trace; rope theta is transformers' default
+        tower = VisionTower(enc.vision_spatial_merge_size, enc.vision_hidden_size // enc.vision_num_heads, 10000.0,
+                            int(enc.vision_num_position_embeddings**0.5))
+        return vision_encoder_inputs(cfg, tower, [(1, 4, 6), (1, 2, 4)])  # N = 32 patches, 8 visual rows
     if name == "vae_decoder":
         return vae_decoder_inputs(cfg, 2, 2, 3)
     return vae_encoder_inputs(cfg, 2, 32, 48)

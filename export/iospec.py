@@ -7,6 +7,8 @@ runtime's buffers. Symbols shared between graphs mean the same quantity:
 
 - ``B`` batch (prompts x guidance branches); ``L_tok`` encoder tokens (template + prompt +
   image slots, left padded); ``L_enc`` post-processed encoder rows the transformer reads;
+- ``N_p`` vision patches of all condition images, ``N_vis = N_p / merge**2`` their merged
+  visual tokens (rows of ``visual_embeds``; 0 for a text-only prompt);
 - ``N_t`` target latent tokens (h*w), ``N_c`` condition latent tokens (0 for text-to-image),
   ``L_prefix`` text + condition positions of the joint sequence, ``L = L_prefix + N_t``;
 - ``h, w`` latent size, ``H = 16 h, W = 16 w`` pixel size.
@@ -63,17 +65,59 @@ def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(dims))
 
 
-def text_encoder_io(cfg: ModelConfig) -> GraphIO:
+def vision_tokens(cfg: ModelConfig, max_resolution: int) -> tuple[int, int]:
+    """(patches, merged visual tokens) of the largest condition image: a side of at most
+    ``max_resolution`` pixels (the runtime refuses larger condition sizes) in vision patches."""
+    patches = (max_resolution // cfg.encoder.vision_patch_size) ** 2
+    return patches, patches // cfg.encoder.vision_spatial_merge_size**2
+
+
+def text_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
+    """One graph for text-only and edit prompts (``N_vis = 0`` without images; see
+    ``export.graphs.TextEncoderGraph`` for why not two graphs)."""
+    enc = cfg.encoder
     max_tok = cfg.pipeline.max_prompt_tokens + TEMPLATE_TOKEN_ALLOWANCE
+    _, vis = vision_tokens(cfg, max_resolution)
+    n_vis = MAX_CONDITION_IMAGES * vis
+    _, vis_opt = vision_tokens(cfg, min(cfg.pipeline.output_resolution, max_resolution))
     return GraphIO(
         "text_encoder",
         inputs=(
             _t("input_ids", "int64", "B", "L_tok"),
             _t("attention_mask", "int64", "B", "L_tok"),
             _t("position_ids", "int64", 3, "B", "L_tok"),  # runtime.tokens.mrope_position_ids
+            _t("visual_embeds", "float32", "N_vis", enc.hidden_size),  # vision_encoder output
+            _t("deepstack_embeds", "float32", len(enc.deepstack_visual_indexes), "N_vis", enc.hidden_size),
+            _t("visual_index", "int64", "B", "L_tok"),  # runtime.vision.visual_index
         ),
-        outputs=(_t("hidden_states", "float32", "B", "L_tok", cfg.encoder.hidden_size),),
-        dim_ranges={"B": (1, 2, MAX_BATCH), "L_tok": (1, 128, max_tok)},
+        outputs=(_t("hidden_states", "float32", "B", "L_tok", enc.hidden_size),),
+        dim_ranges={"B": (1, 2, MAX_BATCH), "L_tok": (1, 128, max_tok + n_vis), "N_vis": (0, vis_opt, n_vis)},
+    )
+
+
+def vision_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
+    """All condition images at once: their patches concatenated, attention kept per image by the mask."""
+    enc = cfg.encoder
+    patches, vis = vision_tokens(cfg, max_resolution)
+    p_opt, v_opt = vision_tokens(cfg, min(cfg.pipeline.output_resolution, max_resolution))
+    merge = enc.vision_spatial_merge_size**2
+    head_dim = enc.vision_hidden_size // enc.vision_num_heads
+    return GraphIO(
+        "vision_encoder",
+        inputs=(
+            _t("pixel_values", "float32", "N_p", 3 * enc.vision_temporal_patch_size * enc.vision_patch_size**2),
+            _t("pos_index", "int64", "N_p", 4),  # bilinear taps into the learned position table
+            _t("pos_weight", "float32", "N_p", 4),
+            _t("rope_cos", "float32", "N_p", head_dim),
+            _t("rope_sin", "float32", "N_p", head_dim),
+            _t("attn_mask", "bool", "N_p", "N_p"),  # True within one image
+        ),
+        outputs=(
+            _t("visual_embeds", "float32", "N_vis", enc.hidden_size),
+            _t("deepstack_embeds", "float32", len(enc.deepstack_visual_indexes), "N_vis", enc.hidden_size),
+        ),
+        dim_ranges={"N_p": (merge, p_opt, MAX_CONDITION_IMAGES * patches),
+                    "N_vis": (1, v_opt, MAX_CONDITION_IMAGES * vis)},
     )
 
 
@@ -85,8 +129,9 @@ def transformer_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     t = cfg.transformer
     n_max = _latent_tokens(max_resolution, cfg.vae.scale_factor_spatial)
     n_opt = _latent_tokens(min(cfg.pipeline.output_resolution, max_resolution), cfg.vae.scale_factor_spatial)
-    l_enc = cfg.pipeline.max_prompt_tokens + TEMPLATE_TOKEN_ALLOWANCE
+    text = cfg.pipeline.max_prompt_tokens + TEMPLATE_TOKEN_ALLOWANCE
     n_c = MAX_CONDITION_IMAGES * n_max
+    l_enc = text + n_c // 4  # an edit prompt holds one image slot per 2x2 condition latent tokens
     return GraphIO(
         "transformer",
         inputs=(
@@ -105,8 +150,8 @@ def transformer_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
             "N_t": (1, n_opt, n_max),
             "N_c": (0, 0, n_c),
             "L_enc": (1, 128, l_enc),
-            "L_prefix": (1, 128, l_enc + n_c),
-            "L": (2, 128 + n_opt, l_enc + n_c + n_max),
+            "L_prefix": (1, 128, text + n_c),  # each slot expands to its 4 latent tokens
+            "L": (2, 128 + n_opt, text + n_c + n_max),
         },
     )
 
@@ -150,9 +195,8 @@ def graph_io(name: str, cfg: ModelConfig, max_resolution: int) -> GraphIO:
         raise ConfigError(
             f"max_resolution: expected a multiple of {RESOLUTION_MULTIPLE} >= {MIN_RESOLUTION}, got {max_resolution}"
         )
-    if name == "text_encoder":
-        return text_encoder_io(cfg)
-    builders = {"transformer": transformer_io, "vae_decoder": vae_decoder_io, "vae_encoder": vae_encoder_io}
+    builders = {"text_encoder": text_encoder_io, "vision_encoder": vision_encoder_io, "transformer": transformer_io,
+                "vae_decoder": vae_decoder_io, "vae_encoder": vae_encoder_io}
     if name not in builders:
         raise ConfigError(f"graph {name!r}: unknown; expected one of {list(GRAPH_NAMES)}")
     return builders[name](cfg, max_resolution)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from export.graphs import vision_tower
 from runtime.errors import ManifestError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, sha256_file
 from runtime.tokens import prompt_text
@@ -118,6 +119,10 @@ def image_section(model, min_resolution: int, max_resolution: int, multiple: int
         "vae_scale_factor": model.config.vae.scale_factor_spatial,
         "latent_channels": model.config.vae.z_dim,
         "vision": model.encoder.vision.to_dict(),
+        "vision_tower": dataclasses.asdict(vision_tower(model.encoder.model)),
+        # Editing: condition images go through vision_encoder, then the same text_encoder graph as
+        # text prompts (its visual inputs are empty for text); vae_encoder gives condition latents.
+        "text_encoder_visual_inputs": "shared",
     }
 
 

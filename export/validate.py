@@ -22,11 +22,14 @@ from export.graphs import (
     transformer_inputs,
     vae_decoder_inputs,
     vae_encoder_inputs,
+    vision_encoder_inputs,
+    vision_tower,
 )
 from export.manifest_writer import write_text_atomic
 from runtime.errors import ManifestError
 from runtime.manifest import GraphSpec, Manifest, Precision, TensorSpec, check_io, load_manifest
 from runtime.tokens import mrope_position_ids
+from runtime.vision import visual_index
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +134,58 @@ def _fits(spec: GraphSpec, **dims: int) -> bool:
                for k, v in dims.items())
 
 
+# condition-image vision grids (t, h, w) in patches: one image, two images of different sizes
+_VISION_GRIDS = (((1, 4, 4),), ((1, 4, 6), (1, 2, 4)))
+
+
+def _vision_inputs(model, grids, seed: int):
+    """Random patches for ``grids`` and transformers' own tower outputs on them (the reference)."""
+    qwen = model.encoder.model
+    args = vision_encoder_inputs(model.config, vision_tower(qwen), grids, seed=seed)
+    grid_thw = torch.tensor(grids, dtype=torch.int64)
+    out = qwen.model.visual(args[0], grid_thw=grid_thw)
+    return args, out.pooler_output, torch.stack(out.deepstack_features), grid_thw
+
+
 def _text_cases(model, spec: GraphSpec):
     enc = model.encoder
-    for prompts in _PROMPTS:
-        batch = enc.tokenizer.encode(list(prompts))
+    n_ds = len(model.config.encoder.deepstack_visual_indexes)
+    visual = "visual_embeds" in [t.name for t in spec.inputs]  # exports before editing had none
+    cases = [(p, ()) for p in _PROMPTS] + ([(("make the circle blue",), g) for g in _VISION_GRIDS]
+                                          + [(("a", "turn it green and move it to the left"), _VISION_GRIDS[1])]
+                                          if visual else [])
+    for i, (prompts, grids) in enumerate(cases):
+        batch = enc.tokenizer.encode(list(prompts), np.asarray(grids) if grids else None)
         pos = mrope_position_ids(batch, enc.vision.merge_size)
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": pos}
-        ref = lambda b=batch: enc.hidden_states(b)  # noqa: E731  the reference path, not the wrapper
-        label = f"B={batch.input_ids.shape[0]} L_tok={batch.input_ids.shape[1]}"
+        pixels = None
+        if grids:
+            with torch.no_grad():
+                args, embeds, deep, _ = _vision_inputs(model, grids, seed=i)
+            pixels = np.concatenate([args[0].numpy()] * len(prompts))  # one copy per prompt, as the encoder feeds them
+            feeds |= {"visual_embeds": embeds.numpy(), "deepstack_embeds": deep.numpy(),
+                      "visual_index": visual_index(batch, embeds.shape[0])}
+        elif visual:
+            d = model.config.encoder.hidden_size
+            feeds |= {"visual_embeds": np.zeros((0, d), np.float32), "deepstack_embeds": np.zeros((n_ds, 0, d), np.float32),
+                      "visual_index": np.zeros_like(batch.input_ids)}
+        if not _fits(spec, B=batch.input_ids.shape[0], L_tok=batch.input_ids.shape[1],
+                     N_vis=feeds.get("visual_embeds", np.zeros((0,))).shape[0]):
+            continue
+        ref = lambda b=batch, p=pixels: enc.hidden_states(b, p)  # noqa: E731  the reference path, not the wrapper
+        label = f"B={batch.input_ids.shape[0]} L_tok={batch.input_ids.shape[1]} images={len(grids)}"
         yield label, feeds, ref, batch.attention_mask.astype(bool)  # padded query rows are garbage
+
+
+def _vision_cases(model, spec: GraphSpec):
+    for i, grids in enumerate(_VISION_GRIDS):
+        with torch.no_grad():
+            args, embeds, deep, _ = _vision_inputs(model, grids, seed=10 + i)
+        if not _fits(spec, N_p=args[0].shape[0], N_vis=embeds.shape[0]):
+            continue
+        feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, args)}
+        label = f"images={len(grids)} grids={[g[1:] for g in grids]} N_p={args[0].shape[0]}"
+        yield label, feeds, (lambda e=embeds, d=deep: (e, d)), None  # transformers' tower, not the wrapper
 
 
 def _transformer_cases(model, spec: GraphSpec):
@@ -177,6 +223,8 @@ def validation_cases(name: str, model, spec: GraphSpec):
         return _text_cases(model, spec)
     if name == "transformer":
         return _transformer_cases(model, spec)
+    if name == "vision_encoder":
+        return _vision_cases(model, spec)
     return _vae_cases(model, spec, decoder=name == "vae_decoder")
 
 
@@ -199,13 +247,16 @@ def validate_graph(export_dir: Path, manifest: Manifest, name: str, model) -> Gr
     result = GraphResult(name, spec.precision.value, threshold)
     for label, feeds, reference, valid in validation_cases(name, model, spec):
         with torch.no_grad():
-            ref = reference().float().numpy()
-        got = session.run([spec.outputs[0].name], feeds)[0]
-        max_abs, rel, cos = compare(ref, got, valid)
-        ok = rel <= threshold.max_rel_l2 and cos >= threshold.min_cosine
-        result.cases.append(CaseResult(label, max_abs, rel, cos, ok))
-        log.info("%s %s: max abs %.2e, rel L2 %.2e, cosine %.8f%s", name, label, max_abs, rel, cos,
-                 "" if ok else "  OUT OF BOUNDS")
+            refs = reference()
+        refs = refs if isinstance(refs, tuple) else (refs,)
+        gots = session.run([t.name for t in spec.outputs[: len(refs)]], feeds)
+        for out_spec, ref, got in zip(spec.outputs, refs, gots):
+            max_abs, rel, cos = compare(ref.float().numpy(), got, valid)
+            ok = rel <= threshold.max_rel_l2 and cos >= threshold.min_cosine
+            case = label if len(refs) == 1 else f"{label} {out_spec.name}"
+            result.cases.append(CaseResult(case, max_abs, rel, cos, ok))
+            log.info("%s %s: max abs %.2e, rel L2 %.2e, cosine %.8f%s", name, case, max_abs, rel, cos,
+                     "" if ok else "  OUT OF BOUNDS")
     return result
 
 

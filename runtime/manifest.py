@@ -33,7 +33,7 @@ from runtime.errors import ManifestError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-GRAPH_NAMES = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+GRAPH_NAMES = ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "vision_encoder")
 
 
 class Precision(str, enum.Enum):

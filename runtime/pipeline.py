@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from runtime import images as rimages
 from runtime import schedule
 from runtime.backends import make_backend
 from runtime.errors import InputError, ManifestError, NumericalError
@@ -24,10 +25,13 @@ from runtime.layout import JointLayout, attention_mask, build_layout, rope_table
 from runtime.manifest import Manifest, load_manifest, resolve_path, sha256_file
 from runtime.sampling import Request, initial_noise, make_request, to_images
 from runtime.tokens import PromptTokenizer, mrope_position_ids, postprocess_hidden_states
+from runtime.vision import VisionTower, vision_feeds, visual_index
 
 log = logging.getLogger(__name__)
 
 REQUIRED_GRAPHS = ("text_encoder", "transformer", "vae_decoder")
+EDIT_GRAPHS = ("vision_encoder", "vae_encoder")
+VISUAL_INPUTS = ("visual_embeds", "deepstack_embeds", "visual_index")
 
 
 @dataclass
@@ -38,6 +42,17 @@ class StageTimes:
 
     def add(self, name: str, seconds: float) -> None:
         self.stages.setdefault(name, []).append(seconds)
+
+
+@dataclass(frozen=True)
+class _Images:
+    """Condition images of an edit, encoded once for every prompt of the call."""
+
+    grid_thw: np.ndarray  # [n_images, 3] vision grids
+    visual_embeds: np.ndarray  # [N_vis, D]
+    deepstack_embeds: np.ndarray  # [n_ds, N_vis, D]
+    latents: np.ndarray  # [1, N_c, C] packed, normalised
+    cond_shapes: tuple[tuple[int, int], ...]  # latent (h, w) per image
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,35 @@ class Pipeline:
         images = self._sample(request, callback, latents, output)
         return images[0] if isinstance(prompt, str) and output == "pil" else images
 
+    def edit(self, images, instruction: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+             width: int | None = None, height: int | None = None, steps: int | None = None,
+             guidance: float | None = None, seed: int | None = None,
+             callback: Callable[[int, int, np.ndarray], None] | None = None, latents: np.ndarray | None = None,
+             output: str = "pil") -> Image.Image | list[Image.Image]:
+        """Edit one or more condition images (paths, PIL images or uint8 arrays) as the instruction says.
+
+        Each image is resized to about ``output_resolution**2`` pixels (multiples of 32, its aspect
+        kept), so its own pixel size does not matter; the output size follows the last image unless
+        ``width``/``height`` are given. Refused with an InputError: an unreadable or empty image, a
+        resized side outside the exported range (an extreme aspect ratio), more images than the
+        model takes or than the exported token ranges hold.
+        """
+        from runtime.edit import load_condition_images
+
+        missing = [g for g in EDIT_GRAPHS if g not in self.manifest.graphs]
+        te_inputs = [t.name for t in self.manifest.graph("text_encoder").inputs]
+        if missing or not set(VISUAL_INPUTS) <= set(te_inputs):
+            raise ManifestError(f"{self.export_dir}: this export cannot edit: it lacks graphs {missing} or the text "
+                                "encoder's visual inputs; re-export with the vision_encoder and vae_encoder graphs")
+        start = time.perf_counter()
+        pil, sizes = load_condition_images(images, self.manifest, self._res)
+        request = self._request(instruction, negative_prompt, width, height, steps, guidance, seed, sizes[-1])
+        self.last_times = StageTimes()
+        self.last_times.add("preprocess", time.perf_counter() - start)
+        encoded = self._encode_images(pil, sizes)
+        out = self._sample(request, callback, latents, output, encoded, reset_times=False)
+        return out[0] if isinstance(instruction, str) and output == "pil" else out
+
     # ------------------------------------------------------------------ internals
 
     def _request(self, prompt, negative_prompt, width, height, steps, guidance, seed, default_size) -> Request:
@@ -142,16 +186,53 @@ class Pipeline:
                 raise NumericalError(f"{graph} output {name!r}: NaN or Inf{where}; refusing to continue")
         return out
 
-    def _encode(self, prompts: Sequence[str], target_shape: tuple[int, int]) -> _Condition:
+    def _encode_images(self, pil: list[Image.Image], sizes: list[tuple[int, int]]) -> _Images:
+        """vision_encoder on the images resized as the reference does (RGBA composited on white for
+        the vision tower, all four channels for the VAE), vae_encoder -> normalised packed latents."""
+        from runtime.edit import check_range
+
         start = time.perf_counter()
-        batch = self.tokenizer.encode(list(prompts))
+        resized = [rimages.resize_rgba(im, w, h) for im, (w, h) in zip(pil, sizes)]
+        pixel_values, grid = rimages.vision_patches(resized, rimages.VisionConfig.from_dict(self.manifest.image["vision"]))
+        feeds = vision_feeds(pixel_values, grid, VisionTower(**self.manifest.image["vision_tower"]))
+        self.last_times.add("preprocess", time.perf_counter() - start)
+        check_range(self.manifest.graph("vision_encoder"), "N_p", pixel_values.shape[0], "vision patches", len(pil))
+        vis = self._run("vision_encoder", feeds)
+        packed = []
+        for im, (w, h) in zip(pil, sizes):
+            z = self._run("vae_encoder", {"image": rimages.vae_input(im, w, h)})["latents"]  # [1, C, h, w]
+            z = (z - self._mean) / self._std
+            packed.append(z.reshape(1, z.shape[1], -1).transpose(0, 2, 1))  # [1, h*w, C]
+        latents = np.concatenate(packed, axis=1).astype(np.float32)  # [1, N_c, C]
+        shapes = tuple((h // 16, w // 16) for w, h in sizes)
+        return _Images(grid, vis["visual_embeds"], vis["deepstack_embeds"], latents, shapes)
+
+    def _visual_feeds(self, batch, images: _Images | None) -> dict[str, np.ndarray]:
+        spec = self.manifest.graph("text_encoder")
+        named = {t.name: t for t in spec.inputs}
+        if "visual_embeds" not in named:  # an export from before editing: text only
+            return {}
+        if images is not None:
+            return {"visual_embeds": images.visual_embeds, "deepstack_embeds": images.deepstack_embeds,
+                    "visual_index": visual_index(batch, images.visual_embeds.shape[0])}
+        n_ds, _, dim = named["deepstack_embeds"].dims
+        return {"visual_embeds": np.zeros((0, dim), np.float32),
+                "deepstack_embeds": np.zeros((n_ds, 0, dim), np.float32),
+                "visual_index": np.zeros_like(batch.input_ids)}
+
+    def _encode(self, prompts: Sequence[str], target_shape: tuple[int, int], images: _Images | None = None) -> _Condition:
+        start = time.perf_counter()
+        batch = self.tokenizer.encode(list(prompts), None if images is None else images.grid_thw)
         positions = mrope_position_ids(batch, self.tokenizer.merge_size)
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": positions,
+                 **self._visual_feeds(batch, images)}
         self.last_times.add("tokenize", time.perf_counter() - start)
-        hidden = self._run("text_encoder", {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                                            "position_ids": positions})["hidden_states"]
+        hidden = self._run("text_encoder", feeds)["hidden_states"]
         start = time.perf_counter()
         states, mask, pad = postprocess_hidden_states(hidden, batch)
-        layout = build_layout(pad[0], mask, [], target_shape)
+        if not (pad == pad[:1]).all():
+            raise InputError("prompts in one batch must place their condition images at the same positions")
+        layout = build_layout(pad[0], mask, images.cond_shapes if images is not None else [], target_shape)
         cos, sin = rope_tables(layout.position_ids, self._axes, self._theta)
         feeds = {"prefix_index": layout.prefix_index, "rope_cos": cos, "rope_sin": sin,
                  "attn_mask": attention_mask(layout.block_ids, layout.key_valid)}
@@ -164,15 +245,20 @@ class Pipeline:
                  **cond.feeds}
         return self._run("transformer", feeds, step)["velocity"]
 
-    def _sample(self, request: Request, callback, latents, output):
-        self.last_times = StageTimes()
+    def _sample(self, request: Request, callback, latents, output, images: _Images | None = None,
+                reset_times: bool = True):
+        if reset_times:
+            self.last_times = StageTimes()
         batch = len(request.prompts)
         h, w = request.latent_shape
-        positive = self._encode(request.prompts, (h, w))
-        negative = self._encode(request.negative_prompts, (h, w)) if request.use_guidance else None
+        positive = self._encode(request.prompts, (h, w), images)
+        negative = self._encode(request.negative_prompts, (h, w), images) if request.use_guidance else None
         if request.negative_prompts is not None and not request.use_guidance:
             log.warning("negative_prompt is ignored: guidance %.2f <= 1 disables it", request.guidance)
-        cond_latents = np.zeros((batch, 0, self._channels), np.float32)
+        if images is None:
+            cond_latents = np.zeros((batch, 0, self._channels), np.float32)
+        else:
+            cond_latents = np.ascontiguousarray(np.broadcast_to(images.latents, (batch, *images.latents.shape[1:])))
         if latents is None:
             latents = initial_noise(request.seed, batch, request.height, request.width, self._channels)
         x = np.asarray(latents, dtype=np.float32)
