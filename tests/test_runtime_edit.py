@@ -203,3 +203,26 @@ def test_demo_edit_matches_the_reference(tmp_path):
         for name, img in (("ours", ours), ("ref", ref)):
             applied[name] += judge.score(judge.judge(img), edit.target, edit)["edit_applied"]
     assert applied["ours"] == applied["ref"], applied
+
+
+def test_edit_never_imports_torch(exported, tmp_path):
+    """Edit with the runtime in a process where importing torch raises."""
+    import subprocess
+    import sys
+
+    RGBA.save(tmp_path / "in.png")
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'diffusers', 'onnx'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from runtime.pipeline import Pipeline
+img = Pipeline.load({str(exported[1])!r}, threads=1).edit({str(tmp_path / 'in.png')!r}, 'make it blue', steps=1, seed=0)
+print('ok', img.size, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'diffusers')))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok (64, 64) []"
