@@ -110,6 +110,48 @@ class GraphSpec:
 
 
 @dataclass(frozen=True)
+class EngineSpec:
+    """A TensorRT engine built from one graph (``qwen-image-edge build``); optional manifest section.
+
+    Keyed in the manifest by ``<gpu-slug>-trt<version>/<graph>``. An engine runs only on the GPU
+    model and TensorRT version it was built with, and only for the graph file whose sha256 it records.
+    """
+
+    graph: str
+    file: str
+    sha256: str
+    graph_sha256: str  # the ONNX file it was built from
+    precision: Precision
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: tuple[int, int]
+    dim_ranges: dict[str, tuple[int, int, int]]  # the shapes the engine's profile accepts
+    strongly_typed: bool = True
+    weight_streaming: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graph": self.graph, "file": self.file, "sha256": self.sha256, "graph_sha256": self.graph_sha256,
+            "precision": self.precision.value, "tensorrt_version": self.tensorrt_version,
+            "gpu": {"name": self.gpu_name, "compute_capability": list(self.compute_capability)},
+            "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()},
+            "strongly_typed": self.strongly_typed, "weight_streaming": self.weight_streaming,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineSpec:
+        major, minor = (int(x) for x in d["gpu"]["compute_capability"])
+        return cls(
+            graph=str(d["graph"]), file=str(d["file"]), sha256=str(d["sha256"]),
+            graph_sha256=str(d["graph_sha256"]), precision=Precision(d["precision"]),
+            tensorrt_version=str(d["tensorrt_version"]), gpu_name=str(d["gpu"]["name"]),
+            compute_capability=(major, minor),
+            dim_ranges={k: tuple(int(x) for x in v) for k, v in d["dim_ranges"].items()},
+            strongly_typed=bool(d.get("strongly_typed", True)), weight_streaming=bool(d.get("weight_streaming", False)),
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to know about an export directory.
 
@@ -127,9 +169,10 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     provenance: dict[str, Any]
     format_version: int = FORMAT_VERSION
+    engines: dict[str, EngineSpec] = field(default_factory=dict)  # optional; written by `build`
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format_version": self.format_version,
             "model": self.model,
             "prompt": self.prompt,
@@ -138,6 +181,9 @@ class Manifest:
             "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
             "provenance": self.provenance,
         }
+        if self.engines:  # absent until a build: exports stay byte-identical for older readers
+            out["engines"] = {key: e.to_dict() for key, e in self.engines.items()}
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
@@ -161,6 +207,7 @@ class Manifest:
                 graphs=graphs,
                 provenance=dict(d["provenance"]),
                 format_version=version,
+                engines={key: EngineSpec.from_dict(e) for key, e in d.get("engines", {}).items()},
             )
         except KeyError as exc:
             raise ManifestError(f"{where}: missing field {exc.args[0]!r}") from None
