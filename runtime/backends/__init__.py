@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from runtime.errors import BackendError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def make_backend(name: str, **options):
@@ -13,4 +13,11 @@ def make_backend(name: str, **options):
         from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(**options)
-    raise BackendError(f"backend {name!r} is not available; available backends: ['onnxruntime']")
+    if name == "tensorrt":
+        from runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(**options)
+    raise BackendError(
+        f"backend {name!r} is not available; available backends: ['onnxruntime'], and 'tensorrt' "
+        "with engines from `qwen-image-edge build`"
+    )
