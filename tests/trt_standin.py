@@ -1,0 +1,585 @@
+"""A stand-in for ``tensorrt`` (the TensorRT 10.x Python API, 10.8-10.13) and cuda-python's ``cudart``.
+
+Tests inject it as ``sys.modules['tensorrt']`` and through ``runtime.backends.cuda.set_cudart``.
+It records every call in ``CALLS`` and raises :class:`MisuseError` where the real API would fail or
+silently misbehave: wrong argument types, parse before build, a profile shape for every dynamic
+input with min <= opt <= max and static dims kept, precision flags on a strongly typed network,
+weight streaming on a weakly typed one, ``set_input_shape`` (inside the profile) before
+``set_tensor_address`` before ``execute_async_v3``, addresses inside live allocations large enough
+for the shapes, the weight budget set before any context exists, memcpy kinds matching the
+pointers, no copies inside a stream capture.
+
+Streams are modelled: H2D copies snapshot their source at the call, while kernels, D2H copies and
+graph launches are queued and run at ``cudaStreamSynchronize``; a missing sync leaves outputs
+unwritten. "Device memory" is host memory from ctypes. An engine executes its ONNX graph with
+onnxruntime, so numbers from stand-in engines equal onnxruntime's.
+
+``reset(version)`` clears the state; a version >= 11 drops the FP16/BF16/INT8/FP8 builder flags as
+TensorRT 11 did. ``FAIL_PARSE`` / ``FAIL_BUILD`` inject parser and builder failures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+
+from runtime.manifest import read_onnx_io
+
+__version__ = "10.13.0.35"
+CALLS: list[str] = []
+FAIL_PARSE: dict | None = None  # {"node": 3, "name": "/x/Mul", "op": "Mul", "desc": "..."}
+FAIL_BUILD = False
+GPU = {"name": b"NVIDIA Stand-in GPU", "major": 9, "minor": 0}
+
+
+class MisuseError(AssertionError):
+    """The code under test used the API in a way the real one rejects."""
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise MisuseError(msg)
+
+
+DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT8 UINT8 INT32 INT64 BOOL FP8")
+_NP_TO_TRT = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int8": "INT8", "uint8": "UINT8",
+              "int32": "INT32", "int64": "INT64", "bool": "BOOL", "float8e4m3fn": "FP8"}
+TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
+MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
+
+
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    STRONGLY_TYPED = 1
+
+
+_PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8")
+BuilderFlag = enum.Enum("BuilderFlag", "TF32 WEIGHT_STREAMING REFIT " + " ".join(_PRECISION_FLAGS))
+
+
+def reset(version: str = "10.13.0.35") -> None:
+    global __version__, FAIL_PARSE, FAIL_BUILD, BuilderFlag
+    __version__, FAIL_PARSE, FAIL_BUILD = version, None, False
+    names = "TF32 WEIGHT_STREAMING REFIT" + ("" if int(version.split(".")[0]) >= 11 else " " + " ".join(_PRECISION_FLAGS))
+    BuilderFlag = enum.Enum("BuilderFlag", names)
+    CALLS.clear()
+    CUDART.reset()
+
+
+class ILogger:
+    Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+
+    def __init__(self):
+        pass
+
+
+class Logger(ILogger):
+    WARNING = ILogger.Severity.WARNING
+
+
+def _logger_ok(logger) -> None:
+    _need(isinstance(logger, ILogger), f"expected a tensorrt.ILogger, got {type(logger).__name__}")
+
+
+def _error(logger, msg: str) -> None:
+    logger.log(ILogger.Severity.ERROR, msg)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+class ITensor:
+    def __init__(self, name, dtype, shape):
+        self.name, self.dtype, self.shape = name, dtype, shape
+
+
+class INetworkDefinition:
+    def __init__(self, flags: int):
+        self.strongly_typed = bool(flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+        self.inputs: list[ITensor] = []
+        self.outputs: list[ITensor] = []
+        self.source: str | None = None
+        self.symbols: dict[str, list] = {}
+
+    @property
+    def num_inputs(self):
+        return len(self.inputs)
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+
+class ParserError:
+    def __init__(self, d):
+        self._d = d
+
+    def code(self):
+        return "UNSUPPORTED_NODE"
+
+    def desc(self):
+        return self._d["desc"]
+
+    def node(self):
+        return self._d["node"]
+
+    def node_name(self):
+        return self._d["name"]
+
+    def node_operator(self):
+        return self._d["op"]
+
+
+class OnnxParser:
+    def __init__(self, network, logger):
+        _need(isinstance(network, INetworkDefinition), "OnnxParser(network, logger): network first")
+        _logger_ok(logger)
+        self.network, self.logger, self._errors = network, logger, []
+
+    @property
+    def num_errors(self):
+        return len(self._errors)
+
+    def get_error(self, i):
+        return self._errors[i]
+
+    def parse_from_file(self, model: str) -> bool:
+        CALLS.append("parse_from_file")
+        _need(isinstance(model, str), f"parse_from_file takes a str path, got {type(model).__name__}")
+        _need(self.network.source is None, "a network is parsed once")
+        if FAIL_PARSE is not None:
+            self._errors.append(ParserError(FAIL_PARSE))
+            return False
+        if not Path(model).is_file():
+            self._errors.append(ParserError({"node": -1, "name": "", "op": "", "desc": f"cannot open {model}"}))
+            return False
+        inputs, outputs = read_onnx_io(model)
+        for specs, dest in ((inputs, self.network.inputs), (outputs, self.network.outputs)):
+            for t in specs:
+                dest.append(ITensor(t.name, DataType[_NP_TO_TRT[t.dtype]],
+                                    tuple(d if isinstance(d, int) else -1 for d in t.dims)))
+                self.network.symbols[t.name] = list(t.dims)
+        self.network.source = model
+        return True
+
+
+class IOptimizationProfile:
+    def __init__(self):
+        self.shapes: dict[str, tuple] = {}
+
+    def set_shape(self, input, min, opt, max):  # noqa: A002 - TensorRT's own parameter names
+        CALLS.append("set_shape")
+        _need(isinstance(input, str), "set_shape(input: str, min, opt, max)")
+        dims = [tuple(x) for x in (min, opt, max)]
+        _need(all(all(isinstance(v, int) for v in d) for d in dims), f"{input}: dims must be ints, got {dims}")
+        _need(len({len(d) for d in dims}) == 1, f"{input}: min/opt/max ranks differ: {dims}")
+        _need(all(0 <= a <= b <= c for a, b, c in zip(*dims)), f"{input}: expected 0 <= min <= opt <= max, got {dims}")
+        self.shapes[input] = tuple(dims)
+
+
+class ITimingCache:
+    def __init__(self, entries):
+        self.entries = list(entries)
+
+    def serialize(self):
+        return IHostMemory(b"standin-timing-cache" + json.dumps(self.entries).encode())
+
+
+class IHostMemory(bytes):
+    @property
+    def nbytes(self):
+        return len(self)
+
+
+class IBuilderConfig:
+    def __init__(self):
+        self.flags: set = set()
+        self.profiles: list[IOptimizationProfile] = []
+        self.cache: ITimingCache | None = None
+        self._level = 3
+
+    @property
+    def builder_optimization_level(self):
+        return self._level
+
+    @builder_optimization_level.setter
+    def builder_optimization_level(self, value):
+        _need(isinstance(value, int) and 0 <= value <= 5, f"builder_optimization_level must be 0..5, got {value!r}")
+        self._level = value
+
+    def set_flag(self, flag):
+        CALLS.append(f"set_flag:{flag.name}")
+        _need(isinstance(flag, BuilderFlag), f"set_flag takes a tensorrt.BuilderFlag, got {flag!r}")
+        self.flags.add(flag.name)
+
+    def set_memory_pool_limit(self, pool, size):
+        _need(isinstance(pool, MemoryPoolType) and isinstance(size, int), "set_memory_pool_limit(pool, int)")
+
+    def add_optimization_profile(self, profile):
+        CALLS.append("add_optimization_profile")
+        _need(isinstance(profile, IOptimizationProfile), "add_optimization_profile takes an IOptimizationProfile")
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, serialized_timing_cache):
+        CALLS.append("create_timing_cache")
+        data = bytes(serialized_timing_cache)
+        if not data:
+            return ITimingCache([])
+        _need(data.startswith(b"standin-timing-cache"), "not a timing cache")
+        return ITimingCache(json.loads(data[len(b"standin-timing-cache"):]))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        CALLS.append("set_timing_cache")
+        _need(isinstance(cache, ITimingCache) and isinstance(ignore_mismatch, bool), "set_timing_cache(cache, bool)")
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+class Builder:
+    def __init__(self, logger):
+        _logger_ok(logger)
+        self.logger = logger
+
+    def create_network(self, flags=0):
+        CALLS.append("create_network")
+        _need(isinstance(flags, int), f"create_network takes int flags, got {flags!r}")
+        return INetworkDefinition(flags)
+
+    def create_builder_config(self):
+        return IBuilderConfig()
+
+    def create_optimization_profile(self):
+        return IOptimizationProfile()
+
+    def build_serialized_network(self, network, config):
+        CALLS.append("build_serialized_network")
+        _need(network.source is not None, "build before a successful parse")
+        _need(len(config.profiles) == 1, f"expected one optimisation profile, got {len(config.profiles)}")
+        profile = config.profiles[0].shapes
+        for t in network.inputs:
+            dynamic = -1 in t.shape
+            _need(not dynamic or t.name in profile, f"dynamic input {t.name!r} has no profile shape")
+            if t.name in profile:
+                for shape in profile[t.name]:
+                    _need(len(shape) == len(t.shape) and all(s == d for s, d in zip(shape, t.shape) if d >= 0),
+                          f"{t.name}: profile shape {shape} does not fit the network's {t.shape}")
+        precision = config.flags & set(_PRECISION_FLAGS)
+        if network.strongly_typed and precision:
+            _error(self.logger, f"precision flags {sorted(precision)} are not allowed on a strongly typed network")
+            return None
+        if "WEIGHT_STREAMING" in config.flags and not network.strongly_typed:
+            _error(self.logger, "weight streaming requires a strongly typed network")
+            return None
+        if FAIL_BUILD:
+            _error(self.logger, "stand-in: injected build failure (out of memory)")
+            return None
+        if config.cache is not None:
+            config.cache.entries.append(Path(network.source).parent.name)
+        plan = {"standin": True, "source": network.source, "flags": sorted(config.flags),
+                "inputs": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.inputs],
+                "outputs": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.outputs],
+                "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+                "weight_streaming": "WEIGHT_STREAMING" in config.flags, "version": __version__}
+        return IHostMemory(json.dumps(plan).encode())
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class Runtime:
+    def __init__(self, logger):
+        _logger_ok(logger)
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, serialized_engine):
+        CALLS.append("deserialize_cuda_engine")
+        _need(isinstance(serialized_engine, (bytes, bytearray, memoryview)), "deserialize_cuda_engine takes bytes")
+        try:
+            plan = json.loads(bytes(serialized_engine))
+        except ValueError:
+            _error(self.logger, "not a serialized engine")
+            return None
+        if plan.get("version") != __version__:
+            _error(self.logger, f"engine built with TensorRT {plan.get('version')}, this is {__version__}")
+            return None
+        return ICudaEngine(plan)
+
+
+class ICudaEngine:
+    def __init__(self, plan):
+        self.plan = plan
+        self.io = {n: (TensorIOMode.INPUT, DataType[d], s) for n, d, s in plan["inputs"]}
+        self.io.update({n: (TensorIOMode.OUTPUT, DataType[d], s) for n, d, s in plan["outputs"]})
+        self.names = list(self.io)
+        self.contexts = 0
+        self.streamable_weights_size = 1 << 20 if plan["weight_streaming"] else 0
+        self._budget = -1
+        self._ort = None
+
+    @property
+    def num_io_tensors(self):
+        return len(self.names)
+
+    def get_tensor_name(self, index):
+        return self.names[index]
+
+    def get_tensor_mode(self, name):
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name):
+        return self.io[name][1]
+
+    def get_tensor_shape(self, name):
+        return tuple(d if isinstance(d, int) else -1 for d in self.io[name][2])
+
+    def get_tensor_profile_shape(self, name, profile_index):
+        _need(profile_index == 0, "one profile")
+        return [tuple(s) for s in self.plan["profile"][name]]
+
+    @property
+    def weight_streaming_budget_v2(self):
+        return self._budget
+
+    @weight_streaming_budget_v2.setter
+    def weight_streaming_budget_v2(self, value):
+        CALLS.append("weight_streaming_budget_v2")
+        _need(self.plan["weight_streaming"], "weight streaming budget on an engine built without WEIGHT_STREAMING")
+        _need(self.contexts == 0, "the weight streaming budget must be set before creating execution contexts")
+        _need(isinstance(value, int) and 0 <= value <= self.streamable_weights_size, f"budget {value!r} out of range")
+        self._budget = value
+
+    def create_execution_context(self):
+        CALLS.append("create_execution_context")
+        self.contexts += 1
+        return IExecutionContext(self)
+
+    def session(self):
+        if self._ort is None:
+            import onnxruntime
+
+            opts = onnxruntime.SessionOptions()
+            opts.intra_op_num_threads = 1
+            self._ort = onnxruntime.InferenceSession(self.plan["source"], opts, providers=["CPUExecutionProvider"])
+        return self._ort
+
+
+class IExecutionContext:
+    def __init__(self, engine):
+        self.engine = engine
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+        self._out_cache: dict = {}
+
+    def _inputs(self):
+        return [n for n in self.engine.names if self.engine.io[n][0] is TensorIOMode.INPUT]
+
+    def set_input_shape(self, name, shape):
+        CALLS.append("set_input_shape")
+        _need(name in self._inputs(), f"set_input_shape: {name!r} is not an input")
+        shape = tuple(shape)
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, 0) if name in self.engine.plan["profile"] else (
+            self.engine.get_tensor_shape(name),) * 3
+        if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            return False
+        self.shapes[name] = shape
+        self.addresses.pop(name, None)  # TensorRT wants addresses again after a shape change
+        return True
+
+    def get_tensor_shape(self, name):
+        if self.engine.io[name][0] is TensorIOMode.INPUT:
+            return self.shapes.get(name, self.engine.get_tensor_shape(name))
+        if any(n not in self.shapes for n in self._inputs()):
+            return self.engine.get_tensor_shape(name)
+        key = tuple(sorted(self.shapes.items()))
+        if key not in self._out_cache:  # shape inference: the graph run on zeros
+            feeds = {n: np.zeros(self.shapes[n], _dtype(self.engine.io[n][1])) for n in self._inputs()}
+            outs = self.engine.session().run(None, feeds)
+            names = [o.name for o in self.engine.session().get_outputs()]
+            self._out_cache[key] = {n: tuple(o.shape) for n, o in zip(names, outs)}
+        return self._out_cache[key][name]
+
+    def set_tensor_address(self, name, memory):
+        CALLS.append("set_tensor_address")
+        _need(name in self.engine.io, f"set_tensor_address: unknown tensor {name!r}")
+        _need(isinstance(memory, int) and memory != 0, f"set_tensor_address({name!r}) takes a non-null int")
+        missing = [n for n in self._inputs() if n not in self.shapes]
+        _need(not missing, f"set_tensor_address before set_input_shape of {missing}")
+        self.addresses[name] = memory
+        return True
+
+    def execute_async_v3(self, stream_handle):
+        CALLS.append("execute_async_v3")
+        _need(isinstance(stream_handle, int), "execute_async_v3 takes the stream handle as an int")
+        missing = [n for n in self.engine.names if n not in self.addresses]
+        _need(not missing, f"execute_async_v3 before set_tensor_address of {missing}")
+        io = {}
+        for name in self.engine.names:
+            shape = tuple(self.get_tensor_shape(name))
+            dtype = _dtype(self.engine.io[name][1])
+            CUDART.check_device(self.addresses[name], int(np.prod(shape)) * dtype.itemsize, name)
+            io[name] = (self.addresses[name], shape, dtype)
+        CUDART.enqueue(stream_handle, ("execute", lambda: self._run(io)))
+        return True
+
+    def _run(self, io):
+        feeds = {n: CUDART.read(*io[n]) for n in self._inputs()}
+        sess = self.engine.session()
+        for o, value in zip(sess.get_outputs(), sess.run(None, feeds)):
+            CUDART.write(io[o.name][0], np.ascontiguousarray(value, dtype=io[o.name][2]))
+
+
+def _dtype(dt) -> np.dtype:
+    return np.dtype({v: k for k, v in _NP_TO_TRT.items()}[dt.name])
+
+
+def nptype(dt):
+    return _dtype(dt).type
+
+
+# ----------------------------------------------------------------------------- cudart
+
+
+class _Handle:
+    def __init__(self, value):
+        self.value = value
+
+    def __int__(self):
+        return self.value
+
+
+class FakeCudart(types.SimpleNamespace):
+    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1})
+    cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2,
+                                                     "cudaMemcpyDeviceToDevice": 3})
+    cudaStreamCaptureMode = enum.IntEnum("cudaStreamCaptureMode", {"cudaStreamCaptureModeGlobal": 0,
+                                                                   "cudaStreamCaptureModeThreadLocal": 1})
+
+    def reset(self):
+        self.memory: dict[int, ctypes.Array] = {}
+        self.streams: dict[int, list] = {}
+        self.capturing: dict[int, list] = {}
+        self.graphs: dict[int, list] = {}
+        self.calls: list[str] = []
+        self._next = 1
+
+    def _ok(self, *rest):
+        return (self.cudaError_t.cudaSuccess, *rest)
+
+    def check_device(self, ptr, nbytes, what=""):
+        for base, buf in self.memory.items():
+            if base <= ptr and ptr + nbytes <= base + ctypes.sizeof(buf):
+                return
+        raise MisuseError(f"{what}: {nbytes} bytes at {ptr:#x} are not inside a live device allocation")
+
+    def _is_device(self, ptr):
+        return any(base <= ptr < base + ctypes.sizeof(buf) for base, buf in self.memory.items())
+
+    def read(self, ptr, shape, dtype):
+        n = int(np.prod(shape)) * dtype.itemsize
+        return np.frombuffer(ctypes.string_at(ptr, n), dtype=dtype).reshape(shape).copy()
+
+    def write(self, ptr, arr):
+        ctypes.memmove(ptr, arr.ctypes.data, arr.nbytes)
+
+    def enqueue(self, stream, op):
+        _need(stream in self.streams, f"unknown stream {stream:#x}")
+        (self.capturing[stream] if stream in self.capturing else self.streams[stream]).append(op)
+
+    # the cudart functions used by runtime.backends.cuda
+    def cudaGetErrorString(self, err):
+        return self._ok(f"stand-in error {int(err)}".encode())
+
+    def cudaGetDeviceCount(self):
+        return self._ok(1)
+
+    def cudaGetDevice(self):
+        return self._ok(0)
+
+    def cudaGetDeviceProperties(self, device):
+        return self._ok(types.SimpleNamespace(**GPU))
+
+    def cudaMalloc(self, size):
+        self.calls.append("cudaMalloc")
+        buf = ctypes.create_string_buffer(size)
+        self.memory[ctypes.addressof(buf)] = buf
+        return self._ok(ctypes.addressof(buf))
+
+    def cudaFree(self, ptr):
+        self.calls.append("cudaFree")
+        _need(ptr in self.memory, f"cudaFree of {ptr:#x}: not an allocation")
+        del self.memory[ptr]
+        return self._ok()
+
+    def cudaStreamCreate(self):
+        handle = 0x5000 + self._next
+        self._next += 1
+        self.streams[handle] = []
+        return self._ok(_Handle(handle))
+
+    def cudaStreamDestroy(self, stream):
+        self.streams.pop(int(stream))
+        return self._ok()
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        s = int(stream)
+        self.calls.append(f"cudaMemcpyAsync:{kind.name}")
+        _need(s not in self.capturing, "memcpy inside a CUDA graph capture would bake host pointers into the graph")
+        d_dev, s_dev = kind in (self.cudaMemcpyKind.cudaMemcpyHostToDevice, self.cudaMemcpyKind.cudaMemcpyDeviceToDevice), \
+            kind in (self.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.cudaMemcpyKind.cudaMemcpyDeviceToDevice)
+        _need(self._is_device(dst) == d_dev and self._is_device(src) == s_dev, f"memcpy {kind.name}: pointer kinds")
+        if d_dev:
+            self.check_device(dst, count, "memcpy destination")
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:  # pageable source: staged at the call
+            data = ctypes.string_at(src, count)
+            self.enqueue(s, ("h2d", lambda: ctypes.memmove(dst, data, count)))
+        else:
+            self.enqueue(s, ("copy", lambda: ctypes.memmove(dst, src, count)))
+        return self._ok()
+
+    def cudaStreamSynchronize(self, stream):
+        s = int(stream)
+        _need(s not in self.capturing, "synchronize during capture")
+        ops, self.streams[s] = self.streams[s], []
+        for _, op in ops:
+            op()
+        return self._ok()
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.calls.append("cudaStreamBeginCapture")
+        _need(isinstance(mode, self.cudaStreamCaptureMode), "capture mode")
+        self.capturing[int(stream)] = []
+        return self._ok()
+
+    def cudaStreamEndCapture(self, stream):
+        self.calls.append("cudaStreamEndCapture")
+        ops = self.capturing.pop(int(stream))
+        _need(ops and all(kind == "execute" for kind, _ in ops), f"captured {[k for k, _ in ops]}")
+        self.graphs[id(ops)] = ops
+        return self._ok(_Handle(id(ops)))
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return self._ok(_Handle(int(graph)))
+
+    def cudaGraphLaunch(self, graph_exec, stream):
+        self.calls.append("cudaGraphLaunch")
+        for op in self.graphs[int(graph_exec)]:
+            self.enqueue(int(stream), op)
+        return self._ok()
+
+    def cudaGraphExecDestroy(self, graph_exec):
+        return self._ok()
+
+    def cudaGraphDestroy(self, graph):
+        self.graphs.pop(int(graph), None)
+        return self._ok()
+
+
+CUDART = FakeCudart()
+CUDART.reset()
