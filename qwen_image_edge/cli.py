@@ -73,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--report", help="JSON report path (default: <export_dir>/validation.json)")
     validate.set_defaults(handler=_cmd_validate)
 
+    build = commands.add_parser(
+        "build", help="ONNX graphs -> TensorRT engines for this GPU, recorded in the manifest",
+        description="Build one TensorRT engine per graph (needs tensorrt + cuda-python and a GPU). Ranges "
+        "narrow the export's own; engines go to <export>/engines/<gpu>-trt<version>/.")
+    build.add_argument("export_dir", help="export directory (with manifest.json)")
+    build.add_argument("--graphs", nargs="+", help="graphs to build (default: all)")
+    for flag, what in (("--min-res", "smallest"), ("--opt-res", "tuned"), ("--max-res", "largest")):
+        build.add_argument(flag, type=int, help=f"{what} image side in pixels (default: the export's)")
+    build.add_argument("--max-batch", type=int, help="largest batch (default: the export's)")
+    build.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: the export's)")
+    build.add_argument("--precision", choices=("fp16", "bf16"),
+                       help="lower fp32 text_encoder/transformer graphs (TensorRT 10 builder flags; VAE stays fp32)")
+    build.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default: %(default)s)")
+    build.add_argument("--timing-cache", help="timing cache file, loaded and saved (default: in the engine folder)")
+    build.add_argument("--weight-streaming", action="store_true", help="build engines that can stream weights")
+    build.set_defaults(handler=_cmd_build)
+
     gen = commands.add_parser(
         "generate",
         help="text to image with the PyTorch reference",
@@ -175,6 +192,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     export_model(args.model, args.out, graphs=args.graphs, max_resolution=args.max_resolution,
                  opset=args.opset, overwrite=args.overwrite)
     print(f"exported to {args.out}")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from export.tensorrt import build_engines
+    from export.trt_profiles import BuildRanges
+    from runtime.manifest import Precision
+
+    ranges = BuildRanges(args.min_res, args.opt_res, args.max_res, args.max_batch, args.max_prompt_tokens)
+    built = build_engines(args.export_dir, graphs=args.graphs, ranges=ranges,
+                          precision=Precision(args.precision) if args.precision else None, opt_level=args.opt_level,
+                          timing_cache=args.timing_cache, weight_streaming=args.weight_streaming)
+    for entry in built.values():
+        print(f"{entry.graph}: {entry.file} ({entry.precision.value})")
     return 0
 
 
