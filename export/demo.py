@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from runtime.errors import ManifestError
-from runtime.manifest import load_manifest
+from runtime.manifest import GRAPH_NAMES, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,14 @@ def ensure_export(model: str | os.PathLike = "demo", out: str | os.PathLike | No
     if (out / "manifest.json").is_file():
         try:
             manifest = load_manifest(out, verify_hashes=True)
-            if manifest.provenance.get("source", {}).get("checkpoint_sha256") == digests:
+            missing = set(GRAPH_NAMES) - set(manifest.graphs)
+            if missing:
+                log.info("export %s lacks graphs %s; exporting again", out, sorted(missing))
+            elif manifest.provenance.get("source", {}).get("checkpoint_sha256") == digests:
                 log.info("reusing export %s", out)
                 return out
-            log.info("export %s is from another checkpoint; exporting again", out)
+            else:
+                log.info("export %s is from another checkpoint; exporting again", out)
         except ManifestError as exc:
             log.warning("export %s does not verify (%s); exporting again", out, exc)
     out.parent.mkdir(parents=True, exist_ok=True)

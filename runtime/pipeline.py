@@ -87,7 +87,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, export_dir: str | os.PathLike, backend: str = "onnxruntime", *, providers: list[str] | None = None,
-             threads: int | None = None, verify_hashes: bool = True) -> Pipeline:
+             threads: int | None = None, verify_hashes: bool = True,
+             backend_options: dict | None = None) -> Pipeline:
         """Verify the manifest (hashes included by default) and open every graph."""
         export_dir = Path(export_dir)
         manifest = load_manifest(export_dir, verify_hashes=verify_hashes)
@@ -106,7 +107,10 @@ class Pipeline:
             raise ManifestError(
                 f"{tok_path}: the system turn tokenizes to {tokenizer.drop_idx} tokens, manifest says {prompt['drop_idx']}"
             )
-        options = {"providers": providers, "threads": threads} if backend == "onnxruntime" else {}
+        if backend == "onnxruntime":
+            options = {"providers": providers, "threads": threads}
+        else:  # engines are listed in the manifest, which is already verified here
+            options = {"export_dir": export_dir, "manifest": manifest, **(backend_options or {})}
         be = make_backend(backend, **options)
         start = time.perf_counter()
         sessions = {name: be.open(spec, resolve_path(export_dir, spec.file)) for name, spec in manifest.graphs.items()}
