@@ -67,6 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     export.set_defaults(handler=_cmd_export)
 
+    quant = commands.add_parser(
+        "quantize",
+        help="INT8 / FP8 transformer with timestep-aware calibration -> QDQ ONNX export",
+        description="Calibrate the transformer over the reference pipeline's denoising steps, quantize it "
+        "with NVIDIA modelopt (INT8 SmoothQuant or FP8 E4M3, W8A8) and write an export directory whose "
+        "transformer is a standard QDQ ONNX graph (the VAE and text encoder stay fp32).",
+    )
+    quant.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
+    quant.add_argument("--precision", required=True, help="int8 or fp8")
+    quant.add_argument("--out", required=True, help="export directory to create")
+    quant.add_argument("--calib-size", type=int, default=32, help="calibration prompts (default: %(default)s)")
+    quant.add_argument("--prompts", default=None,
+                       help="prompt set 'general', 'demo' or a text file (default: demo for the demo model)")
+    quant.add_argument("--policy", default=None, help="QuantPolicy JSON file (default: the built-in policy)")
+    quant.add_argument("--batch-size", type=int, default=4, help="calibration batch (default: %(default)s)")
+    quant.add_argument("--steps", type=int, default=None, help="calibration denoising steps (default: the model's)")
+    quant.add_argument("--guidance", type=float, default=None, help="calibration guidance (default: the model's)")
+    quant.add_argument("--max-resolution", type=int, help="largest image side in pixels (default: the model's)")
+    quant.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    quant.set_defaults(handler=_cmd_quantize)
+
     validate = commands.add_parser("validate", help="compare each exported graph with the reference")
     validate.add_argument("export_dir", help="export directory (with manifest.json)")
     validate.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
@@ -206,6 +227,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
                           timing_cache=args.timing_cache, weight_streaming=args.weight_streaming)
     for entry in built.values():
         print(f"{entry.graph}: {entry.file} ({entry.precision.value})")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from calib.collect import CalibrationSettings
+    from calib.quantize import quantize_model
+
+    settings = CalibrationSettings(batch_size=args.batch_size, steps=args.steps, guidance=args.guidance)
+    quantize_model(args.model, args.precision, args.out, policy=args.policy, prompts=args.prompts,
+                   calib_size=args.calib_size, settings=settings, max_resolution=args.max_resolution,
+                   overwrite=args.overwrite, progress=True)
+    print(f"quantized export ({args.precision}) written to {args.out}")
     return 0
 
 

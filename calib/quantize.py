@@ -1,0 +1,185 @@
+"""Quantize the transformer with NVIDIA modelopt, calibrated over the reference pipeline's steps.
+
+Two phases (as gpt-fast's quantize): :func:`quantize_transformer` returns a fake-quantized torch
+module (modelopt's simulated quantization; the reference numbers), and
+``export.quantized.export_quantized`` turns it into a QDQ ONNX export. :func:`quantize_model` runs
+both, the ``qwen-image-edge quantize`` command.
+
+``mtq.quantize`` gets a config naming exactly the policy's layers and a forward loop that samples
+the calibration prompts through the whole pipeline; the same loop records every layer input per
+denoising step (``calib.collect``). modelopt's own calibration gives the SmoothQuant scales (INT8)
+and a max range; the policy's step reduction then sets each input range:
+``amax = max_c(range_c * pre_quant_scale_c)``, modelopt's rule after smoothing. The VAE and the
+text encoder are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from calib.collect import CalibrationSettings, RangeRecorder, reduce_ranges, run_calibration, spread_summary
+from calib.policy import Granularity, QuantPolicy, Reduction
+from runtime.errors import ConfigError, InputError
+from runtime.manifest import Precision
+
+log = logging.getLogger(__name__)
+
+INT8_MAX = 127
+REDUCED_WEIGHT_MAX = 63  # see QuantPolicy.weight_reduce_range
+FP8_E4M3 = (4, 3)
+
+
+@dataclass
+class QuantizedTransformer:
+    """A modelopt-quantized copy of the transformer (fake quantization in torch) and its record."""
+
+    module: nn.Module
+    policy: QuantPolicy
+    layers: tuple[str, ...]
+    summary: dict
+
+
+def _modelopt():
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as exc:
+        raise ConfigError(
+            f"quantization needs nvidia-modelopt ({exc}); install the 'quant' extra: "
+            "pip install nvidia-modelopt onnxslim 'onnxconverter-common~=1.16.0' lief cppimport"
+        ) from None
+    return mtq
+
+
+def modelopt_config(policy: QuantPolicy, layers: Sequence[str]) -> dict:
+    """An ``mtq.quantize`` config that enables exactly ``layers`` (everything else disabled)."""
+    bits = 8 if policy.precision is Precision.INT8 else FP8_E4M3
+    w_axis = 0 if policy.weight_granularity is Granularity.PER_CHANNEL else None
+    entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for name in layers:
+        entries.append({"quantizer_name": f"{name}.weight_quantizer", "cfg": {"num_bits": bits, "axis": w_axis}})
+        entries.append({"quantizer_name": f"{name}.input_quantizer", "cfg": {"num_bits": bits, "axis": None}})
+    algorithm = {"method": "smoothquant", "alpha": policy.smoothquant_alpha} if policy.smoothquant else "max"
+    return {"quant_cfg": entries, "algorithm": algorithm}
+
+
+def _set_input_ranges(module: nn.Module, layers: Sequence[str], ranges: dict, policy: QuantPolicy) -> dict:
+    amaxes = {}
+    for name in layers:
+        iq = module.get_submodule(name).input_quantizer
+        r = torch.from_numpy(np.ascontiguousarray(reduce_ranges(ranges[name], policy), dtype=np.float32))
+        pqs = getattr(iq, "pre_quant_scale", None)
+        amax = (r * pqs.float()).amax() if pqs is not None else r.amax()
+        iq.amax = amax.clamp(min=1e-8)
+        amaxes[name] = float(amax)
+    return amaxes
+
+
+def quantize_transformer(model, policy: QuantPolicy, prompts: Sequence[str],
+                         settings: CalibrationSettings | None = None,
+                         progress: bool = True) -> QuantizedTransformer:
+    """Calibrate and quantize a copy of ``model.transformer`` (``model``: a ``LoadedModel``)."""
+    settings = settings or CalibrationSettings()
+    from qwen_image2_ref.pipeline import QwenImagePipeline
+
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("calibration: expected at least one prompt, got none (see --calib-size / --prompts)")
+    mtq = _modelopt()
+    transformer = copy.deepcopy(model.transformer).eval()
+    layers = policy.select(transformer)
+    pipe = QwenImagePipeline(model.config, transformer, model.vae, model.encoder)
+    state: dict = {}
+
+    def forward_loop(module: nn.Module) -> None:
+        pipe.transformer = module
+        recorder = RangeRecorder(module, layers)
+        try:
+            state["steps"] = run_calibration(pipe, prompts, settings, recorder, progress)
+        finally:
+            recorder.remove()
+        state["ranges"] = recorder.ranges()
+
+    chatter = io.StringIO()  # modelopt prints its summaries; the library logs instead
+    with torch.no_grad(), contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+        # smoothquant warns once per linear it leaves alone: the policy's high-precision layers
+        warnings.filterwarnings("ignore", message=".*is not calibrated, skip smoothing")
+        quantized = mtq.quantize(transformer, modelopt_config(policy, layers), forward_loop=forward_loop)
+    for line in chatter.getvalue().splitlines():
+        log.info("modelopt: %s", line)
+    with torch.no_grad():
+        amaxes = _set_input_ranges(quantized, layers, state["ranges"], policy)
+        if policy.precision is Precision.INT8 and policy.weight_reduce_range:
+            for name in layers:
+                wq = quantized.get_submodule(name).weight_quantizer
+                wq.amax = wq.amax * (INT8_MAX / REDUCED_WEIGHT_MAX)
+    summary = {
+        "prompts": len(prompts),
+        "steps": state["steps"],
+        "batch_size": settings.batch_size,
+        "guidance": settings.guidance if settings.guidance is not None else model.config.pipeline.guidance_scale,
+        "resolution": settings.resolution or model.config.pipeline.output_resolution,
+        "seed": settings.seed,
+        "reduction": policy.reduction.value,
+        "step_range_spread": spread_summary(state["ranges"]),
+        "input_amax": amaxes,
+        "modelopt": _version("nvidia-modelopt"),
+    }
+    log.info("quantized %d layers to %s (%s reduction over %d steps)", len(layers), policy.precision.value,
+             policy.reduction.value, state["steps"])
+    return QuantizedTransformer(quantized.eval(), policy, tuple(layers), summary)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def quantize_model(model: str | os.PathLike, precision: str | Precision, out: str | os.PathLike, *,
+                   policy: QuantPolicy | str | os.PathLike | None = None, prompts: str | None = None,
+                   calib_size: int = 32, settings: CalibrationSettings | None = None,
+                   max_resolution: int | None = None, overwrite: bool = False, progress: bool = True):
+    """Load ``model`` (a folder or ``demo``), quantize its transformer, write a QDQ export to ``out``.
+
+    ``policy``: a QuantPolicy, a JSON file of one (its precision is overridden by ``precision``) or
+    None for the defaults. ``prompts``: a prompt-set name or text file (default: ``demo`` captions
+    for the demo model, else ``general``). Returns the written Manifest.
+    """
+    from calib.policy import parse_precision
+    from calib.prompts import default_prompt_set, load_prompts
+    from export.quantized import export_quantized
+    from qwen_image2_ref.model_folder import load_model
+
+    precision = parse_precision(precision)
+    if policy is None:
+        policy = QuantPolicy(precision=precision)
+    elif isinstance(policy, QuantPolicy):
+        policy = QuantPolicy.from_dict({**policy.to_dict(), "precision": precision.value})
+    else:
+        policy = QuantPolicy.from_json(policy, precision=precision.value)
+    if calib_size < 1:
+        raise InputError(f"calibration size: expected >= 1 prompt, got {calib_size}")
+    source = prompts or default_prompt_set(model)
+    texts = load_prompts(source, calib_size)
+    if policy.reduction is not Reduction.MAX and len(texts) < 2:
+        log.warning("reduction %s over one prompt batch is a per-step range of a single sample",
+                    policy.reduction.value)
+    loaded = load_model(model)
+    quantized = quantize_transformer(loaded, policy, texts, settings, progress)
+    quantized.summary["prompt_source"] = str(source)
+    return export_quantized(loaded, quantized, Path(out), max_resolution=max_resolution, overwrite=overwrite)

@@ -1,0 +1,128 @@
+"""An export directory whose transformer is a quantized QDQ graph (INT8 or FP8); the rest stays fp32.
+
+The transformer is traced from modelopt's fake-quantized module with the TorchScript exporter
+(the only path that carries its Q/DQ nodes), rewritten to standard QDQ by ``calib.qdq`` and saved
+without onnx-graphsurgeon's constant folding: folding would evaluate ``DequantizeLinear`` of the
+int8 weights back into fp32 initializers. The VAE and the text encoder are exported as ``export``
+does. The manifest records the transformer's precision, and provenance ``calibration`` holds the
+policy, the quantized layers and the calibration summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from export.graphs import TransformerGraph, example_inputs, graph_module
+from export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, graph_io
+from export.manifest_writer import (
+    build_manifest,
+    copy_tokenizer,
+    image_section,
+    prompt_section,
+    staging_dir,
+    write_manifest,
+)
+from export.onnx_export import (
+    DEFAULT_OPSET,
+    ONNX_NAME,
+    PROTOBUF_LIMIT,
+    export_graph,
+    save_graph,
+    trace_to_onnx,
+)
+from runtime.errors import ConfigError
+from runtime.manifest import GRAPH_NAMES, DataFile, GraphSpec, Manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolution: int,
+                                 opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
+    """Trace ``quantized.module`` (a ``calib.quantize.QuantizedTransformer``), rewrite to QDQ, save."""
+    from calib.qdq import to_standard_qdq
+
+    start = time.perf_counter()
+    io = graph_io("transformer", cfg, max_resolution)
+    path = export_dir / "transformer" / ONNX_NAME
+    model = trace_to_onnx(TransformerGraph(quantized.module).eval(), example_inputs("transformer", cfg), io, path,
+                          opset)
+    model, stats = to_standard_qdq(model, quantized.policy.precision)
+    _declare_outputs(model, io)
+    if stats.folded_weights != len(quantized.layers):
+        raise ConfigError(f"QDQ export: expected {len(quantized.layers)} quantized weights (one per layer), "
+                          f"found {stats.folded_weights}")
+    data_files = save_graph(model, path, external_threshold)
+    rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
+    log.info("transformer (%s): exported in %.1f s", quantized.policy.precision.value, time.perf_counter() - start)
+    return GraphSpec(
+        name="transformer",
+        file=rel(path),
+        sha256=sha256_file(path),
+        precision=quantized.policy.precision,
+        inputs=io.inputs,
+        outputs=io.outputs,
+        dim_ranges=io.dim_ranges,
+        external_data=tuple(DataFile(rel(p), sha256_file(p)) for p in data_files),
+    )
+
+
+def _declare_outputs(model, io) -> None:
+    """Output dims as the IOSpec says: shape inference stops at the exporter's custom FP8 ops, which
+    left the velocity's channel dim as a generated symbol."""
+    for value, spec in zip(model.graph.output, io.outputs):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for d in spec.dims:
+            dim = dims.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            else:
+                dim.dim_param = d
+
+
+def calibration_section(quantized) -> dict:
+    return {
+        "precision": quantized.policy.precision.value,
+        "policy": quantized.policy.to_dict(),
+        "layers": list(quantized.layers),
+        "summary": quantized.summary,
+        "qdq": "standard QuantizeLinear/DequantizeLinear; weights stored quantized, pre-transposed [in, out]",
+    }
+
+
+def export_quantized(model, quantized, out: str | Path, graphs=None, max_resolution: int | None = None,
+                     opset: int = DEFAULT_OPSET, overwrite: bool = False,
+                     external_threshold: int = PROTOBUF_LIMIT) -> Manifest:
+    """Export ``model`` (a ``LoadedModel``) to ``out`` with the transformer from ``quantized``."""
+    if opset < 19:
+        raise ConfigError(f"quantized export opset: expected >= 19 (float8 Q/DQ needs it), got {opset}")
+    graphs = list(graphs or GRAPH_NAMES)
+    if "transformer" not in graphs:
+        raise ConfigError(f"quantized export graphs {graphs}: expected the transformer among them")
+    cfg = model.config
+    max_resolution = max_resolution or cfg.pipeline.output_resolution
+    out = Path(out)
+    with staging_dir(out, overwrite=overwrite) as staging:
+        specs: dict[str, GraphSpec] = {}
+        for name in tqdm(graphs, desc="export", unit="graph"):
+            if name == "transformer":
+                specs[name] = export_quantized_transformer(quantized, cfg, staging, max_resolution, opset,
+                                                           external_threshold)
+                continue
+            io = graph_io(name, cfg, max_resolution)
+            specs[name] = export_graph(name, graph_module(name, model), example_inputs(name, cfg), io, staging,
+                                       opset, external_threshold).spec
+        prompt = prompt_section(model, copy_tokenizer(model.path, staging))
+        image = image_section(model, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
+        manifest = build_manifest(model, specs, prompt, image)
+        provenance = {**manifest.provenance, "calibration": calibration_section(quantized)}
+        write_manifest(staging, dataclasses.replace(manifest, provenance=provenance))
+    log.info("quantized export %s complete (%s transformer)", out, quantized.policy.precision.value)
+    from runtime.manifest import load_manifest
+
+    return load_manifest(out, verify_hashes=False)

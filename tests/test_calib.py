@@ -1,0 +1,188 @@
+"""Quantization policy, prompt sets and timestep-aware range collection (no modelopt needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from calib.collect import CalibrationSettings, RangeRecorder, StepRanges, reduce_ranges, run_calibration
+from calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
+from calib.prompts import PROMPT_SETS, load_prompts
+from qwen_image2_ref.config import TINY
+from qwen_image2_ref.transformer import QwenImageTransformer
+from runtime.errors import ConfigError, InputError
+from runtime.manifest import Precision
+
+PER_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.proj", "img_mlp.gate_layer",
+             "img_mlp.out")
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer():
+    return QwenImageTransformer(TINY.transformer)  # 2 blocks
+
+
+def test_default_policy_selects_block_linears_only(tiny_transformer) -> None:
+    chosen = QuantPolicy().select(tiny_transformer)
+    assert chosen == [f"transformer_blocks.{b}.{n}" for b in range(2) for n in PER_BLOCK]
+    linears = {n for n, m in tiny_transformer.named_modules() if isinstance(m, nn.Linear)}
+    kept = linears - set(chosen)
+    # everything outside the blocks stays high precision
+    assert kept and all(not n.startswith("transformer_blocks.") for n in kept)
+    assert {"img_in", "proj_out", "norm_out.linear", "modulation.1"} <= kept
+
+
+def test_keep_first_and_last_blocks(tiny_transformer) -> None:
+    assert QuantPolicy(keep_first=1).select(tiny_transformer) == [f"transformer_blocks.1.{n}" for n in PER_BLOCK]
+    assert QuantPolicy(keep_last=1).select(tiny_transformer) == [f"transformer_blocks.0.{n}" for n in PER_BLOCK]
+    with pytest.raises(ConfigError, match="selects no layer.*transformer_blocks\\.\\*\\.attn\\.to_q"):
+        QuantPolicy(keep_first=1, keep_last=1).select(tiny_transformer)
+
+
+def test_policy_naming_no_existing_layer_lists_what_exists(tiny_transformer) -> None:
+    policy = QuantPolicy(include=("transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.to_q"))
+    with pytest.raises(ConfigError) as err:
+        policy.select(tiny_transformer)
+    msg = str(err.value)
+    assert "add_q_proj" in msg and "names no layer" in msg
+    for name in ("transformer_blocks.*.img_mlp.gate_layer", "img_in", "proj_out"):
+        assert name in msg
+    # an exclude that covers every include also selects nothing
+    with pytest.raises(ConfigError, match="selects no layer"):
+        QuantPolicy(exclude=("transformer_blocks.*",)).select(tiny_transformer)
+
+
+@pytest.mark.parametrize("bad", ["int4", "fp16", "FP8", "", Precision.FP32])
+def test_unknown_precision_is_a_clear_error(bad) -> None:
+    with pytest.raises(ConfigError, match="expected one of \\['int8', 'fp8'\\]"):
+        parse_precision(bad)
+    with pytest.raises(ConfigError, match="precision"):
+        QuantPolicy(precision=bad)
+
+
+def test_policy_values_are_checked() -> None:
+    assert QuantPolicy(precision="int8").weight_granularity is Granularity.PER_CHANNEL
+    assert QuantPolicy(precision="fp8").weight_granularity is Granularity.PER_TENSOR
+    assert not QuantPolicy(precision="fp8").smoothquant and QuantPolicy().smoothquant
+    for kwargs, what in [({"precision": "fp8", "weight_granularity": "per-channel"}, "per-tensor weight"),
+                         ({"smoothquant_alpha": 1.5}, "smoothquant_alpha"), ({"reduction": "median"}, "reduction"),
+                         ({"percentile": 0}, "percentile"), ({"step_fraction": 2}, "step_fraction"),
+                         ({"keep_first": -1}, "keep_first"), ({"include": ()}, "include")]:
+        with pytest.raises(ConfigError, match=what):
+            QuantPolicy(**kwargs)
+
+
+def test_policy_round_trips_through_json(tmp_path) -> None:
+    policy = QuantPolicy(precision="fp8", keep_last=2, reduction="min-mean", step_fraction=0.5)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy.to_dict()))
+    assert QuantPolicy.from_json(path) == policy
+    assert QuantPolicy.from_json(path, precision="int8").precision is Precision.INT8
+    with pytest.raises(ConfigError, match="unknown"):
+        QuantPolicy.from_dict({**policy.to_dict(), "alpha": 0.5})
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        QuantPolicy.from_json(path)
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def _ranges(seed: int = 0) -> tuple[np.ndarray, StepRanges]:
+    """Per-batch, per-step, per-channel abs-max a[b, s, c] and the recorder's aggregate of it."""
+    a = np.random.default_rng(seed).uniform(0.1, 5.0, size=(3, 6, 4)).astype(np.float32)
+    return a, StepRanges(a.max(0), a.sum(0), np.full(6, 3))
+
+
+def test_reductions_follow_their_definitions() -> None:
+    a, r = _ranges()
+    assert np.array_equal(reduce_ranges(r, QuantPolicy(reduction="max")), a.reshape(-1, 4).max(0))
+    assert np.allclose(reduce_ranges(r, QuantPolicy(reduction="percentile", percentile=100)), a.max((0, 1)))
+    per_step_max = a.max(0)  # [S, C]
+    for c in range(4):  # percentile over steps of the per-step max, linear interpolation
+        ranked = np.sort(per_step_max[:, c])
+        pos = 0.5 * (len(ranked) - 1)
+        want = ranked[int(np.floor(pos))] + (pos - np.floor(pos)) * (ranked[int(np.ceil(pos))] - ranked[int(np.floor(pos))])
+        assert reduce_ranges(r, QuantPolicy(reduction="percentile", percentile=50))[c] == pytest.approx(want, rel=1e-6)
+    # TensorRT demo min-mean: mean over prompts per step, min over the first fraction of steps
+    for fraction, first in [(1.0, 6), (0.5, 3)]:
+        want = np.array([min(np.mean(a[:, s, c]) for s in range(first)) for c in range(4)])
+        got = reduce_ranges(r, QuantPolicy(reduction=Reduction.MIN_MEAN, step_fraction=fraction))
+        assert np.allclose(got, want, rtol=1e-6)
+    assert np.allclose(reduce_ranges(r, QuantPolicy(reduction="mean-max")), per_step_max.mean(0))
+
+
+def test_recorder_keeps_steps_apart() -> None:
+    lin = nn.Sequential(nn.Linear(3, 2, bias=False))
+    rec = RangeRecorder(lin, ["0"])
+    inputs = {  # batch -> step -> calls (two guidance branches per step)
+        0: [[[1.0, -2.0, 0.5], [0.5, 0.0, -3.0]], [[4.0, 0.0, 0.0]]],
+        1: [[[-0.5, 1.0, 1.0]], [[0.0, -6.0, 2.0], [1.0, 1.0, 1.0]]],
+    }
+    for steps in inputs.values():
+        rec.begin_batch()
+        for s, calls in enumerate(steps):
+            rec.step = s
+            for x in calls:
+                lin(torch.tensor([[x]]))  # [1, 1, 3]
+        rec.end_batch()
+    rec.remove()
+    r = rec.ranges()["0"]
+    b0 = np.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    b1 = np.array([[0.5, 1.0, 1.0], [1.0, 6.0, 2.0]])
+    assert np.array_equal(r.step_max, np.maximum(b0, b1))
+    assert np.array_equal(r.step_sum, b0 + b1)
+    assert r.step_count.tolist() == [2, 2]
+    lin(torch.ones(1, 3))  # hooks removed: nothing more is recorded
+    assert np.array_equal(rec.ranges()["0"].step_max, r.step_max)
+
+
+def test_calibration_with_zero_prompts_fails_clearly() -> None:
+    rec = RangeRecorder(nn.Sequential(nn.Linear(2, 2)), ["0"])
+    with pytest.raises(InputError, match="at least one prompt, got none"):
+        run_calibration(pipe=None, prompts=[], settings=CalibrationSettings(), recorder=rec)
+    with pytest.raises(InputError, match="recorded no activations"):
+        rec.ranges()
+    with pytest.raises(ConfigError, match="batch size"):
+        CalibrationSettings(batch_size=0)
+
+
+def test_shipped_prompt_sets() -> None:
+    general = load_prompts("general")
+    assert len(general) >= 256 and len(set(general)) == len(general)
+    demo = load_prompts("demo")
+    assert len(demo) >= 256 and len(set(demo)) == len(demo)
+    assert load_prompts("demo", 5) == demo[:5]
+    with pytest.raises(ConfigError, match="expected >= 1"):
+        load_prompts("general", 0)
+    with pytest.raises(ConfigError, match="general"):
+        load_prompts("no-such-set")
+    assert set(PROMPT_SETS) == {"general", "demo"}
+
+
+def test_demo_calibration_captions_avoid_the_heldout_combinations() -> None:
+    from qwen_image2_ref.demo import data
+
+    heldout = data.heldout_combos()
+    checked = 0
+    for caption in load_prompts("demo"):
+        words = caption.replace(";", " ").replace(",", " ").replace(":", " ").split()
+        # single-object captions name one colour and one shape; check those against held-out triples
+        colors = [w for w in words if w in data.COLORS]
+        shapes = [w for w in words if w in data.SHAPES]
+        glyph = any(w in words for w in ("letter", "digit", "number"))  # glyphs carry position words too
+        if len(colors) == 1 and len(shapes) == 1 and not glyph:
+            checked += 1
+            assert not any(c == colors[0] and s == shapes[0] and any(p in caption for p in _position_words(pos))
+                           for c, s, pos in heldout), caption
+    assert checked >= 50  # the check covers a good share of the set
+
+
+def _position_words(position: str) -> tuple[str, ...]:
+    from qwen_image2_ref.demo import data
+
+    return data.POSITION_PHRASES[position]
