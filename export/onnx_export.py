@@ -132,12 +132,15 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     external_threshold: int = PROTOBUF_LIMIT,
+    lean: bool | None = None,
 ) -> Manifest:
     """Export the graphs of ``model`` (a checkpoint folder, ``"demo"`` or a ``LoadedModel``) to ``out``.
 
     ``max_resolution`` (pixels, multiple of 32) bounds the declared image-size range; it
     defaults to the model's output resolution. ``out`` appears only once everything, manifest
-    last, has been written.
+    last, has been written. ``lean`` traces without weights and attaches them from the checkpoint
+    (``export.lean``); ``None`` chooses it for a checkpoint folder whose fp32 weights would take
+    more than 40% of the available memory.
     """
     if opset < 19:
         raise ConfigError(f"export opset: expected >= 19 (float8 / bf16 Q/DQ need it), got {opset}")
@@ -145,7 +148,18 @@ def export_model(
     unknown = [g for g in graphs if g not in GRAPH_NAMES]
     if unknown:
         raise ConfigError(f"export graphs {unknown}: unknown; expected some of {list(GRAPH_NAMES)}")
-    if not hasattr(model, "transformer"):
+    if lean is None:
+        from export.lean import should_use_lean
+        from qwen_image2_ref.model_folder import resolve_model_path
+
+        lean = not hasattr(model, "transformer") and should_use_lean(resolve_model_path(model), graphs)
+    if lean:
+        from export.lean import export_graph_lean, load_lean_model, preflight
+
+        model = load_lean_model(model.path if hasattr(model, "transformer") else model)
+        for name in graphs:
+            preflight(name, model)  # every graph's weights, before anything is written
+    elif not hasattr(model, "transformer"):
         from qwen_image2_ref.model_folder import load_model
 
         model = load_model(model)
@@ -156,8 +170,11 @@ def export_model(
         specs: dict[str, GraphSpec] = {}
         for name in tqdm(graphs, desc="export", unit="graph"):
             io = graph_io(name, cfg, max_resolution)
-            done = export_graph(name, graph_module(name, model), example_inputs(name, cfg), io, staging,
-                                opset, external_threshold)
+            if lean:
+                done = export_graph_lean(name, model, example_inputs(name, cfg), io, staging, opset)
+            else:
+                done = export_graph(name, graph_module(name, model), example_inputs(name, cfg), io, staging,
+                                    opset, external_threshold)
             specs[name] = done.spec
         prompt = prompt_section(model, copy_tokenizer(model.path, staging))
         image = image_section(model, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
