@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-resolution", type=int, help="largest image side in pixels (default: the model's)")
     export.add_argument("--opset", type=int, default=19, help="ONNX opset, >= 19 (default: %(default)s)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    export.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
+                        help="trace without weights and attach them from the checkpoint shards (default: "
+                             "when the fp32 weights exceed 40%% of the available memory)")
     export.set_defaults(handler=_cmd_export)
 
     quant = commands.add_parser(
@@ -211,7 +214,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import export_model
 
     export_model(args.model, args.out, graphs=args.graphs, max_resolution=args.max_resolution,
-                 opset=args.opset, overwrite=args.overwrite)
+                 opset=args.opset, overwrite=args.overwrite, lean=args.lean)
     print(f"exported to {args.out}")
     return 0
 
