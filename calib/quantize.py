@@ -21,7 +21,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,24 +89,46 @@ def _set_input_ranges(module: nn.Module, layers: Sequence[str], ranges: dict, po
 def quantize_transformer(model, policy: QuantPolicy, prompts: Sequence[str],
                          settings: CalibrationSettings | None = None,
                          progress: bool = True) -> QuantizedTransformer:
-    """Calibrate and quantize a copy of ``model.transformer`` (``model``: a ``LoadedModel``)."""
-    settings = settings or CalibrationSettings()
+    """Calibrate and quantize a copy of ``model.transformer`` (``model``: a ``LoadedModel``) by
+    sampling ``prompts`` through the reference pipeline."""
     from qwen_image2_ref.pipeline import QwenImagePipeline
 
+    settings = settings or CalibrationSettings()
     prompts = list(prompts)
     if not prompts:
         raise InputError("calibration: expected at least one prompt, got none (see --calib-size / --prompts)")
-    mtq = _modelopt()
     transformer = copy.deepcopy(model.transformer).eval()
-    layers = policy.select(transformer)
     pipe = QwenImagePipeline(model.config, transformer, model.vae, model.encoder)
+
+    def calibrate(module: nn.Module, recorder: RangeRecorder) -> int:
+        pipe.transformer = module
+        return run_calibration(pipe, prompts, settings, recorder, progress)
+
+    quantized = quantize_module(transformer, policy, calibrate)
+    quantized.summary.update({
+        "prompts": len(prompts),
+        "batch_size": settings.batch_size,
+        "guidance": settings.guidance if settings.guidance is not None else model.config.pipeline.guidance_scale,
+        "resolution": settings.resolution or model.config.pipeline.output_resolution,
+        "seed": settings.seed,
+    })
+    return quantized
+
+
+def quantize_module(transformer: nn.Module, policy: QuantPolicy,
+                    calibrate: Callable[[nn.Module, RangeRecorder], int]) -> QuantizedTransformer:
+    """Quantize ``transformer`` in place. ``calibrate(module, recorder)`` runs the calibration data
+    through ``module``, advancing ``recorder`` per step (``begin_batch`` / ``step`` / ``end_batch``),
+    and returns the steps per sample; ``quantize_transformer`` passes the pipeline, benchmarks a
+    loop over random inputs."""
+    mtq = _modelopt()
+    layers = policy.select(transformer)
     state: dict = {}
 
     def forward_loop(module: nn.Module) -> None:
-        pipe.transformer = module
         recorder = RangeRecorder(module, layers)
         try:
-            state["steps"] = run_calibration(pipe, prompts, settings, recorder, progress)
+            state["steps"] = calibrate(module, recorder)
         finally:
             recorder.remove()
         state["ranges"] = recorder.ranges()
@@ -125,12 +147,7 @@ def quantize_transformer(model, policy: QuantPolicy, prompts: Sequence[str],
                 wq = quantized.get_submodule(name).weight_quantizer
                 wq.amax = wq.amax * (INT8_MAX / REDUCED_WEIGHT_MAX)
     summary = {
-        "prompts": len(prompts),
         "steps": state["steps"],
-        "batch_size": settings.batch_size,
-        "guidance": settings.guidance if settings.guidance is not None else model.config.pipeline.guidance_scale,
-        "resolution": settings.resolution or model.config.pipeline.output_resolution,
-        "seed": settings.seed,
         "reduction": policy.reduction.value,
         "step_range_spread": spread_summary(state["ranges"]),
         "input_amax": amaxes,

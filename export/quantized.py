@@ -4,7 +4,7 @@ The transformer is traced from modelopt's fake-quantized module with the TorchSc
 (the only path that carries its Q/DQ nodes), rewritten to standard QDQ by ``calib.qdq`` and saved
 without onnx-graphsurgeon's constant folding: folding would evaluate ``DequantizeLinear`` of the
 int8 weights back into fp32 initializers. The VAE and the text encoder are exported as ``export``
-does. The manifest records the transformer's precision, and provenance ``calibration`` holds the
+does. The manifest records the transformer graphs' precision, and provenance ``calibration`` holds the
 policy, the quantized layers and the calibration summary.
 """
 
@@ -14,10 +14,11 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from export.graphs import TransformerGraph, example_inputs, graph_module
+from export.graphs import example_inputs, graph_module
 from export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, graph_io
 from export.manifest_writer import (
     build_manifest,
@@ -35,32 +36,40 @@ from export.onnx_export import (
     save_graph,
     trace_to_onnx,
 )
+from runtime import manifest as _manifest
 from runtime.errors import ConfigError
 from runtime.manifest import GRAPH_NAMES, DataFile, GraphSpec, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
+# Graphs that hold the transformer's math: all get the quantized module (the condition KV-cache
+# pair, where an export has it, splits the same layers; static per-tensor scales quantize each
+# token alike, so the pair computes what the single graph computes).
+TRANSFORMER_GRAPHS = ("transformer", *getattr(_manifest, "KV_CACHE_GRAPHS", ()))
 
-def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolution: int,
+
+def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolution: int, name: str = "transformer",
                                  opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
-    """Trace ``quantized.module`` (a ``calib.quantize.QuantizedTransformer``), rewrite to QDQ, save."""
+    """Trace graph ``name`` (``transformer`` or one of the KV-cache pair) of ``quantized.module`` (a
+    ``calib.quantize.QuantizedTransformer``), rewrite it to standard QDQ and save it."""
     from calib.qdq import to_standard_qdq
 
     start = time.perf_counter()
-    io = graph_io("transformer", cfg, max_resolution)
-    path = export_dir / "transformer" / ONNX_NAME
-    model = trace_to_onnx(TransformerGraph(quantized.module).eval(), example_inputs("transformer", cfg), io, path,
-                          opset)
+    io = graph_io(name, cfg, max_resolution)
+    path = export_dir / name / ONNX_NAME
+    module = graph_module(name, SimpleNamespace(transformer=quantized.module))  # reads only .transformer
+    model = trace_to_onnx(module, example_inputs(name, cfg), io, path, opset)
     model, stats = to_standard_qdq(model, quantized.policy.precision)
     _declare_outputs(model, io)
-    if stats.folded_weights != len(quantized.layers):
-        raise ConfigError(f"QDQ export: expected {len(quantized.layers)} quantized weights (one per layer), "
+    want = len(quantized.layers)
+    if (stats.folded_weights != want) if name == "transformer" else not 0 < stats.folded_weights <= want:
+        raise ConfigError(f"QDQ export {name}: expected {want} quantized weights (one per layer), "
                           f"found {stats.folded_weights}")
     data_files = save_graph(model, path, external_threshold)
     rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
-    log.info("transformer (%s): exported in %.1f s", quantized.policy.precision.value, time.perf_counter() - start)
+    log.info("%s (%s): exported in %.1f s", name, quantized.policy.precision.value, time.perf_counter() - start)
     return GraphSpec(
-        name="transformer",
+        name=name,
         file=rel(path),
         sha256=sha256_file(path),
         precision=quantized.policy.precision,
@@ -110,8 +119,8 @@ def export_quantized(model, quantized, out: str | Path, graphs=None, max_resolut
     with staging_dir(out, overwrite=overwrite) as staging:
         specs: dict[str, GraphSpec] = {}
         for name in tqdm(graphs, desc="export", unit="graph"):
-            if name == "transformer":
-                specs[name] = export_quantized_transformer(quantized, cfg, staging, max_resolution, opset,
+            if name in TRANSFORMER_GRAPHS:
+                specs[name] = export_quantized_transformer(quantized, cfg, staging, max_resolution, name, opset,
                                                            external_threshold)
                 continue
             io = graph_io(name, cfg, max_resolution)
