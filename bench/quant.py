@@ -36,6 +36,21 @@ def graph_sizes(export_dir: Path) -> dict[str, int]:
             for name, g in m.graphs.items()}
 
 
+def projected_int8_ratio(policy_precision: str = "int8") -> tuple[float, int]:
+    """INT8 / fp32 bytes of the full-size Qwen-Image-2.1 transformer under the default policy (meta device:
+    quantized weights 1 byte, everything else 4; scales ignored) and its number of quantized layers."""
+    from calib.policy import QuantPolicy
+    from qwen_image2_ref.config import QWEN_IMAGE_21
+    from qwen_image2_ref.transformer import QwenImageTransformer
+
+    with torch.device("meta"):
+        t = QwenImageTransformer(QWEN_IMAGE_21.transformer)
+    chosen = set(QuantPolicy(precision=policy_precision).select(t))
+    total = sum(p.numel() for p in t.parameters())
+    quant = sum(m.weight.numel() for n, m in t.named_modules() if n in chosen)
+    return (quant + 4 * (total - quant)) / (4 * total), len(chosen)
+
+
 def step_ms(path: Path, feeds: dict, threads: int, repeats: int) -> float:
     import onnxruntime as ort
 
@@ -200,7 +215,10 @@ def main(argv=None) -> None:
     for g in sizes["fp32"]:
         f, i, e = sizes["fp32"][g], sizes["int8"][g], sizes["fp8"][g]
         rows.append([g, f"{f:,}", f"{i:,}", f"{e:,}", f"{i / f:.2f}", f"{e / f:.2f}"])
-    print("Size on disk per graph\n" + table(rows) + "\n")
+    ratio, n_layers = projected_int8_ratio()
+    print("Size on disk per graph\n" + table(rows))
+    print(f"(full-size Qwen-Image-2.1 transformer, same policy, {n_layers} layers: int8/fp32 = {ratio:.3f} "
+          "projected from parameter counts)\n")
 
     cfg = model.config
     res = cfg.pipeline.output_resolution // 16
