@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run as a script: bench/runtime.py would shadow the runtime package
 
-from qwen_image2_ref.config import get_preset
-from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
-from runtime.layout import build_layout
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from qwen_image2_ref.config import get_preset  # noqa: E402
+from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs  # noqa: E402
+from runtime.layout import build_layout  # noqa: E402
 
 
 def time_forward(model, cfg, text_len: int, target: tuple[int, int], batch: int, repeats: int) -> list[float]:
