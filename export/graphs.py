@@ -113,6 +113,28 @@ class TransformerGraph(nn.Module):
                                 attn_mask)
 
 
+class TransformerPrefillGraph(nn.Module):
+    """Prefix -> per-layer keys/values ``[layers, 2, B, L_prefix, H, Dh]`` (the condition KV cache)."""
+
+    def __init__(self, transformer: QwenImageTransformer) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, text_states, cond_latents, prefix_index, rope_cos, rope_sin, attn_mask):
+        return self.transformer.prefill(text_states, cond_latents, prefix_index, rope_cos, rope_sin, attn_mask)
+
+
+class TransformerStepGraph(nn.Module):
+    """Target latents + the prefix cache -> velocity; ``key_mask`` ``[B, L_prefix + N_t]``."""
+
+    def __init__(self, transformer: QwenImageTransformer) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, latents, timestep, kv_cache, rope_cos, rope_sin, key_mask):
+        return self.transformer.step(latents, timestep, kv_cache, rope_cos, rope_sin, key_mask)
+
+
 class VAEDecoderGraph(nn.Module):
     """Denormalised latents [B, z, h, w] -> RGBA [B, 4, 16h, 16w] in [-1, 1]."""
 
@@ -141,6 +163,10 @@ def graph_module(name: str, model) -> nn.Module:
         return TextEncoderGraph(model.encoder.model).eval()
     if name == "transformer":
         return TransformerGraph(model.transformer).eval()
+    if name == "transformer_prefill":
+        return TransformerPrefillGraph(model.transformer).eval()
+    if name == "transformer_step":
+        return TransformerStepGraph(model.transformer).eval()
     if name == "vision_encoder":
         return VisionEncoderGraph(model.encoder.model).eval()
     if name == "vae_decoder":
@@ -219,6 +245,19 @@ def transformer_inputs(
             lay["attn_mask"])
 
 
+def pair_inputs(args: tuple) -> tuple[tuple, tuple]:
+    """The single graph's inputs split for the pair: (prefill inputs, step inputs without the cache).
+
+    The last query row of the block-causal mask is a target token's: it sees every valid key, so
+    it is the step's key mask ``[B, L]``.
+    """
+    latents, text, timestep, cond, prefix_index, cos, sin, mask = args
+    lp = prefix_index.shape[0]
+    prefill = (text, cond, prefix_index, cos[:lp], sin[:lp], mask[:, :lp, :lp])  # [L_prefix, ...], [B, Lp, Lp]
+    step = (latents, timestep, cos[lp:], sin[lp:], mask[:, -1, :])  # [N_t, Dh/2], [B, L]
+    return prefill, step
+
+
 def vae_decoder_inputs(cfg: ModelConfig, batch: int, h: int, w: int, seed: int = 0) -> tuple:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, cfg.vae.z_dim, h, w, generator=g),)
@@ -236,6 +275,13 @@ def example_inputs(name: str, cfg: ModelConfig) -> tuple:
         return text_encoder_inputs(cfg, batch=2, length=9, pad=3, n_visual=3)
     if name == "transformer":
         return transformer_inputs(cfg, batch=2, text_len=8, target=(2, 3), cond=((2, 2),), pad=2)
+    if name in ("transformer_prefill", "transformer_step"):
+        prefill, step = pair_inputs(example_inputs("transformer", cfg))
+        if name == "transformer_prefill":
+            return prefill
+        t, b, lp = cfg.transformer, step[0].shape[0], prefill[2].shape[0]
+        kv = torch.randn(t.num_layers, 2, b, lp, t.num_heads, t.head_dim, generator=torch.Generator().manual_seed(1))
+        return (step[0], step[1], kv, *step[2:])
     if name == "vision_encoder":
         enc = cfg.encoder  # the tables' values do not shape the trace; rope theta is transformers' default
         tower = VisionTower(enc.vision_spatial_merge_size, enc.vision_hidden_size // enc.vision_num_heads, 10000.0,

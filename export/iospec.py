@@ -10,7 +10,8 @@ runtime's buffers. Symbols shared between graphs mean the same quantity:
 - ``N_p`` vision patches of all condition images, ``N_vis = N_p / merge**2`` their merged
   visual tokens (rows of ``visual_embeds``; 0 for a text-only prompt);
 - ``N_t`` target latent tokens (h*w), ``N_c`` condition latent tokens (0 for text-to-image),
-  ``L_prefix`` text + condition positions of the joint sequence, ``L = L_prefix + N_t``;
+  ``L_prefix`` text + condition positions of the joint sequence, ``L = L_prefix + N_t``
+  (``transformer_prefill`` / ``transformer_step`` share ``L_prefix``: the KV cache's length);
 - ``h, w`` latent size, ``H = 16 h, W = 16 w`` pixel size.
 """
 
@@ -156,6 +157,46 @@ def transformer_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     )
 
 
+def transformer_prefill_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
+    """Prefix (text + condition tokens) -> per-layer keys/values, once per prompt set and images."""
+    t = cfg.transformer
+    full = transformer_io(cfg, max_resolution)
+    inputs = {x.name: x for x in full.inputs}
+    return GraphIO(
+        "transformer_prefill",
+        inputs=(
+            inputs["text_states"],
+            inputs["cond_latents"],
+            inputs["prefix_index"],
+            _t("rope_cos", "float32", "L_prefix", t.head_dim // 2),
+            _t("rope_sin", "float32", "L_prefix", t.head_dim // 2),
+            _t("attn_mask", "bool", "B", "L_prefix", "L_prefix"),
+        ),
+        outputs=(_t("kv_cache", "float32", t.num_layers, 2, "B", "L_prefix", t.num_heads, t.head_dim),),
+        dim_ranges={k: full.dim_ranges[k] for k in ("B", "N_c", "L_enc", "L_prefix")},
+    )
+
+
+def transformer_step_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
+    """Target tokens + the prefix cache -> velocity; ``key_mask`` covers ``L = L_prefix + N_t`` keys."""
+    t = cfg.transformer
+    full = transformer_io(cfg, max_resolution)
+    inputs = {x.name: x for x in full.inputs}
+    return GraphIO(
+        "transformer_step",
+        inputs=(
+            inputs["latents"],
+            inputs["timestep"],
+            _t("kv_cache", "float32", t.num_layers, 2, "B", "L_prefix", t.num_heads, t.head_dim),
+            _t("rope_cos", "float32", "N_t", t.head_dim // 2),
+            _t("rope_sin", "float32", "N_t", t.head_dim // 2),
+            _t("key_mask", "bool", "B", "L"),  # False at padded text keys
+        ),
+        outputs=full.outputs,
+        dim_ranges={k: full.dim_ranges[k] for k in ("B", "N_t", "L_prefix", "L")},
+    )
+
+
 def image_channels(channels: int, cfg: ModelConfig) -> int:
     """Pixel channels: a patchified VAE counts ``channels`` after its p x p patchify."""
     p = cfg.vae.patch_size or 1
@@ -196,7 +237,8 @@ def graph_io(name: str, cfg: ModelConfig, max_resolution: int) -> GraphIO:
             f"max_resolution: expected a multiple of {RESOLUTION_MULTIPLE} >= {MIN_RESOLUTION}, got {max_resolution}"
         )
     builders = {"text_encoder": text_encoder_io, "vision_encoder": vision_encoder_io, "transformer": transformer_io,
-                "vae_decoder": vae_decoder_io, "vae_encoder": vae_encoder_io}
+                "vae_decoder": vae_decoder_io, "vae_encoder": vae_encoder_io,
+                "transformer_prefill": transformer_prefill_io, "transformer_step": transformer_step_io}
     if name not in builders:
         raise ConfigError(f"graph {name!r}: unknown; expected one of {list(GRAPH_NAMES)}")
     return builders[name](cfg, max_resolution)

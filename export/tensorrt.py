@@ -48,6 +48,7 @@ from runtime.backends.tensorrt import (
 )
 from runtime.errors import BackendError, ConfigError, ManifestError
 from runtime.manifest import (
+    KV_CACHE_GRAPHS,
     MANIFEST_NAME,
     EngineSpec,
     GraphSpec,
@@ -59,7 +60,8 @@ from runtime.manifest import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRECISION_GRAPHS = ("text_encoder", "vision_encoder", "transformer")  # the condition encoder + MMDiT
+# the condition encoder + MMDiT (single graph and the condition-KV-cache pair)
+DEFAULT_PRECISION_GRAPHS = ("text_encoder", "vision_encoder", "transformer", *KV_CACHE_GRAPHS)
 TIMING_CACHE_NAME = "timing.cache"
 
 

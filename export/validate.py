@@ -19,6 +19,7 @@ import torch
 
 from export.graphs import (
     graph_module,
+    pair_inputs,
     transformer_inputs,
     vae_decoder_inputs,
     vae_encoder_inputs,
@@ -188,22 +189,68 @@ def _vision_cases(model, spec: GraphSpec):
         yield label, feeds, (lambda e=embeds, d=deep: (e, d)), None  # transformers' tower, not the wrapper
 
 
-def _transformer_cases(model, spec: GraphSpec):
+def _transformer_args(model, spec: GraphSpec):
+    """(label, torch inputs of the single graph): text-to-image, one and two condition images."""
     cfg = model.config
-    module = graph_module("transformer", model)
     for b, text, target, cond, pad in [
         (1, 5, (2, 2), (), 0),
         (2, 9, (3, 4), ((2, 2),), 3),
         (3, 6, (4, 2), ((2, 2), (2, 4)), 1),
     ]:
         args = transformer_inputs(cfg, b, text, target, cond, pad, seed=b)
-        names = [t.name for t in spec.inputs]
-        feeds = {n: a.numpy() for n, a in zip(names, args)}
         n_t, n_c = args[0].shape[1], args[3].shape[1]
-        if not _fits(spec, B=b, N_t=n_t, N_c=n_c):
+        if not _fits(spec, B=b, N_t=n_t, N_c=n_c, L_prefix=args[4].shape[0]):
             continue
-        label = f"B={b} L_enc={args[1].shape[1]} N_c={n_c} N_t={n_t} L={args[5].shape[0]}"
-        yield label, feeds, (lambda a=args: module(*a)), None
+        yield f"B={b} L_enc={args[1].shape[1]} N_c={n_c} N_t={n_t} L={args[5].shape[0]}", args
+
+
+def _transformer_cases(model, spec: GraphSpec):
+    module = graph_module("transformer", model)
+    names = [t.name for t in spec.inputs]
+    for label, args in _transformer_args(model, spec):
+        yield label, {n: a.numpy() for n, a in zip(names, args)}, (lambda a=args: module(*a)), None
+
+
+def _ort_runner(export_dir: Path, manifest: Manifest):
+    """``run(graph, args) -> first output``; one onnxruntime session per graph, opened on first use."""
+    import onnxruntime as ort
+
+    sessions = {}
+
+    def run(graph: str, args: tuple) -> np.ndarray:
+        spec = manifest.graph(graph)
+        if graph not in sessions:
+            sessions[graph] = ort.InferenceSession(str(export_dir / spec.file), providers=["CPUExecutionProvider"])
+        return sessions[graph].run(None, {t.name: np.asarray(a) for t, a in zip(spec.inputs, args)})[0]
+
+    return run
+
+
+def _pair_cases(model, spec: GraphSpec, export_dir: Path | None, manifest: Manifest | None):
+    """The condition-KV-cache pair on the transformer's cases (text-to-image, one and two condition
+    images). The prefill's keys/values are checked against torch's prefill. The step is fed the
+    *exported* prefill's cache (so the pair is checked as a chain) and compared with the single
+    graph's module, the reference the single graph itself is validated against: a broken single
+    graph then fails as itself, not as the pair. (onnxruntime pair vs onnxruntime single graph:
+    tests/test_kv_cache_export.py.)"""
+    prefill = spec.name == "transformer_prefill"
+    chained = manifest is not None and export_dir is not None and "transformer_prefill" in manifest.graphs
+    module = graph_module("transformer", model)
+    run = _ort_runner(export_dir, manifest) if chained else None
+    for label, args in _transformer_args(model, spec):
+        pre, step = pair_inputs(args)
+        if prefill:
+            feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, pre)}
+            yield label, feeds, (lambda p=pre: model.transformer.prefill(*p)), None
+            continue
+        if chained:
+            kv = torch.from_numpy(run("transformer_prefill", pre))
+        else:
+            with torch.no_grad():
+                kv = model.transformer.prefill(*pre)
+        feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, (step[0], step[1], kv, *step[2:]))}
+        cache = "exported prefill" if chained else "torch prefill"
+        yield f"{label} ({cache} -> step vs single graph)", feeds, (lambda a=args: module(*a)), None
 
 
 def _vae_cases(model, spec: GraphSpec, decoder: bool):
@@ -218,7 +265,10 @@ def _vae_cases(model, spec: GraphSpec, decoder: bool):
         yield label, {spec.inputs[0].name: args[0].numpy()}, (lambda a=args: module(*a)), None
 
 
-def validation_cases(name: str, model, spec: GraphSpec):
+def validation_cases(name: str, model, spec: GraphSpec, export_dir: Path | None = None,
+                     manifest: Manifest | None = None):
+    if name in ("transformer_prefill", "transformer_step"):
+        return _pair_cases(model, spec, export_dir, manifest)
     if name == "text_encoder":
         return _text_cases(model, spec)
     if name == "transformer":
@@ -245,7 +295,7 @@ def validate_graph(export_dir: Path, manifest: Manifest, name: str, model) -> Gr
     session = ort.InferenceSession(str(export_dir / spec.file), providers=["CPUExecutionProvider"])
     check_io(spec, *session_io(session), source="onnxruntime session")
     result = GraphResult(name, spec.precision.value, threshold)
-    for label, feeds, reference, valid in validation_cases(name, model, spec):
+    for label, feeds, reference, valid in validation_cases(name, model, spec, export_dir, manifest):
         with torch.no_grad():
             refs = reference()
         refs = refs if isinstance(refs, tuple) else (refs,)

@@ -33,7 +33,11 @@ from runtime.errors import ManifestError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-GRAPH_NAMES = ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "vision_encoder")
+GRAPH_NAMES = ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "vision_encoder",
+               "transformer_prefill", "transformer_step")
+# The condition KV cache: the transformer split in two (prefix keys/values once, then target steps).
+# An export lists both or neither; the single ``transformer`` graph is always there.
+KV_CACHE_GRAPHS = ("transformer_prefill", "transformer_step")
 
 
 class Precision(str, enum.Enum):

@@ -7,6 +7,7 @@ PIL image. The reference pipeline calls the same numpy functions, so the two agr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,11 +19,12 @@ import numpy as np
 from PIL import Image
 
 from runtime import images as rimages
+from runtime import kv_cache as kv
 from runtime import schedule
 from runtime.backends import make_backend
 from runtime.errors import InputError, ManifestError, NumericalError
 from runtime.layout import JointLayout, attention_mask, build_layout, rope_tables
-from runtime.manifest import Manifest, load_manifest, resolve_path, sha256_file
+from runtime.manifest import KV_CACHE_GRAPHS, Manifest, load_manifest, resolve_path, sha256_file
 from runtime.sampling import Request, initial_noise, make_request, to_images
 from runtime.tokens import PromptTokenizer, mrope_position_ids, postprocess_hidden_states
 from runtime.vision import VisionTower, vision_feeds, visual_index
@@ -59,7 +61,9 @@ class _Images:
 class _Condition:
     text_states: np.ndarray  # [B, L_enc, ctx]
     layout: JointLayout
-    feeds: dict[str, np.ndarray]  # prefix_index, rope_cos, rope_sin, attn_mask
+    feeds: dict[str, np.ndarray]  # single graph: prefix_index, rope_cos, rope_sin, attn_mask; pair: the prefill's
+    step_feeds: dict[str, np.ndarray] | None = None  # pair: rope_cos, rope_sin, key_mask of the target rows
+    cache: kv.KVCache | None = None  # pair: the prefilled keys/values
 
 
 class Pipeline:
@@ -70,6 +74,7 @@ class Pipeline:
         self.manifest = manifest
         self.sessions = sessions
         self.tokenizer = tokenizer
+        self.uses_kv_cache = all(g in sessions for g in KV_CACHE_GRAPHS)  # else the single transformer graph
         model = manifest.model
         self._axes = tuple(model["transformer"]["axes_dims_rope"])
         self._theta = float(model["transformer"]["rope_theta"])
@@ -88,13 +93,25 @@ class Pipeline:
     @classmethod
     def load(cls, export_dir: str | os.PathLike, backend: str = "onnxruntime", *, providers: list[str] | None = None,
              threads: int | None = None, verify_hashes: bool = True,
-             backend_options: dict | None = None) -> Pipeline:
-        """Verify the manifest (hashes included by default) and open every graph."""
+             backend_options: dict | None = None, kv_cache: bool | None = None) -> Pipeline:
+        """Verify the manifest (hashes included by default) and open the graphs a generation uses.
+
+        ``kv_cache``: None uses the condition KV cache pair (``transformer_prefill`` +
+        ``transformer_step``) when the export has it, the single ``transformer`` graph otherwise;
+        False forces the single graph (benchmarks); True requires the pair. Only one of the two
+        transformer forms is opened.
+        """
         export_dir = Path(export_dir)
         manifest = load_manifest(export_dir, verify_hashes=verify_hashes)
         missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
         if missing:
             raise ManifestError(f"{export_dir}: graphs {missing} are required to generate; found {sorted(manifest.graphs)}")
+        pair = kv.has_pair(manifest)
+        if kv_cache and not pair:
+            raise ManifestError(f"{export_dir}: kv_cache=True needs the graphs {list(KV_CACHE_GRAPHS)}; found "
+                                f"{sorted(manifest.graphs)}; re-export to add them")
+        use_pair = pair if kv_cache is None else kv_cache
+        unused = {"transformer"} if use_pair else set(KV_CACHE_GRAPHS)
         prompt = manifest.prompt
         tok_path = resolve_path(export_dir, prompt["tokenizer"])
         if verify_hashes and sha256_file(tok_path) != prompt["tokenizer_sha256"]:
@@ -113,7 +130,8 @@ class Pipeline:
             options = {"export_dir": export_dir, "manifest": manifest, **(backend_options or {})}
         be = make_backend(backend, **options)
         start = time.perf_counter()
-        sessions = {name: be.open(spec, resolve_path(export_dir, spec.file)) for name, spec in manifest.graphs.items()}
+        sessions = {name: be.open(spec, resolve_path(export_dir, spec.file))
+                    for name, spec in manifest.graphs.items() if name not in unused}
         log.info("opened %d graphs in %.2f s", len(sessions), time.perf_counter() - start)
         return cls(export_dir, manifest, sessions, tokenizer)
 
@@ -238,14 +256,31 @@ class Pipeline:
             raise InputError("prompts in one batch must place their condition images at the same positions")
         layout = build_layout(pad[0], mask, images.cond_shapes if images is not None else [], target_shape)
         cos, sin = rope_tables(layout.position_ids, self._axes, self._theta)
-        feeds = {"prefix_index": layout.prefix_index, "rope_cos": cos, "rope_sin": sin,
-                 "attn_mask": attention_mask(layout.block_ids, layout.key_valid)}
+        if self.uses_kv_cache:
+            feeds, step_feeds = kv.pair_feeds(layout, cos, sin)
+        else:
+            feeds = {"prefix_index": layout.prefix_index, "rope_cos": cos, "rope_sin": sin,
+                     "attn_mask": attention_mask(layout.block_ids, layout.key_valid)}
+            step_feeds = None
         self.last_times.add("layout", time.perf_counter() - start)
-        return _Condition(states.astype(np.float32), layout, feeds)
+        return _Condition(states.astype(np.float32), layout, feeds, step_feeds)
+
+    def _prefill(self, cond: _Condition, cond_latents: np.ndarray) -> _Condition:
+        """The condition's keys/values, once for the whole loop (device-resident where the backend can)."""
+        start = time.perf_counter()
+        feeds = {"text_states": cond.text_states, "cond_latents": cond_latents, **cond.feeds}
+        cache = kv.prefill(self.sessions[kv.PREFILL], feeds)
+        self.last_times.add(kv.PREFILL, time.perf_counter() - start)
+        if not cache.on_device and not np.isfinite(cache.value).all():
+            raise NumericalError(f"{kv.PREFILL} output 'kv_cache': NaN or Inf; refusing to continue")
+        return dataclasses.replace(cond, cache=cache)
 
     def _velocity(self, cond: _Condition, x: np.ndarray, cond_latents: np.ndarray, sigma: float, step: int):
-        feeds = {"latents": x, "text_states": cond.text_states,
-                 "timestep": np.full((x.shape[0],), sigma, dtype=np.float32), "cond_latents": cond_latents,
+        timestep = np.full((x.shape[0],), sigma, dtype=np.float32)
+        if cond.cache is not None:
+            feeds = {"latents": x, "timestep": timestep, "kv_cache": cond.cache.value, **cond.step_feeds}
+            return self._run(kv.STEP, feeds, step)["velocity"]
+        feeds = {"latents": x, "text_states": cond.text_states, "timestep": timestep, "cond_latents": cond_latents,
                  **cond.feeds}
         return self._run("transformer", feeds, step)["velocity"]
 
@@ -270,6 +305,19 @@ class Pipeline:
             raise InputError(f"latents: expected float32[{batch}, {h * w}, {self._channels}], got {list(x.shape)}")
         sched = self.manifest.schedule
         sigmas = schedule.make_sigmas(request.steps, h * w, self._scheduler, fixed_sigmas=sched.get("sigmas"))
+        try:
+            if self.uses_kv_cache:  # released in `finally`, also when the second prefill fails
+                positive = self._prefill(positive, cond_latents)
+                negative = self._prefill(negative, cond_latents) if negative is not None else None
+            x = self._denoise(request, positive, negative, x, cond_latents, sigmas, callback)
+        finally:
+            for c in (positive, negative):
+                if c is not None and c.cache is not None:
+                    c.cache.release()
+        return self._finish(x, h, w, output)
+
+    def _denoise(self, request: Request, positive: _Condition, negative: _Condition | None, x: np.ndarray,
+                 cond_latents: np.ndarray, sigmas: np.ndarray, callback) -> np.ndarray:
         for i in range(request.steps):
             v = self._velocity(positive, x, cond_latents, sigmas[i], i)
             start = time.perf_counter()
@@ -281,6 +329,9 @@ class Pipeline:
             self.last_times.add("update", time.perf_counter() - start)
             if callback is not None:
                 callback(i, request.steps, x)
+        return x
+
+    def _finish(self, x, h, w, output):
         if output == "latent":
             return x
         pixels = self.decode_pixels(x, h, w)

@@ -211,7 +211,8 @@ def test_build_calls_tensorrt_in_order_and_records_engines(export_copy, trt):
     trt.CALLS.clear()
     build_engines(export_copy, ranges=req, precision=Precision.FP16)
     assert len(json.loads(cache.read_bytes()[len(b"standin-timing-cache"):])) == 2 * len(m.graphs)
-    lowered = {"text_encoder", "vision_encoder", "transformer"} & set(m.graphs)  # the VAE stays fp32
+    lowered = {"text_encoder", "vision_encoder", "transformer", "transformer_prefill",
+               "transformer_step"} & set(m.graphs)  # the VAE stays fp32
     assert trt.CALLS.count("set_flag:FP16") == len(lowered) >= 2
     m = load_manifest(export_copy)
     assert {e.graph: e.precision.value for e in m.engines.values()} == {
@@ -268,11 +269,13 @@ def test_pipeline_on_standin_engines_equals_onnxruntime(built, trt):
     from runtime.pipeline import Pipeline
 
     kw = dict(width=64, height=32, steps=2, seed=3, output="np")
-    ours = Pipeline.load(built, backend="tensorrt").generate(["a red circle", "a blue square"], **kw)
+    pipe = Pipeline.load(built, backend="tensorrt")
+    ours = pipe.generate(["a red circle", "a blue square"], **kw)
     ref = Pipeline.load(built, threads=1).generate(["a red circle", "a blue square"], **kw)
     # the stand-in's engines run the same ONNX graphs in onnxruntime: only the data path differs
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
-    assert trt.CALLS.count("deserialize_cuda_engine") == len(load_manifest(built, verify_hashes=False).graphs)
+    # one engine per graph the pipeline uses (the single transformer graph or the KV-cache pair)
+    assert trt.CALLS.count("deserialize_cuda_engine") == len(pipe.sessions)
 
 
 def test_engines_for_another_gpu_or_version_are_refused(built, trt, monkeypatch):

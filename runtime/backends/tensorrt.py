@@ -16,7 +16,8 @@ A lock per context makes sessions safe to share between threads.
 
 ``Session.run`` is numpy in, numpy out, for the pipeline. ``Session.run_device`` takes numpy
 arrays or :class:`DeviceArray` s (bound by address: no copy) and returns device arrays, so a loop
-can keep latents on the GPU. With ``cuda_graph=True`` the first call at a new shape/address set
+can keep latents on the GPU; ``Session.run_kept`` copies one output into memory the caller owns
+(the condition KV cache, fed back by address at every step). With ``cuda_graph=True`` the first call at a new shape/address set
 runs normally and captures ``execute_async_v3`` into a CUDA graph; later calls with the same
 shapes and addresses replay it (host-to-device copies stay outside the graph).
 """
@@ -215,8 +216,9 @@ class TensorRTSession:
 
     # -------------------------------------------------------------- running
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = check_feeds(self._check_spec, feeds)
+    def run(self, feeds: dict[str, np.ndarray | DeviceArray]) -> dict[str, np.ndarray]:
+        """Host outputs; inputs may be numpy or :class:`DeviceArray` (bound by address, no copy)."""
+        feeds = self._checked(feeds)
         with self._lock:
             outs = self._execute(feeds)
             host = {name: np.empty(d.shape, dtype=d.dtype) for name, d in outs.items()}
@@ -225,16 +227,30 @@ class TensorRTSession:
             self.stream.synchronize()
         return check_outputs(self.spec, host)
 
-    def run_device(self, feeds: dict[str, np.ndarray | DeviceArray]) -> dict[str, DeviceArray]:
-        """Outputs stay on the device, in this session's buffers: valid until its next call."""
+    def _checked(self, feeds: dict[str, np.ndarray | DeviceArray]) -> dict[str, np.ndarray | DeviceArray]:
         stand_ins = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) if isinstance(v, DeviceArray) else v
                      for k, v in feeds.items()}
         checked = check_feeds(self._check_spec, stand_ins)
-        feeds = {k: (feeds[k] if isinstance(feeds[k], DeviceArray) else v) for k, v in checked.items()}
+        return {k: (feeds[k] if isinstance(feeds[k], DeviceArray) else v) for k, v in checked.items()}
+
+    def run_device(self, feeds: dict[str, np.ndarray | DeviceArray]) -> dict[str, DeviceArray]:
+        """Outputs stay on the device, in this session's buffers: valid until its next call."""
+        feeds = self._checked(feeds)
         with self._lock:
             outs = self._execute(feeds)
             self.stream.synchronize()
         return outs
+
+    def run_kept(self, feeds: dict[str, np.ndarray | DeviceArray], output: str) -> tuple[DeviceArray, cuda.DeviceBuffer]:
+        """One output copied (device to device) into memory the caller owns and frees, e.g. a KV
+        cache that must outlive this session's next call."""
+        feeds = self._checked(feeds)
+        with self._lock:
+            out = self._execute(feeds)[output]
+            buffer = cuda.DeviceBuffer(out.nbytes)
+            cuda.copy_on_device(buffer.ptr, out.ptr, out.nbytes, self.stream)
+            self.stream.synchronize()
+        return DeviceArray(buffer.ptr, out.shape, out.dtype), buffer
 
     def to_host(self, arr: DeviceArray) -> np.ndarray:
         out = np.empty(arr.shape, dtype=arr.dtype)
