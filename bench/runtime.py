@@ -95,7 +95,8 @@ def main() -> None:
     runs = data["runs"]
     wall = statistics.median(r["wall"] for r in runs)
     stage_names = sorted({k for r in runs for k in r["stages"]})
-    backend = {"text_encoder", "transformer", "vae_decoder", "vae_encoder"}
+    backend = {"text_encoder", "vision_encoder", "transformer", "transformer_prefill", "transformer_step",
+               "vae_decoder", "vae_encoder"}
     print(f"runtime: {args.export}\n{args.steps} steps, {args.size}x{args.size}, {args.threads} threads, "
           f"median of {args.repeats}\n")
     print(f"{'stage':<14} {'calls':>5} {'total ms':>10} {'per call ms':>12} {'share':>7}")
