@@ -28,7 +28,7 @@ from runtime.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 64 << 20  # bytes of source data converted at once
+CHUNK_BYTES = 16 << 20  # bytes of source data converted at once
 ALIGN = 4096  # streamed tensors start on a page boundary (ORT may mmap the data file)
 
 # safetensors dtype code -> (torch dtype, ONNX TensorProto data type)
@@ -225,7 +225,11 @@ def link_or_copy(src: Path, dst: Path) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Raw little-endian bytes of a CPU tensor of any dtype (bf16 and float8 included)."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return _byte_view(t).tobytes()
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy for a contiguous tensor
 
 
 def read_tensor(entry: ShardEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -252,7 +256,7 @@ def _copy_converted(fh_in, fh_out, entry: ShardEntry, dst: torch.dtype) -> None:
         if src == dst:
             fh_out.write(raw)
         else:
-            fh_out.write(tensor_bytes(torch.frombuffer(raw, dtype=src).to(dst)))  # one chunk at a time
+            fh_out.write(_byte_view(torch.frombuffer(raw, dtype=src).to(dst)))  # one chunk at a time
 
 
 def stream_tensors(sources: list[WeightSource], data_path: Path, location: str,
@@ -268,7 +272,7 @@ def stream_tensors(sources: list[WeightSource], data_path: Path, location: str,
                 offset = out.tell()
                 dst = _ONNX_TO_TORCH[s.onnx_dtype]
                 if s.computed is not None:
-                    out.write(tensor_bytes(s.computed.detach().to(dst)))
+                    out.write(_byte_view(s.computed.detach().to(dst)))
                 else:
                     if s.entry.file not in handles:
                         handles[s.entry.file] = open(s.entry.file, "rb")  # noqa: SIM115 (closed below)

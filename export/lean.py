@@ -314,21 +314,21 @@ def inline_tensor(source: WeightSource) -> onnx.TensorProto:
 def attach_weights(model: onnx.ModelProto, sources: list[WeightSource], graph_dir: Path, name: str) -> list[Path]:
     """Add the initializers of ``sources`` as external data under ``graph_dir``; returns the data files."""
     direct = [s for s in sources if s.direct]
-    streamed = [s for s in sources if not s.direct]
-    total = sum(s.nbytes for s in sources)
-    log.info("%s: attaching %d tensors / %.2f GB (%d pointed into the checkpoint shards, %d streamed%s)",
-             name, len(sources), total / 1e9, len(direct), len(streamed),
-             f" as {onnx.TensorProto.DataType.Name(streamed[0].onnx_dtype)}" if streamed else "")
+    inline = [s for s in sources if s.computed is not None and s.nbytes <= INLINE_BYTES]
+    streamed = [s for s in sources if not s.direct and not (s.computed is not None and s.nbytes <= INLINE_BYTES)]
+    conversions = sorted({f"{s.entry.dtype if s.entry else 'computed'}->{onnx.TensorProto.DataType.Name(s.onnx_dtype)}"
+                          for s in streamed})
+    log.info("%s: attaching %d tensors / %.2f GB: %d pointed into the checkpoint shards, %d streamed (%s), "
+             "%d small computed ones inline", name, len(sources), sum(s.nbytes for s in sources) / 1e9,
+             len(direct), len(streamed), ", ".join(conversions) or "none", len(inline))
     files: list[Path] = []
-    shards = sorted({s.entry.file for s in direct})
-    for shard in shards:
+    for shard in sorted({s.entry.file for s in direct}):
         how = link_or_copy(shard, graph_dir / shard.name)
         log.info("%s: %s %s into the export", name, how, shard.name)
         files.append(graph_dir / shard.name)
     protos = [external_tensor(s.name, s.onnx_dtype, s.shape, s.entry.file.name, s.entry.offset, s.entry.nbytes)
               for s in direct]
-    protos += [inline_tensor(s) for s in streamed if s.computed is not None and s.nbytes <= INLINE_BYTES]
-    streamed = [s for s in streamed if s.computed is None or s.nbytes > INLINE_BYTES]
+    protos += [inline_tensor(s) for s in inline]
     with tqdm(total=sum(s.nbytes for s in streamed), unit="B", unit_scale=True, desc=f"{name} weights",
               disable=not streamed) as bar:
         if streamed:
