@@ -7,13 +7,11 @@ import pytest
 from PIL import Image
 
 from qwen_image_edge.cli import main
-from tests.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    _, path = build_tiny_model(tmp_path_factory.mktemp("cli"))
-    return path
+def model(tiny_model_dir):
+    return tiny_model_dir
 
 
 def _one_error_line(capsys) -> str:

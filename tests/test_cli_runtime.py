@@ -11,11 +11,8 @@ from qwen_image_edge.cli import main
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from tests.tiny_model import build_tiny_model
-
-    _, path = build_tiny_model(tmp_path_factory.mktemp("clirt"))
-    return path
+def model(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

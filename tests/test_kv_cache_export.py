@@ -26,16 +26,10 @@ REL_L2 = 1e-5
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from export.onnx_export import export_model
+def exported(tiny_export):
     from qwen_image2_ref.model_folder import load_model
-    from tests.tiny_model import build_tiny_model
 
-    root = tmp_path_factory.mktemp("kv")
-    _, path = build_tiny_model(root)
-    model = load_model(path)
-    export_model(model, root / "export", max_resolution=128)
-    return model, root / "export"
+    return load_model(tiny_export[0]), tiny_export[1]
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,15 @@ from PIL import Image
 from qwen_image2_ref.model_folder import load_model, load_pipeline
 from runtime.errors import CheckpointError, InputError
 from runtime.sampling import initial_noise
-from tests.tiny_model import build_tiny_model, load_peer_pipeline
+from tests.tiny_model import load_peer_pipeline
 
 TOL = 1e-5
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    _, path = build_tiny_model(tmp_path_factory.mktemp("pipe"))
-    return path
+def folder(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,8 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from export.onnx_export import export_model
-    from qwen_image2_ref.model_folder import load_model
-    from tests.tiny_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("rt")
-    _, path = build_tiny_model(root)
-    export_model(load_model(path), root / "export", max_resolution=128)
-    return path, root / "export"
+def exported(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

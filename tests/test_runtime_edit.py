@@ -20,15 +20,8 @@ RGB = Image.fromarray(RNG.integers(0, 256, (50, 90, 3), dtype=np.uint8))  # land
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from export.onnx_export import export_model
-    from qwen_image2_ref.model_folder import load_model
-    from tests.tiny_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("edit")
-    _, path = build_tiny_model(root)
-    export_model(load_model(path), root / "export", max_resolution=128)
-    return path, root / "export"
+def exported(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

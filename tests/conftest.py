@@ -1,0 +1,27 @@
+"""Session-wide tiny model and export, built once and shared read-only by the test files.
+
+Tests that change a model folder or an export work on their own copy (``shutil.copytree``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen-Image-2.1 model folder (tests/tiny_model.py), diffusers layout."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model_dir, tmp_path_factory):
+    """``(model folder, export dir)``: every graph of the tiny model, sizes up to 128 px."""
+    from export.onnx_export import export_model
+    from qwen_image2_ref.model_folder import load_model
+
+    out = tmp_path_factory.mktemp("tiny-export") / "export"
+    export_model(load_model(tiny_model_dir), out, max_resolution=128)
+    return tiny_model_dir, out
