@@ -157,6 +157,28 @@ def test_lean_is_chosen_when_weights_crowd_memory(tiny, monkeypatch):
     assert not lean.should_use_lean(tiny, ["transformer", "text_encoder"])
 
 
+def test_streaming_converts_in_chunks_like_torch(tmp_path, monkeypatch):
+    """A tensor several chunks long, bf16 -> fp32, equals torch's cast byte for byte; offsets aligned."""
+    from safetensors.torch import save_file
+
+    import export.external_data as ed
+
+    monkeypatch.setattr(ed, "CHUNK_BYTES", 1000)
+    tensors = {"a": torch.randn(37, 29).to(torch.bfloat16), "b": torch.randn(3).to(torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    entries = ed.read_header(tmp_path / "x.safetensors")
+    sources = ed.plan_sources([(k, onnx.TensorProto.FLOAT, tuple(t.shape)) for k, t in tensors.items()],
+                              {k: k for k in tensors}, entries, {}, where="test")
+    protos = ed.stream_tensors(sources, tmp_path / "d.bin", "d.bin")
+    data = (tmp_path / "d.bin").read_bytes()
+    for p in protos:
+        info = {e.key: e.value for e in p.external_data}
+        offset, length = int(info["offset"]), int(info["length"])
+        assert offset % ed.ALIGN == 0 and info["location"] == "d.bin"
+        got = np.frombuffer(data[offset:offset + length], dtype=np.float32).reshape(tuple(p.dims))
+        np.testing.assert_array_equal(got, tensors[p.name].float().numpy())
+
+
 # ----------------------------------------------------------------------------- memory
 
 BIG = TransformerConfig(num_layers=2, num_heads=40, head_dim=128, context_dim=32, axes_dims_rope=(16, 56, 56))
