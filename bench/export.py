@@ -185,7 +185,7 @@ ENCODER_8B_2L = dict(vocab_size=151936, hidden_size=4096, num_layers=2, num_head
                      head_dim=128, intermediate_size=12288, mrope_section=(24, 20, 20))
 
 
-def _child_export(model: str, graph: str, lean: str, threads: int, keep: str | None = None) -> None:
+def _child_export(model: str, graph: str, lean: str, keep: str | None = None, *, threads: int) -> None:
     import torch
 
     from export.onnx_export import export_model
@@ -200,7 +200,7 @@ def _child_export(model: str, graph: str, lean: str, threads: int, keep: str | N
     print(json.dumps({"seconds": seconds, "peak_gib": _peak_gib(), "file_gib": size / 2**30}))
 
 
-def _child_compare(model: str, graph: str, a: str, b: str, threads: int) -> None:
+def _child_compare(model: str, graph: str, a: str, b: str, *, threads: int) -> None:
     """Run two exports of ``graph`` (one session at a time) at two shapes; max relative L2 between them."""
     import numpy as np
     import onnxruntime as ort
