@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run as a script: bench/runtime.py would shadow the runtime package
 
-from qwen_image2_ref.demo import NEGATIVE_PROMPT, data, judge
-from qwen_image2_ref.model_folder import load_pipeline
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from qwen_image2_ref.demo import NEGATIVE_PROMPT, data, judge  # noqa: E402
+from qwen_image2_ref.model_folder import load_pipeline  # noqa: E402
 
 T2I_KEYS = ("color", "shape", "position", "background", "glyph")
 EDIT_KEYS = ("edit_applied", "preserved", "color", "shape", "position", "background")

@@ -261,8 +261,10 @@ def save_weights(out, config: ModelConfig, stats: dict, args):
     blob = torch.load(out / "dit.pt", weights_only=False)
     model = QwenImageTransformer(config.transformer)
     model.load_state_dict(blob["state_dict"])
+    extra = {"default_negative_prompt": NEGATIVE_PROMPT} if "default_negative_prompt" in {
+        f.name for f in dataclasses.fields(config.pipeline)} else {}
     pipe = dataclasses.replace(config.pipeline, output_resolution=128, num_steps=40,
-                               guidance_scale=float(getattr(args, "guidance", 1.0) or 1.0))
+                               guidance_scale=float(getattr(args, "guidance", 1.0) or 1.0), **extra)
     full = dataclasses.replace(config, vae=vcfg, encoder=encoder.config, pipeline=pipe)
     n_params = sum(p.numel() for m in (model, vae, encoder.model) for p in m.parameters())
     dtype = torch.bfloat16 if n_params * 4 > 24e6 else None
