@@ -92,7 +92,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="prompt set seed (noise seeds follow the prompt index)")
-    p.add_argument("--grid", default=None, help="save the first 16 text-to-image outputs at the last step count")
+    p.add_argument("--grid", default=None, help="save the first 16 text-to-image outputs at the largest step count")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -111,7 +111,7 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         print(f"{'t2i':5} {steps:5d} {'':>12} {'':>12} " + " ".join(f"{row[k]:12.1%}" for k in T2I_KEYS)
               + f" {dt:8.2f}", flush=True)
-        if args.grid and steps == int(args.steps.split(",")[-1]):
+        if args.grid and steps == max(int(s) for s in args.steps.split(",")):
             save_grid(images[:16], args.grid)
         if edits:
             t0 = time.perf_counter()
