@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -78,10 +79,8 @@ def wide_latency(width: int, layers: int, tokens: int, threads: int, repeats: in
     from calib.collect import RangeRecorder
     from calib.policy import QuantPolicy
     from calib.quantize import quantize_module
-    from export.graphs import TransformerGraph, example_inputs, transformer_inputs
-    from export.iospec import graph_io
-    from export.onnx_export import export_graph
-    from export.quantized import export_quantized_transformer
+    from export.graphs import transformer_inputs
+    from export.quantized import export_fp32_graph, export_quantized_transformer
     from qwen_image2_ref.config import QWEN_IMAGE_21
     from qwen_image2_ref.transformer import QwenImageTransformer
 
@@ -93,8 +92,7 @@ def wide_latency(width: int, layers: int, tokens: int, threads: int, repeats: in
     torch.manual_seed(0)
     fp32 = QwenImageTransformer(cfg.transformer).eval()
     out = {"width": width, "layers": layers, "tokens": side * side + 64}
-    io = graph_io("transformer", cfg, resolution)
-    export_graph("transformer", TransformerGraph(fp32), example_inputs("transformer", cfg), io, work / "fp32")
+    export_fp32_graph("transformer", SimpleNamespace(transformer=fp32), cfg, work / "fp32", resolution)
     bench = feeds_of(transformer_inputs(cfg, 1, 64, (side, side), seed=1))
     out["fp32"] = step_ms(work / "fp32" / "transformer" / "model.onnx", bench, threads, repeats)
     calib = [transformer_inputs(cfg, 1, 64, (side, side), seed=s) for s in range(2, 5)]
@@ -193,14 +191,14 @@ def main(argv=None) -> None:
     from calib.collect import CalibrationSettings
     from calib.quantize import quantize_model
     from export.graphs import transformer_inputs
-    from export.onnx_export import export_model
+    from export.quantized import export_quantized
     from qwen_image2_ref.model_folder import load_model
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-quant-"))
     dirs = {prec: work / prec for prec in PRECISIONS}
     t0 = time.perf_counter()
     model = load_model(args.model)
-    export_model(model, dirs["fp32"], overwrite=True)
+    export_quantized(model, None, dirs["fp32"], overwrite=True)  # the same writer, every graph fp32
     quant_s = {}
     for prec in ("int8", "fp8"):
         start = time.perf_counter()

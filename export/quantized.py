@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
+from export.cleanup import cleanup_graph
 from export.graphs import example_inputs, graph_module
 from export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, graph_io
 from export.manifest_writer import (
@@ -32,13 +33,12 @@ from export.onnx_export import (
     DEFAULT_OPSET,
     ONNX_NAME,
     PROTOBUF_LIMIT,
-    export_graph,
     save_graph,
     trace_to_onnx,
 )
 from runtime import manifest as _manifest
 from runtime.errors import ConfigError
-from runtime.manifest import GRAPH_NAMES, DataFile, GraphSpec, Manifest, sha256_file
+from runtime.manifest import GRAPH_NAMES, DataFile, GraphSpec, Manifest, Precision, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,23 @@ log = logging.getLogger(__name__)
 # pair, where an export has it, splits the same layers; static per-tensor scales quantize each
 # token alike, so the pair computes what the single graph computes).
 TRANSFORMER_GRAPHS = ("transformer", *getattr(_manifest, "KV_CACHE_GRAPHS", ()))
+
+
+def _save(model, io, export_dir: Path, name: str, precision: Precision, external_threshold: int) -> GraphSpec:
+    _declare_outputs(model, io)
+    path = export_dir / name / ONNX_NAME
+    data_files = save_graph(model, path, external_threshold)
+    rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
+    return GraphSpec(
+        name=name,
+        file=rel(path),
+        sha256=sha256_file(path),
+        precision=precision,
+        inputs=io.inputs,
+        outputs=io.outputs,
+        dim_ranges=io.dim_ranges,
+        external_data=tuple(DataFile(rel(p), sha256_file(p)) for p in data_files),
+    )
 
 
 def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolution: int, name: str = "transformer",
@@ -56,33 +73,32 @@ def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolutio
 
     start = time.perf_counter()
     io = graph_io(name, cfg, max_resolution)
-    path = export_dir / name / ONNX_NAME
     module = graph_module(name, SimpleNamespace(transformer=quantized.module))  # reads only .transformer
-    model = trace_to_onnx(module, example_inputs(name, cfg), io, path, opset)
+    model = trace_to_onnx(module, example_inputs(name, cfg), io, export_dir / name / ONNX_NAME, opset)
     model, stats = to_standard_qdq(model, quantized.policy.precision)
-    _declare_outputs(model, io)
     want = len(quantized.layers)
     if (stats.folded_weights != want) if name == "transformer" else not 0 < stats.folded_weights <= want:
         raise ConfigError(f"QDQ export {name}: expected {want} quantized weights (one per layer), "
                           f"found {stats.folded_weights}")
-    data_files = save_graph(model, path, external_threshold)
-    rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
+    spec = _save(model, io, export_dir, name, quantized.policy.precision, external_threshold)
     log.info("%s (%s): exported in %.1f s", name, quantized.policy.precision.value, time.perf_counter() - start)
-    return GraphSpec(
-        name=name,
-        file=rel(path),
-        sha256=sha256_file(path),
-        precision=quantized.policy.precision,
-        inputs=io.inputs,
-        outputs=io.outputs,
-        dim_ranges=io.dim_ranges,
-        external_data=tuple(DataFile(rel(p), sha256_file(p)) for p in data_files),
-    )
+    return spec
+
+
+def export_fp32_graph(name: str, model, cfg, export_dir: Path, max_resolution: int, opset: int = DEFAULT_OPSET,
+                      external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
+    """``export_graph``'s trace + clean-up, with the output dims set from the IOSpec before saving."""
+    io = graph_io(name, cfg, max_resolution)
+    onnx_model = trace_to_onnx(graph_module(name, model), example_inputs(name, cfg), io,
+                               export_dir / name / ONNX_NAME, opset)
+    onnx_model, _ = cleanup_graph(onnx_model, name)
+    return _save(onnx_model, io, export_dir, name, Precision.FP32, external_threshold)
 
 
 def _declare_outputs(model, io) -> None:
-    """Output dims as the IOSpec says: shape inference stops at the exporter's custom FP8 ops, which
-    left the velocity's channel dim as a generated symbol."""
+    """Output dims as the IOSpec says: shape inference stops at the exporter's custom FP8 ops (the
+    velocity's channel dim became a generated symbol) and at the patchified VAE's Clip (the demo
+    model's image channels)."""
     for value, spec in zip(model.graph.output, io.outputs):
         dims = value.type.tensor_type.shape.dim
         del dims[:]
@@ -107,31 +123,32 @@ def calibration_section(quantized) -> dict:
 def export_quantized(model, quantized, out: str | Path, graphs=None, max_resolution: int | None = None,
                      opset: int = DEFAULT_OPSET, overwrite: bool = False,
                      external_threshold: int = PROTOBUF_LIMIT) -> Manifest:
-    """Export ``model`` (a ``LoadedModel``) to ``out`` with the transformer from ``quantized``."""
+    """Export ``model`` (a ``LoadedModel``) to ``out`` with the transformer graphs from ``quantized``
+    (``None``: an all-fp32 export written the same way, the baseline quantized exports compare to)."""
     if opset < 19:
         raise ConfigError(f"quantized export opset: expected >= 19 (float8 Q/DQ needs it), got {opset}")
     graphs = list(graphs or GRAPH_NAMES)
-    if "transformer" not in graphs:
-        raise ConfigError(f"quantized export graphs {graphs}: expected the transformer among them")
+    if not any(g in TRANSFORMER_GRAPHS for g in graphs):
+        raise ConfigError(f"quantized export graphs {graphs}: expected one of {list(TRANSFORMER_GRAPHS)} among them")
     cfg = model.config
     max_resolution = max_resolution or cfg.pipeline.output_resolution
     out = Path(out)
     with staging_dir(out, overwrite=overwrite) as staging:
         specs: dict[str, GraphSpec] = {}
         for name in tqdm(graphs, desc="export", unit="graph"):
-            if name in TRANSFORMER_GRAPHS:
+            if quantized is not None and name in TRANSFORMER_GRAPHS:
                 specs[name] = export_quantized_transformer(quantized, cfg, staging, max_resolution, name, opset,
                                                            external_threshold)
-                continue
-            io = graph_io(name, cfg, max_resolution)
-            specs[name] = export_graph(name, graph_module(name, model), example_inputs(name, cfg), io, staging,
-                                       opset, external_threshold).spec
+            else:
+                specs[name] = export_fp32_graph(name, model, cfg, staging, max_resolution, opset, external_threshold)
         prompt = prompt_section(model, copy_tokenizer(model.path, staging))
         image = image_section(model, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
         manifest = build_manifest(model, specs, prompt, image)
-        provenance = {**manifest.provenance, "calibration": calibration_section(quantized)}
-        write_manifest(staging, dataclasses.replace(manifest, provenance=provenance))
-    log.info("quantized export %s complete (%s transformer)", out, quantized.policy.precision.value)
+        if quantized is not None:
+            provenance = {**manifest.provenance, "calibration": calibration_section(quantized)}
+            manifest = dataclasses.replace(manifest, provenance=provenance)
+        write_manifest(staging, manifest)
+    log.info("export %s complete (%s transformer)", out, quantized.policy.precision.value if quantized else "fp32")
     from runtime.manifest import load_manifest
 
     return load_manifest(out, verify_hashes=False)
