@@ -247,8 +247,29 @@ def _child_trace(layers: int, threads: int) -> None:
                       "nodes": len(proto.graph.node), "weights": len(weights)}))
 
 
-def _run_child(argv: list[str], threads: int) -> dict:
-    return _run([*argv, "--threads", str(threads)])
+def _run_child(argv: list[str], threads: int, cap_gib: float = 10.0) -> dict | str:
+    """A child run; stopped (and reported as such) once its RSS passes ``cap_gib``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *argv, "--threads", str(threads)]
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO, env=env)
+        rss = 0.0
+        while proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                with open(f"/proc/{proc.pid}/status") as fh:
+                    rss = next((int(x.split()[1]) / 2**20 for x in fh if x.startswith("VmRSS:")), rss)
+            except OSError:
+                continue
+            if rss > cap_gib:
+                proc.kill()
+                proc.wait()
+                return f"stopped at {rss:.1f} GiB RSS (cap {cap_gib:.0f} GiB)"
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            return "failed: " + err.read()[-300:].strip().splitlines()[-1]
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def lean_main(args) -> None:
@@ -262,22 +283,37 @@ def lean_main(args) -> None:
     def export_row(label: str, model: Path, graph: str, weight_bytes: int, plain_fp32_bytes: int,
                    compare: bool = False) -> None:
         kept = [str(model.parent / "lean-export"), str(model.parent / "plain-export")] if compare else ["", ""]
-        r = _run_child(["--child-export", str(model), graph, "1", *kept[:1]], args.threads)
-        rows.append((f"{label}, lean", weight_bytes, r))
-        estimate = 1.6 * plain_fp32_bytes / 2**30 + 0.4  # TorchScript: ~1.6x the fp32 weights (notes §11)
+        r = _run_child(["--child-export", str(model), graph, "1", *kept[:1]], args.threads, args.max_rss_gib)
+        add((f"{label}, lean", weight_bytes, r))
+        # plain peak per fp32 weight byte: measured on the first plain run, 1.6 (notes §11) before
+        estimate = factor[0] * plain_fp32_bytes / 2**30
         cap = min(args.max_rss_gib, 0.7 * avail_gib())
         if estimate > cap:
-            rows.append((f"{label}, plain", weight_bytes, f"skipped: needs ~{estimate:.1f} GiB > {cap:.1f} GiB"))
+            add((f"{label}, plain", weight_bytes, f"skipped: needs ~{estimate:.1f} GiB "
+                                                          f"({factor[0]:.1f} x fp32 weights) > {cap:.1f} GiB"))
             return
-        rows.append((f"{label}, plain", weight_bytes, _run_child(["--child-export", str(model), graph, "0",
-                                                                  *kept[1:]], args.threads)))
-        if compare:
-            c = _run_child(["--child-compare", str(model), graph, *kept], args.threads)
-            rows.append((f"{label}: lean vs plain in onnxruntime", 0, f"max rel L2 {c['rel_l2']:.1e} (2 shapes)"))
-            for k in kept:
+        p = _run_child(["--child-export", str(model), graph, "0", *kept[1:]], args.threads, cap)
+        add((f"{label}, plain", weight_bytes, p))
+        if isinstance(p, dict):
+            factor[0] = p["peak_gib"] * 2**30 / plain_fp32_bytes
+        if compare and isinstance(p, dict) and isinstance(r, dict):
+            c = _run_child(["--child-compare", str(model), graph, *kept], args.threads, args.max_rss_gib)
+            add((f"{label}: lean vs plain in onnxruntime", 0,
+                         f"max rel L2 {c['rel_l2']:.1e} (2 shapes, N_c = 0 included)" if isinstance(c, dict) else c))
+        for k in kept:
+            if k:
                 shutil.rmtree(k, ignore_errors=True)
 
-    rows: list = []
+    def add(name: str, nbytes: float, r) -> None:  # printed as it comes: the 32-layer rows take long
+        if isinstance(r, str):
+            print(f"{name:<52} {nbytes / 1e9:>8.2f}  {r}", flush=True)
+        else:
+            extra = f"  ({r['nodes']} nodes, {r['weights']} weights)" if "nodes" in r else ""
+            print(f"{name:<52} {nbytes / 1e9:>8.2f} {r['seconds']:>9.1f} {r['peak_gib']:>9.2f} "
+                  f"{r['file_gib']:>9.2f}{extra}", flush=True)
+
+    print(f"{'target':<52} {'ckpt GB':>8} {'export s':>9} {'peak GiB':>9} {'file GiB':>9}", flush=True)
+    factor = [1.6]
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         _, model = build_tiny_model(Path(tmp))
         enc_bytes = write_encoder(model, **ENCODER_4096)
@@ -285,32 +321,25 @@ def lean_main(args) -> None:
             t_bytes = write_transformer(model, n)
             export_row(f"transformer 4096, {n} layers", model, "transformer", t_bytes, 2 * (t_bytes + enc_bytes),
                        compare=n == min(args.lean_layers))
+        if not args.skip_encoder:
+            write_transformer(model, 1)  # the plain path loads every component
+            e_bytes = write_encoder(model, **ENCODER_8B_2L)
+            export_row("Qwen3-VL-8B-width text encoder, 2 layers", model, "text_encoder", e_bytes, 2 * e_bytes)
         if args.lean_32 != "skip":
-            rows.append(("transformer 4096, 32 layers: graph trace only", 0, _run_child(["--child-trace", "32"],
-                                                                                       args.threads)))
+            add(("transformer 4096, 32 layers: graph trace only", 0,
+                         _run_child(["--child-trace", "32"], args.threads, args.max_rss_gib)))
         if args.lean_32 == "stream":
             free = shutil.disk_usage(model).free
             if free < 50e9:
-                rows.append(("transformer 4096, 32 layers, lean", 14.2e9,
+                add(("transformer 4096, 32 layers, lean", 14.2e9,
                              f"skipped: {free / 1e9:.0f} GB free on disk, needs ~50 GB (14 GB bf16 + 28 GB fp32)"))
             else:
                 t_bytes = write_transformer(model, 32)
-                rows.append(("transformer 4096, 32 layers, lean", t_bytes,
-                             _run_child(["--child-export", str(model), "transformer", "1"], args.threads)))
-                rows.append(("transformer 4096, 32 layers, plain", t_bytes,
-                             f"skipped: needs ~{1.6 * 2 * t_bytes / 2**30:.0f} GiB"))
-            write_transformer(model, 1)  # the encoder row's model folder stays small
-        if not args.skip_encoder:
-            e_bytes = write_encoder(model, **ENCODER_8B_2L)
-            export_row("Qwen3-VL-8B-width text encoder, 2 layers", model, "text_encoder", e_bytes, 2 * e_bytes)
-    print(f"{'target':<52} {'ckpt GB':>8} {'export s':>9} {'peak GiB':>9} {'file GiB':>9}")
-    for name, nbytes, r in rows:
-        if isinstance(r, str):
-            print(f"{name:<52} {nbytes / 1e9:>8.2f}  {r}")
-        else:
-            extra = f"  ({r['nodes']} nodes, {r['weights']} weights)" if "nodes" in r else ""
-            print(f"{name:<52} {nbytes / 1e9:>8.2f} {r['seconds']:>9.1f} {r['peak_gib']:>9.2f} "
-                  f"{r['file_gib']:>9.2f}{extra}")
+                add(("transformer 4096, 32 layers, lean", t_bytes,
+                             _run_child(["--child-export", str(model), "transformer", "1"], args.threads,
+                                        args.max_rss_gib)))
+                add(("transformer 4096, 32 layers, plain", t_bytes,
+                             f"skipped: needs ~{factor[0] * 2 * t_bytes / 2**30:.0f} GiB"))
 
 
 def main() -> None:
