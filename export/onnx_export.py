@@ -75,9 +75,28 @@ def trace_to_onnx(module: torch.nn.Module, inputs: tuple, io: GraphIO, path: Pat
                 dynamic_axes=io.dynamic_axes(),
                 do_constant_folding=True,
             )
-        return onnx.load(str(scratch / ONNX_NAME))  # also loads per-tensor external files of big traces
+        model = onnx.load(str(scratch / ONNX_NAME))  # also loads per-tensor external files of big traces
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    declare_outputs(model, io)
+    return model
+
+
+def declare_outputs(model: onnx.ModelProto, io: GraphIO) -> None:
+    """Output dims exactly as the IOSpec says.
+
+    The exporter's shape inference gives up at some ops (a patchified VAE's final Clip, custom FP8
+    ops) and invents a symbol such as ``Clipimage_dim_1`` for a dim the model fixes (4 channels).
+    """
+    for value, spec in zip(model.graph.output, io.outputs):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for d in spec.dims:
+            dim = dims.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            else:
+                dim.dim_param = d
 
 
 def save_graph(model: onnx.ModelProto, path: Path, external_threshold: int = PROTOBUF_LIMIT) -> list[Path]:

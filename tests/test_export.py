@@ -174,3 +174,26 @@ def test_overwrite_replaces_atomically(tiny, tmp_path):
     manifest = export_model(tiny[1], out, graphs=["vae_encoder"], overwrite=True)
     assert list(manifest.graphs) == ["vae_encoder"] and not (out / "vae_decoder").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_patchified_vae_declares_its_pixel_channels(tmp_path):
+    """The demo's VAE unpatchifies after a Clip that stops shape inference: the graph must still
+    declare 4 output channels (not an invented symbol), or the manifest check refuses it."""
+    import dataclasses
+
+    import torch
+
+    from export.graphs import VAEDecoderGraph
+    from qwen_image2_ref.config import DEMO
+    from qwen_image2_ref.vae import QwenImageVAE
+
+    cfg = dataclasses.replace(DEMO, vae=dataclasses.replace(DEMO.vae, base_dim=8, decoder_base_dim=8))
+    io = graph_io("vae_decoder", cfg, 64)
+    torch.manual_seed(0)
+    module = VAEDecoderGraph(QwenImageVAE(cfg.vae).eval())
+    model = onnx_export.trace_to_onnx(module, (torch.randn(2, 64, 3, 2),), io, tmp_path / "m.onnx", 19)
+    onnx_export.save_graph(model, tmp_path / "m.onnx")
+    _, outputs = read_onnx_io(tmp_path / "m.onnx")
+    assert outputs[0].dims == ("B", 4, "H", "W")
+    out = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"latents": np.zeros((1, 64, 2, 4), np.float32)})
+    assert out[0].shape == (1, 4, 32, 64)
