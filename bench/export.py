@@ -304,7 +304,8 @@ def lean_main(args) -> None:
             if k:
                 shutil.rmtree(k, ignore_errors=True)
 
-    def add(name: str, nbytes: float, r) -> None:  # printed as it comes: the 32-layer rows take long
+    def add(row: tuple) -> None:  # (name, checkpoint bytes, result); printed as it comes
+        name, nbytes, r = row
         if isinstance(r, str):
             print(f"{name:<52} {nbytes / 1e9:>8.2f}  {r}", flush=True)
         else:
