@@ -33,6 +33,7 @@ from export.onnx_export import (
     DEFAULT_OPSET,
     ONNX_NAME,
     PROTOBUF_LIMIT,
+    declare_outputs,
     save_graph,
     trace_to_onnx,
 )
@@ -49,7 +50,7 @@ TRANSFORMER_GRAPHS = ("transformer", *getattr(_manifest, "KV_CACHE_GRAPHS", ()))
 
 
 def _save(model, io, export_dir: Path, name: str, precision: Precision, external_threshold: int) -> GraphSpec:
-    _declare_outputs(model, io)
+    declare_outputs(model, io)
     path = export_dir / name / ONNX_NAME
     data_files = save_graph(model, path, external_threshold)
     rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
@@ -93,21 +94,6 @@ def export_fp32_graph(name: str, model, cfg, export_dir: Path, max_resolution: i
                                export_dir / name / ONNX_NAME, opset)
     onnx_model, _ = cleanup_graph(onnx_model, name)
     return _save(onnx_model, io, export_dir, name, Precision.FP32, external_threshold)
-
-
-def _declare_outputs(model, io) -> None:
-    """Output dims as the IOSpec says: shape inference stops at the exporter's custom FP8 ops (the
-    velocity's channel dim became a generated symbol) and at the patchified VAE's Clip (the demo
-    model's image channels)."""
-    for value, spec in zip(model.graph.output, io.outputs):
-        dims = value.type.tensor_type.shape.dim
-        del dims[:]
-        for d in spec.dims:
-            dim = dims.add()
-            if isinstance(d, int):
-                dim.dim_value = d
-            else:
-                dim.dim_param = d
 
 
 def calibration_section(quantized) -> dict:
