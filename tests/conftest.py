@@ -25,3 +25,13 @@ def tiny_export(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-export") / "export"
     export_model(load_model(tiny_model_dir), out, max_resolution=128)
     return tiny_model_dir, out
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory):
+    """Every graph of the shipped demo model, exported once per session (sizes up to 256 px)."""
+    from export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("demo-export") / "export"
+    export_model("demo", out, max_resolution=256)
+    return out

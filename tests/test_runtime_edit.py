@@ -168,20 +168,16 @@ def _demo_weights() -> Path | None:
 
 
 @pytest.mark.skipif(_demo_weights() is None, reason="demo weights not trained yet (qwen_image2_ref/demo/weights)")
-def test_demo_edit_matches_the_reference(tmp_path):
+def test_demo_edit_matches_the_reference(demo_export):
     """Runtime edit vs reference edit on the shipped demo model: PSNR >= 40 dB, and the judge reads
     the edit as applied exactly where it does on the reference output."""
     import torch
 
-    from export.onnx_export import export_model
     from qwen_image2_ref.demo import data, judge
-    from qwen_image2_ref.model_folder import load_model, load_pipeline
+    from qwen_image2_ref.model_folder import load_pipeline
 
     torch.set_num_threads(1)
-    model = load_model("demo")
-    export_model(model, tmp_path / "export", graphs=["text_encoder", "vision_encoder", "transformer",
-                                                     "vae_decoder", "vae_encoder"])
-    ours_pipe, ref_pipe = Pipeline.load(tmp_path / "export", threads=1), load_pipeline("demo")
+    ours_pipe, ref_pipe = Pipeline.load(demo_export, threads=1), load_pipeline("demo")
     rng = np.random.default_rng(7)
     applied = {"ours": 0, "ref": 0}
     for i in range(4):
