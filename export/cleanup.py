@@ -26,6 +26,10 @@ def cleanup_graph(model: onnx.ModelProto, name: str = "graph") -> tuple[onnx.Mod
     import onnx_graphsurgeon as gs
 
     before = len(model.graph.node)
+    import onnxruntime
+
+    # graphsurgeon folds through onnxruntime, whose optimiser warns about nodes it leaves alone
+    onnxruntime.set_default_logger_severity(3)
     graph = gs.import_onnx(model)
     graph.fold_constants().cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=True)
