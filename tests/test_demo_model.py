@@ -86,5 +86,10 @@ def test_trainer_is_reproducible(tmp_path):
     vae_b, dit_b = _run(tmp_path / "b", 0)
     assert vae_a == vae_b and dit_a == dit_b, "same seed, expected identical loss curves"
     assert len(vae_a) == 3 and len(dit_a) == 3 and all(np.isfinite(vae_a + dit_a))
-    vae_c, dit_c = _run(tmp_path / "c", 1)
+    vae_c, dit_c = _run(tmp_path / "c", 1, stages="vae,encoder,data,dit,save")
     assert vae_c != vae_a and dit_c != dit_a, "a different seed should give a different loss curve"
+    # stage files are safetensors + json (never pickle), and the save stage writes a loadable folder
+    assert not list((tmp_path / "c").rglob("*.pt"))
+    from qwen_image2_ref.model_folder import load_model
+
+    assert load_model(tmp_path / "c" / "weights").config.transformer == load_model("demo").config.transformer

@@ -19,7 +19,6 @@ Stages, each saved under ``--out`` so a later stage can run in another process (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
@@ -28,10 +27,12 @@ from pathlib import Path
 import torch
 
 from qwen_image2_ref.config import DEMO, ModelConfig, VAEConfig
+from qwen_image2_ref.demo.stage_io import load_stage, save_module
 from qwen_image2_ref.demo.train_vae import VAESettings, evaluate_vae, train_vae
 from qwen_image2_ref.vae import QwenImageVAE
 
 log = logging.getLogger(__name__)
+
 
 STAGES = ("vae", "encoder", "data", "dit", "save")
 DEFAULT_OUT = Path("/tmp/demo_train")
@@ -39,15 +40,13 @@ MIN_PIXELS = 32 * 32
 
 
 def save_state(path: Path, module: torch.nn.Module, config, **extra) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": module.state_dict(), "config": dataclasses.asdict(config), **extra}, tmp)
-    tmp.replace(path)
+    save_module(path, module, config, **extra)
 
 
 def load_vae(out: Path) -> QwenImageVAE:
-    blob = torch.load(out / "vae.pt", weights_only=False)
-    vae = QwenImageVAE(VAEConfig(**blob["config"]))
-    vae.load_state_dict(blob["state_dict"])
+    state, meta = load_stage(out / "vae")
+    vae = QwenImageVAE(VAEConfig(**meta["config"]))
+    vae.load_state_dict(state)
     return vae.eval()
 
 
@@ -92,7 +91,7 @@ def build_encoder(out: Path, config: ModelConfig, seed: int):
 def stage_vae(out: Path, config: ModelConfig, seed: int, settings: VAESettings, fixed: bool, progress: bool) -> dict:
     vae, losses, stats = train_vae(config.vae, settings, seed, progress=progress, fixed_steps=fixed)
     stats["eval"] = evaluate_vae(vae) if not fixed else {}
-    save_state(out / "vae.pt", vae, config.vae, losses=losses, stats=stats)
+    save_state(out / "vae", vae, config.vae, losses=losses, stats=stats)
     log.info("vae stage: %s", stats)
     return {"losses": losses, **stats}
 
@@ -139,7 +138,7 @@ def main(argv=None) -> dict:
             report["vae"] = stage_vae(out, config, args.seed, settings, args.fixed_steps, progress)
         elif stage == "encoder":
             encoder = build_encoder(out, config, args.seed)
-            torch.save(encoder.model.state_dict(), out / "encoder.pt")
+            save_module(out / "encoder", encoder.model)
         else:
             from qwen_image2_ref.demo import train_dit
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo.stage_io import load_groups, load_stage, save_groups
 from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import pack_latents
@@ -224,26 +225,26 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
     if stage == "data":
         vae = load_vae(out)
         encoder = build_encoder(out, config, args.seed)
-        encoder.model.load_state_dict(torch.load(out / "encoder.pt"))
+        encoder.model.load_state_dict(load_stage(out / "encoder")[0])
         t0 = time.time()
         groups, stats = build_data(vae, encoder, args.seed, args.small_data, progress)
-        torch.save({"groups": groups, "stats": stats}, out / "data.pt")
+        save_groups(out / "data", groups, stats)
         return {"seconds": round(time.time() - t0, 1), "sizes": {k: len(g.latents) for k, g in groups.items()}}
-    blob = torch.load(out / "data.pt", weights_only=False)
+    groups, data_stats = load_groups(out / "data", Group)
     if stage == "dit":
         settings = DiTSettings(steps=args.dit_steps, minutes=None if args.fixed_steps else args.dit_minutes,
                                **({"batch": 4} if args.small_data else {}))
 
         def ckpt(model, losses):
-            save_state(out / "dit.pt", model, config.transformer, losses=losses)
+            save_state(out / "dit", model, config.transformer, losses=losses)
 
-        model, losses, stats = train_dit(config, blob["groups"], settings, args.seed, progress, ckpt)
+        model, losses, stats = train_dit(config, groups, settings, args.seed, progress, ckpt)
         ckpt(model, losses)
         stats["loss_every_500"] = smoothed(losses)
         log.info("dit stage: %s", stats)
         return {"losses": losses, **stats}
     if stage == "save":
-        return {"folder": str(save_weights(out, config, blob["stats"], args))}
+        return {"folder": str(save_weights(out, config, data_stats, args))}
     raise ValueError(stage)
 
 
@@ -257,10 +258,9 @@ def save_weights(out, config: ModelConfig, stats: dict, args):
     vae.config = vcfg
     vae.reset_buffers()
     encoder = build_encoder(out, config, args.seed)
-    encoder.model.load_state_dict(torch.load(out / "encoder.pt"))
-    blob = torch.load(out / "dit.pt", weights_only=False)
+    encoder.model.load_state_dict(load_stage(out / "encoder")[0])
     model = QwenImageTransformer(config.transformer)
-    model.load_state_dict(blob["state_dict"])
+    model.load_state_dict(load_stage(out / "dit")[0])
     extra = {"default_negative_prompt": NEGATIVE_PROMPT} if "default_negative_prompt" in {
         f.name for f in dataclasses.fields(config.pipeline)} else {}
     pipe = dataclasses.replace(config.pipeline, output_resolution=128, num_steps=40,
