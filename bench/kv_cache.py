@@ -66,39 +66,9 @@ def export(model, out: Path, max_resolution: int) -> None:
     pipe = dataclasses.replace(model.config.pipeline, max_prompt_tokens=max(model.config.pipeline.max_prompt_tokens,
                                                                             max(PROMPT_TOKENS)))
     model.config = dataclasses.replace(model.config, pipeline=pipe)
-    from runtime.errors import ManifestError
-
     start = time.perf_counter()
-    try:
-        export_model(model, out, max_resolution=max_resolution)
-    except ManifestError as exc:  # the export is written; only its re-read failed
-        print(f"NOTE: {exc}\n      working around it: graph outputs declared as their IOSpec says")
-        _declare_outputs(out)
+    export_model(model, out, max_resolution=max_resolution)
     print(f"export: {time.perf_counter() - start:.1f} s -> {out}")
-
-
-def _declare_outputs(out: Path) -> None:
-    """Workaround, bench only: the demo VAE decoder's traced channel dim (unpatchify computes it from a
-    shape) comes out symbolic; write the manifest's static dims into each graph's outputs, re-hash."""
-    import json
-
-    import onnx
-
-    from runtime.manifest import sha256_file
-
-    data = json.loads((out / "manifest.json").read_text())
-    for g in data["graphs"].values():
-        path = out / g["file"]
-        model = onnx.load(str(path))
-        for value, spec in zip(model.graph.output, g["outputs"]):
-            for dim, want in zip(value.type.tensor_type.shape.dim, spec["dims"]):
-                if isinstance(want, int):
-                    dim.dim_value = want
-                else:
-                    dim.dim_param = want
-        onnx.save(model, str(path))
-        g["sha256"] = sha256_file(path)
-    (out / "manifest.json").write_text(json.dumps(data, indent=2))
 
 
 def _times(fn, repeats: int) -> list[float]:
