@@ -35,3 +35,25 @@ def demo_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-export") / "export"
     export_model("demo", out, max_resolution=256)
     return out
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_export):
+    """``(model folder, export dir)`` of the tiny model (a test module may override it)."""
+    return tiny_export
+
+
+@pytest.fixture(scope="session")
+def runtime_pipe(tiny_export):
+    """The torch-free runtime over the tiny export (thread-safe, shared)."""
+    from runtime.pipeline import Pipeline
+
+    return Pipeline.load(tiny_export[1], threads=1)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_export):
+    """The torch reference pipeline of the tiny model (shared; tests must not change it)."""
+    from qwen_image2_ref.model_folder import load_pipeline
+
+    return load_pipeline(tiny_export[0])

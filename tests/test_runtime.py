@@ -18,23 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_export):
-    return tiny_export
-
-
-@pytest.fixture(scope="module")
-def runtime_pipe(exported):
-    return Pipeline.load(exported[1], threads=1)
-
-
-@pytest.fixture(scope="module")
-def reference(exported):
-    from qwen_image2_ref.model_folder import load_pipeline
-
-    return load_pipeline(exported[0])
-
-
 @pytest.mark.parametrize("prompt, size, guidance", [
     ("a red circle on the left", (96, 64), None),
     (["a blue square", "the green triangle is at the top right"], (64, 64), None),

@@ -19,23 +19,6 @@ RGBA = Image.fromarray(RNG.integers(0, 256, (80, 60, 4), dtype=np.uint8))  # por
 RGB = Image.fromarray(RNG.integers(0, 256, (50, 90, 3), dtype=np.uint8))  # landscape
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_export):
-    return tiny_export
-
-
-@pytest.fixture(scope="module")
-def runtime_pipe(exported):
-    return Pipeline.load(exported[1], threads=1)
-
-
-@pytest.fixture(scope="module")
-def reference(exported):
-    from qwen_image2_ref.model_folder import load_pipeline
-
-    return load_pipeline(exported[0])
-
-
 def _both(runtime_pipe, reference, images, instruction="make the circle blue", **kw):
     kw = {"steps": STEPS, "seed": 3, "output": "np", **kw}
     return runtime_pipe.edit(images, instruction, **kw), reference.edit(images, instruction, progress=False, **kw)
