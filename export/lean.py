@@ -99,26 +99,26 @@ def load_lean_model(model):
     from transformers.initialization import no_init_weights
 
     from qwen_image2_ref.checkpoint import meta_parameters, read_config
-    from qwen_image2_ref.config import ModelConfig, TransformerConfig, VAEConfig
-    from qwen_image2_ref.encoder import ConditionEncoder, _read_image_processor_config
-    from qwen_image2_ref.model_folder import LoadedModel, read_pipeline_config, resolve_model_path
-    from qwen_image2_ref.transformer import QwenImageTransformer
-    from qwen_image2_ref.vae import QwenImageVAE
+    from qwen_image2_ref.config import ModelConfig
+    from qwen_image2_ref.encoder import ConditionEncoder, read_image_processor_config
+    from qwen_image2_ref.model_folder import (
+        LoadedModel,
+        meta_components,
+        read_pipeline_config,
+        resolve_model_path,
+    )
     from runtime.images import VisionConfig
     from runtime.tokens import PromptTokenizer
 
     path = resolve_model_path(model)
     pipeline = read_pipeline_config(path)
-    t_cfg = TransformerConfig.from_diffusers(read_config(path / "transformer"))
-    v_cfg = VAEConfig.from_diffusers(read_config(path / "vae"))
-    with torch.device("meta"):
-        transformer = QwenImageTransformer(t_cfg)
-        vae = QwenImageVAE(v_cfg)
+    transformer, vae = meta_components(path)
+    t_cfg, v_cfg = transformer.config, vae.config
     vae.reset_buffers()  # latents mean/std from the config, for real
     hf = Qwen3VLConfig.from_dict(read_config(path / "text_encoder"))
     with meta_parameters(), no_init_weights():  # rotary tables are computed in __init__
         qwen = Qwen3VLForConditionalGeneration(hf)
-    vision = VisionConfig.from_dict(_read_image_processor_config(path / "processor"))
+    vision = VisionConfig.from_dict(read_image_processor_config(path / "processor"))
     tokenizer = PromptTokenizer.from_file(path / "processor" / "tokenizer.json", system_prompt=pipeline.system_prompt,
                                           max_prompt_tokens=pipeline.max_prompt_tokens, merge_size=vision.merge_size)
     encoder = ConditionEncoder(qwen, tokenizer, vision)

@@ -110,6 +110,24 @@ def save_graph(model: onnx.ModelProto, path: Path, external_threshold: int = PRO
     return [path.parent / DATA_NAME]
 
 
+def save_graph_spec(model: onnx.ModelProto, io: GraphIO, export_dir: Path, precision: Precision,
+                    external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
+    """Save graph ``io.name`` under ``export_dir/<name>/`` and describe it (files hashed) for the manifest."""
+    path = export_dir / io.name / ONNX_NAME
+    data_files = save_graph(model, path, external_threshold)
+    rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
+    return GraphSpec(
+        name=io.name,
+        file=rel(path),
+        sha256=sha256_file(path),
+        precision=precision,
+        inputs=io.inputs,
+        outputs=io.outputs,
+        dim_ranges=io.dim_ranges,
+        external_data=tuple(DataFile(rel(p), sha256_file(p)) for p in data_files),
+    )
+
+
 def export_graph(
     name: str,
     module: torch.nn.Module,
@@ -121,25 +139,13 @@ def export_graph(
 ) -> ExportedGraph:
     """Trace, clean up and save one graph under ``export_dir/<name>/``; hash what was written."""
     start = time.perf_counter()
-    path = export_dir / name / ONNX_NAME
-    model = trace_to_onnx(module, inputs, io, path, opset)
+    model = trace_to_onnx(module, inputs, io, export_dir / name / ONNX_NAME, opset)
     model, stats = cleanup_graph(model, name)
-    data_files = save_graph(model, path, external_threshold)
+    spec = save_graph_spec(model, io, export_dir, Precision.FP32, external_threshold)
     del model
-    rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
-    spec = GraphSpec(
-        name=name,
-        file=rel(path),
-        sha256=sha256_file(path),
-        precision=Precision.FP32,
-        inputs=io.inputs,
-        outputs=io.outputs,
-        dim_ranges=io.dim_ranges,
-        external_data=tuple(DataFile(rel(p), sha256_file(p)) for p in data_files),
-    )
     seconds = time.perf_counter() - start
     log.info("%s: exported in %.1f s (%d -> %d nodes%s)", name, seconds, stats.nodes_before,
-             stats.nodes_after, ", external data" if data_files else "")
+             stats.nodes_after, ", external data" if spec.external_data else "")
     return ExportedGraph(spec, stats.nodes_before, stats.nodes_after, seconds)
 
 

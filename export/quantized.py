@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from export.cleanup import cleanup_graph
 from export.graphs import example_inputs, graph_module
 from export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, graph_io
 from export.manifest_writer import (
@@ -34,12 +33,13 @@ from export.onnx_export import (
     ONNX_NAME,
     PROTOBUF_LIMIT,
     declare_outputs,
-    save_graph,
+    export_graph,
+    save_graph_spec,
     trace_to_onnx,
 )
 from runtime import manifest as _manifest
 from runtime.errors import ConfigError
-from runtime.manifest import GRAPH_NAMES, DataFile, GraphSpec, Manifest, Precision, sha256_file
+from runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +47,6 @@ log = logging.getLogger(__name__)
 # pair, where an export has it, splits the same layers; static per-tensor scales quantize each
 # token alike, so the pair computes what the single graph computes).
 TRANSFORMER_GRAPHS = ("transformer", *getattr(_manifest, "KV_CACHE_GRAPHS", ()))
-
-
-def _save(model, io, export_dir: Path, name: str, precision: Precision, external_threshold: int) -> GraphSpec:
-    declare_outputs(model, io)
-    path = export_dir / name / ONNX_NAME
-    data_files = save_graph(model, path, external_threshold)
-    rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
-    return GraphSpec(
-        name=name,
-        file=rel(path),
-        sha256=sha256_file(path),
-        precision=precision,
-        inputs=io.inputs,
-        outputs=io.outputs,
-        dim_ranges=io.dim_ranges,
-        external_data=tuple(DataFile(rel(p), sha256_file(p)) for p in data_files),
-    )
 
 
 def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolution: int, name: str = "transformer",
@@ -81,19 +64,18 @@ def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolutio
     if (stats.folded_weights != want) if name == "transformer" else not 0 < stats.folded_weights <= want:
         raise ConfigError(f"QDQ export {name}: expected {want} quantized weights (one per layer), "
                           f"found {stats.folded_weights}")
-    spec = _save(model, io, export_dir, name, quantized.policy.precision, external_threshold)
+    declare_outputs(model, io)  # the QDQ rewrite rebuilds the outputs' value infos
+    spec = save_graph_spec(model, io, export_dir, quantized.policy.precision, external_threshold)
     log.info("%s (%s): exported in %.1f s", name, quantized.policy.precision.value, time.perf_counter() - start)
     return spec
 
 
 def export_fp32_graph(name: str, model, cfg, export_dir: Path, max_resolution: int, opset: int = DEFAULT_OPSET,
                       external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
-    """``export_graph``'s trace + clean-up, with the output dims set from the IOSpec before saving."""
+    """An unquantized graph of the same export, exactly as ``export_model`` writes it."""
     io = graph_io(name, cfg, max_resolution)
-    onnx_model = trace_to_onnx(graph_module(name, model), example_inputs(name, cfg), io,
-                               export_dir / name / ONNX_NAME, opset)
-    onnx_model, _ = cleanup_graph(onnx_model, name)
-    return _save(onnx_model, io, export_dir, name, Precision.FP32, external_threshold)
+    return export_graph(name, graph_module(name, model), example_inputs(name, cfg), io, export_dir, opset,
+                        external_threshold).spec
 
 
 def calibration_section(quantized) -> dict:

@@ -210,7 +210,7 @@ class ConditionEncoder(torch.nn.Module):
         text_encoder_dir, processor_dir = Path(text_encoder_dir), Path(processor_dir)
         if not (text_encoder_dir / "config.json").is_file():
             raise CheckpointError(f"text encoder: expected {text_encoder_dir}/config.json, not found")
-        vision = VisionConfig.from_dict(_read_image_processor_config(processor_dir))
+        vision = VisionConfig.from_dict(read_image_processor_config(processor_dir))
         tokenizer = PromptTokenizer.from_file(
             processor_dir / "tokenizer.json",
             system_prompt=system_prompt,
@@ -316,7 +316,7 @@ def postprocess_hidden_states_torch(
     return embeds.float(), mask, torch.from_numpy(index.image_pad_mask).to(device)
 
 
-def _read_image_processor_config(processor_dir: Path) -> dict[str, Any]:
+def read_image_processor_config(processor_dir: Path) -> dict[str, Any]:
     for name in ("processor_config.json", "preprocessor_config.json"):
         path = processor_dir / name
         if path.is_file():

@@ -74,6 +74,14 @@ def read_pipeline_config(path: Path) -> PipelineConfig:
     return PipelineConfig(scheduler=scheduler, **kwargs)
 
 
+def meta_components(path: Path) -> tuple[QwenImageTransformer, QwenImageVAE]:
+    """The folder's transformer and VAE built on the meta device (no storage), from their config.json."""
+    t_cfg = TransformerConfig.from_diffusers(read_config(path / "transformer"))
+    v_cfg = VAEConfig.from_diffusers(read_config(path / "vae"))
+    with torch.device("meta"):
+        return QwenImageTransformer(t_cfg), QwenImageVAE(v_cfg)
+
+
 def load_model(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                name: str | None = None) -> LoadedModel:
     """Build every component on the meta device and fill it from the folder's safetensors."""
@@ -81,11 +89,8 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, 
 
     path = resolve_model_path(model)
     pipeline_cfg = read_pipeline_config(path)
-    t_cfg = TransformerConfig.from_diffusers(read_config(path / "transformer"))
-    v_cfg = VAEConfig.from_diffusers(read_config(path / "vae"))
-    with torch.device("meta"):
-        transformer = QwenImageTransformer(t_cfg)
-        vae = QwenImageVAE(v_cfg)
+    transformer, vae = meta_components(path)
+    t_cfg, v_cfg = transformer.config, vae.config
     load_into(transformer, path / "transformer", dtype=dtype, device=device)
     load_into(vae, path / "vae", dtype=dtype, device=device)
     encoder = ConditionEncoder.from_pretrained(

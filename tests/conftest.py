@@ -57,3 +57,18 @@ def reference(tiny_export):
     from qwen_image2_ref.model_folder import load_pipeline
 
     return load_pipeline(tiny_export[0])
+
+
+@pytest.fixture
+def trt(monkeypatch):
+    """tests/trt_standin.py installed as ``tensorrt`` (and its CUDA runtime) for one test."""
+    import sys
+
+    from runtime.backends import cuda
+    from tests import trt_standin as standin
+
+    standin.reset()
+    monkeypatch.setitem(sys.modules, "tensorrt", standin)
+    cuda.set_cudart(standin.CUDART)
+    yield standin
+    cuda.set_cudart(None)

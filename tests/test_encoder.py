@@ -23,25 +23,13 @@ from qwen_image2_ref.encoder import (
 )
 from runtime.errors import CheckpointError, InputError
 from runtime.tokens import mrope_position_ids, postprocess_hidden_states
-from tests.tiny_parts import SPECIALS, VISION, _scale_weights, _train_tokenizer
+from tests.tiny_parts import VISION, tiny_encoder
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoder")
-    tokenizer = _train_tokenizer(root / "tok")
-    ids = {t: tokenizer.tokenizer.token_to_id(t) for t in SPECIALS}
-    cfg = dataclasses.replace(
-        TINY.encoder,
-        vocab_size=tokenizer.tokenizer.get_vocab_size(),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    encoder = ConditionEncoder.from_config(cfg, tokenizer, VISION)
-    _scale_weights(encoder.model)
+    _, encoder = tiny_encoder(root, seed=0)
     encoder.save_pretrained(root / "text_encoder", root / "processor")
     return root
 

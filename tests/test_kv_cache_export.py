@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,18 +169,6 @@ def test_an_export_without_the_pair_still_works(exported, pipes, tmp_path):
 
 
 # ----------------------------------------------------------------------------- TensorRT (stand-in)
-
-
-@pytest.fixture
-def trt(monkeypatch):
-    from runtime.backends import cuda
-    from tests import trt_standin as standin
-
-    standin.reset()
-    monkeypatch.setitem(sys.modules, "tensorrt", standin)
-    cuda.set_cudart(standin.CUDART)
-    yield standin
-    cuda.set_cudart(None)
 
 
 def test_tensorrt_builds_the_pair_and_keeps_the_cache_on_the_device(exported, tmp_path, trt, monkeypatch):

@@ -17,7 +17,6 @@ from export.trt_profiles import BuildRanges, graph_ranges, input_profiles, wante
 from runtime.backends import cuda, make_backend
 from runtime.errors import BackendError, ConfigError, ShapeError
 from runtime.manifest import EngineSpec, Manifest, Precision, load_manifest, sha256_file
-from tests import trt_standin as standin
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +34,6 @@ def exported(tmp_path_factory):
 @pytest.fixture
 def export_copy(exported, tmp_path):
     return Path(shutil.copytree(exported, tmp_path / "export"))
-
-
-@pytest.fixture
-def trt(monkeypatch):
-    standin.reset()
-    monkeypatch.setitem(sys.modules, "tensorrt", standin)
-    cuda.set_cudart(standin.CUDART)
-    yield standin
-    cuda.set_cudart(None)
 
 
 # ----------------------------------------------------------------------------- profiles (pure)

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 
 from qwen_image2_ref.config import TINY, ModelConfig, PipelineConfig
-from qwen_image2_ref.encoder import ConditionEncoder
 from qwen_image2_ref.model_folder import save_model
 from qwen_image2_ref.transformer import QwenImageTransformer
 from qwen_image2_ref.vae import QwenImageVAE
-from tests.tiny_parts import SPECIALS, VISION, _scale_weights, _train_tokenizer
+from tests.tiny_parts import tiny_encoder
 from tests.transformer_peer import make_peer
 
 
@@ -36,19 +35,7 @@ def _peer_vae(cfg, seed: int):
 
 def build_tiny_model(root: Path, seed: int = 0, output_resolution: int = 64) -> tuple[ModelConfig, Path]:
     """Train a tokenizer, build and save a tiny model under ``root / 'model'``."""
-    tokenizer = _train_tokenizer(root / "tok")
-    ids = {t: tokenizer.tokenizer.token_to_id(t) for t in SPECIALS}
-    enc_cfg = dataclasses.replace(
-        TINY.encoder,
-        vocab_size=tokenizer.tokenizer.get_vocab_size(),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    encoder = ConditionEncoder.from_config(enc_cfg, tokenizer, VISION)
-    _scale_weights(encoder.model)
+    enc_cfg, encoder = tiny_encoder(root, seed)
     config = dataclasses.replace(
         TINY, encoder=enc_cfg, pipeline=PipelineConfig(output_resolution=output_resolution, num_steps=3)
     )

@@ -57,3 +57,27 @@ def _scale_weights(model: torch.nn.Module, gain: float = 4.0) -> None:
                 param.mul_(gain)
             elif param.ndim == 1 and "norm" in name and "weight" in name:
                 param.copy_(0.5 + torch.rand(param.shape, generator=gen))
+
+
+def tiny_encoder(root, seed: int = 0):
+    """A tokenizer trained under ``root / 'tok'`` and a random tiny Qwen3-VL encoder whose token ids
+    are the tokenizer's, with weights scaled so every layer matters: ``(EncoderConfig, ConditionEncoder)``."""
+    import dataclasses
+
+    from qwen_image2_ref.config import TINY
+    from qwen_image2_ref.encoder import ConditionEncoder
+
+    tokenizer = _train_tokenizer(root / "tok")
+    ids = {t: tokenizer.tokenizer.token_to_id(t) for t in SPECIALS}
+    cfg = dataclasses.replace(
+        TINY.encoder,
+        vocab_size=tokenizer.tokenizer.get_vocab_size(),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    encoder = ConditionEncoder.from_config(cfg, tokenizer, VISION)
+    _scale_weights(encoder.model)
+    return cfg, encoder
