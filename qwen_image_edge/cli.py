@@ -25,7 +25,6 @@ Qwen-Image-2 on small GPUs. A deployment runs these stages in order:
   run         generate or edit images from an export directory (no torch)
   validate    per-graph and end-to-end numbers against the reference
 
-Only the commands listed below exist in this version; the others arrive with their stage.
 """
 
 
@@ -90,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--max-resolution", type=int, help="largest image side in pixels (default: the model's)")
     quant.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     quant.set_defaults(handler=_cmd_quantize)
+
+    dist = commands.add_parser(
+        "distill",
+        help="step distillation: a few-step student with guidance built in (torchrun for several processes)",
+        description=_distill_description(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _distill_arguments(dist)
+    dist.set_defaults(handler=_cmd_distill)
 
     validate = commands.add_parser("validate", help="compare each exported graph with the reference")
     validate.add_argument("export_dir", help="export directory (with manifest.json)")
@@ -243,6 +250,24 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                    overwrite=args.overwrite, progress=True)
     print(f"quantized export ({args.precision}) written to {args.out}")
     return 0
+
+
+def _distill_description() -> str:
+    from distill.cli import DESCRIPTION
+
+    return DESCRIPTION
+
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    from distill.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from distill.cli import run
+
+    return run(args)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -1,0 +1,72 @@
+"""Arguments of ``qwen-image-edge distill`` / ``torchrun -m distill`` (torch is imported only to run)."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Distil a many-step teacher into a few-step student with guidance built in: the teacher samples a
+pool of prompts (its full schedule, with guidance) and the student learns to jump between the
+teacher's latents at its own fixed sigmas, one transformer call per step. Writes OUT/student, a
+checkpoint folder whose model_index.json carries the schedule, so `export` + `run` use it by default.
+Resumable: rerun the same command after an interruption. Several processes: torchrun
+--nproc-per-node N -m distill ... (gloo on CPU, nccl on GPUs; --batch must be a multiple of N)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher checkpoint folder, or 'demo'")
+    p.add_argument("--out", required=True, help="work folder: pool, checkpoint, student/")
+    p.add_argument("--steps", default="4",
+                   help="student step count, or a comma list trained together (the first is the default "
+                        "schedule; each must divide --teacher-steps) (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=1000, help="training iterations (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="global batch over all processes (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=int, default=40, help="teacher sampling steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="teacher guidance (default: the teacher's own, or 4 when that is 1)")
+    p.add_argument("--pool", type=int, default=512, help="teacher trajectories (prompts x noise) (default: %(default)s)")
+    p.add_argument("--edits", type=int, default=0, help="edit trajectories too (demo teacher only) (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from distill.trainer import DistillSettings, distill
+    from runtime.errors import ConfigError
+
+    try:
+        steps = tuple(int(s) for s in str(args.steps).split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--steps: expected integers like 4 or 4,8, got {args.steps!r}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = DistillSettings(steps=steps, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed,
+                               teacher_steps=args.teacher_steps, guidance=args.guidance, pool_size=args.pool,
+                               edit_size=args.edits)
+    folder = distill(args.teacher, args.out, settings, progress=not args.no_progress, restart=args.restart)
+    if folder is not None:
+        print(f"student ({steps[0]} steps, guidance distilled) written to {folder}")
+    return 0
+
+
+def main(argv=None) -> int:
+    import logging
+    import sys
+
+    from runtime.errors import QwenImageEdgeError
+
+    p = argparse.ArgumentParser(prog="python -m distill", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return run(args)
+    except QwenImageEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,228 @@
+"""Teacher trajectories: the latents a many-step teacher passes through, at the student grids' points.
+
+A pool holds one or two groups (text-to-image; edits when edit examples are given). Every sample
+of a group shares the target size and the layout of its condition-image slots, so training
+batches are plain stacks. Each rank computes its share of the samples and the shares are
+gathered, so every rank trains on the same pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from runtime import images as rimages
+from runtime import schedule
+from runtime.errors import ConfigError
+from runtime.sampling import initial_noise
+
+log = logging.getLogger(__name__)
+
+
+def student_sigmas(steps: int, n_tokens: int, scheduler) -> np.ndarray:
+    """A student's sampling sigmas ``[steps + 1]``: the base grid ``default_sigmas(steps)`` through
+    the teacher's scheduler (shift, terminal stretch), exactly what the runtime will use."""
+    return schedule.make_sigmas(steps, n_tokens, scheduler)
+
+
+def teacher_grid(student_steps: tuple[int, ...], teacher_steps: int, n_tokens: int, scheduler):
+    """The teacher's sampling grid: every student sigma, with ``teacher_steps`` Euler steps spread
+    over the intervals between them (in proportion to their length, at least one each).
+
+    Returns ``(grid [teacher_steps + 1], points)``: ``points`` are the distinct student sigmas
+    (descending, ending at 0) and every one of them is an entry of ``grid``.
+    """
+    if any(s < 1 for s in student_steps) or teacher_steps < 1:
+        raise ConfigError(f"steps: expected positive step counts, got students {student_steps}, teacher {teacher_steps}")
+    points = np.unique(np.concatenate([student_sigmas(s, n_tokens, scheduler) for s in student_steps]))[::-1]
+    gaps = -np.diff(points)
+    if teacher_steps < len(gaps):
+        raise ConfigError(f"teacher steps {teacher_steps}: fewer than the {len(gaps)} student intervals")
+    counts = np.maximum(1, np.floor(gaps / gaps.sum() * teacher_steps).astype(int))
+    while counts.sum() < teacher_steps:  # hand out the remainder to the longest sub-steps
+        counts[np.argmax(gaps / counts)] += 1
+    while counts.sum() > teacher_steps:
+        counts[np.argmax(np.where(counts > 1, counts, 0))] -= 1
+    grid = np.concatenate([np.linspace(a, b, c, endpoint=False) for a, b, c in zip(points[:-1], points[1:], counts)]
+                          + [points[-1:]]).astype(np.float32)
+    return grid, points.astype(np.float32)
+
+
+@dataclasses.dataclass
+class Group:
+    """``points[i, j]``: sample i's latent at the pool's ``sigmas[j]`` (packed, normalised)."""
+
+    points: torch.Tensor  # [N, P, N_t, C] float32
+    states: list[np.ndarray]  # N x [L_i, D] encoder states of the positive prompt
+    target_shape: tuple[int, int]  # latent (h, w)
+    cond_latents: torch.Tensor | None = None  # [N, N_c, C]
+    pad_prefix: np.ndarray | None = None  # [K] bool: image-slot pattern at the start of every prompt
+
+
+@dataclasses.dataclass
+class Pool:
+    groups: dict[str, Group]
+    sigmas: np.ndarray  # [P] the recorded sigmas: every student grid point, descending, ending at 0
+    grid: np.ndarray  # [teacher_steps + 1] the teacher's sampling grid (contains ``sigmas``)
+    guidance: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    prompts: tuple[str, ...]
+    edits: tuple[tuple[np.ndarray, str], ...] = ()  # (RGBA uint8 image, instruction)
+    teacher_steps: int = 40
+    guidance: float = 4.0
+    student_steps: tuple[int, ...] = (4, 8)
+    seed: int = 0
+    batch: int = 16
+
+    def digest(self) -> str:
+        h = hashlib.sha256(json.dumps([self.prompts, self.teacher_steps, self.guidance, self.student_steps,
+                                       self.seed]).encode())
+        for img, text in self.edits:
+            h.update(img.tobytes())
+            h.update(text.encode())
+        return h.hexdigest()[:16]
+
+
+def _trim(states: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+    return [s[: int(m.sum())].float().cpu().numpy() for s, m in zip(states, mask)]
+
+
+@torch.no_grad()
+def teacher_run(pipe, positive, negative, cond_latents, noise: np.ndarray, grid: np.ndarray, guidance: float,
+                keep: np.ndarray) -> torch.Tensor:
+    """The reference pipeline's Euler loop with guidance over ``grid``; the latents at the grid
+    entries in ``keep`` -> ``[B, len(keep), N_t, C]`` (float32)."""
+    x = torch.from_numpy(noise.astype(np.float32)).to(pipe.device, pipe.dtype)
+    kept = {}
+    for i in range(len(grid)):
+        if grid[i] in keep:
+            kept[float(grid[i])] = x.float().cpu()
+        if i == len(grid) - 1:
+            break
+        v = pipe._velocity(positive, x, cond_latents, float(grid[i]))
+        if negative is not None:
+            v_neg = pipe._velocity(negative, x, cond_latents, float(grid[i]))
+            v = v_neg + guidance * (v - v_neg)
+        x = (x.float() + float(grid[i + 1] - grid[i]) * v.float()).to(pipe.dtype)
+    return torch.stack([kept[float(s)] for s in keep], dim=1)
+
+
+def build_pool(pipe, spec: PoolSpec, rank: int = 0, world: int = 1, progress: bool = True) -> Pool:
+    """Sample the teacher on this rank's share of the prompts (and edits); gather when ``world > 1``."""
+    pcfg = pipe.config.pipeline
+    res = pcfg.output_resolution
+    channels = pipe.transformer.config.in_channels
+    grid, points = teacher_grid(spec.student_steps, spec.teacher_steps, (res // 16) ** 2, pcfg.scheduler)
+    use_neg = spec.guidance > 1
+    neg_prompt = pcfg.default_negative_prompt if pcfg.default_negative_prompt is not None else " "
+    target = (res // 16, res // 16)
+    groups: dict[str, Group] = {}
+
+    # Whole batches per rank: padding to a batch's longest prompt moves the image's rope positions,
+    # so a sample's trajectory depends on its batch; fixed global batches make it independent of
+    # the number of processes.
+    n = len(spec.prompts)
+    batches = [list(range(k, min(k + spec.batch, n))) for k in range(0, n, spec.batch)]
+    out, states = [], []
+    for ids in tqdm(batches[rank::world], desc="teacher t2i", disable=not progress or rank > 0):
+        prompts = [spec.prompts[i] for i in ids]
+        noise = np.concatenate([initial_noise(spec.seed + i, 1, res, res, channels) for i in ids])
+        with torch.no_grad():
+            pos = pipe._encode(prompts, [], [], target)
+            neg = pipe._encode([neg_prompt] * len(ids), [], [], target) if use_neg else None
+            empty = torch.zeros(len(ids), 0, channels, device=pipe.device, dtype=pipe.dtype)
+            out.append(teacher_run(pipe, pos, neg, empty, noise, grid, spec.guidance, points))
+            s, m, _ = pipe.encoder.encode(prompts)
+        states.append(_trim(s, m))
+    groups["t2i"] = _gather([Group(o, st, target) for o, st in zip(out, states)], len(batches), rank, world)
+
+    if spec.edits:
+        n_e = len(spec.edits)
+        parts, prefix = [], None
+        for i in tqdm(range(rank, n_e, world), desc="teacher edits", disable=not progress or rank > 0):
+            image, instruction = spec.edits[i]
+            pil = rimages.load_image(image)
+            size = rimages.calculate_dimensions(res * res, pil.width / pil.height)
+            if size != (res, res):
+                raise ConfigError(f"distillation edits: condition images must be square ({res}x{res} after resize)")
+            vl = [rimages.resize_rgba(pil, res, res)]
+            noise = initial_noise(spec.seed + 100_000 + i, 1, res, res, channels)
+            with torch.no_grad():
+                pos = pipe._encode([instruction], vl, [target], target)
+                neg = pipe._encode([neg_prompt], vl, [target], target) if use_neg else None
+                cond = pipe._condition_latents([pil], [(res, res)], 1)
+                traj = teacher_run(pipe, pos, neg, cond, noise, grid, spec.guidance, points)
+                s, m, pad = pipe.encoder.encode([instruction], vl)
+            pad = np.asarray(pad[0].cpu().numpy() if torch.is_tensor(pad) else pad[0], dtype=bool)
+            k = int(np.flatnonzero(pad).max()) + 1
+            if prefix is None:
+                prefix = pad[:k]
+            if not np.array_equal(pad[:k], prefix) or pad[k:].any():
+                raise ConfigError("distillation edits: image slots must sit at the same prompt positions")
+            parts.append(Group(traj, _trim(s, m), target, cond.float().cpu(), prefix))
+        groups["edit"] = _gather(parts, n_e, rank, world)
+    return Pool(groups, points, grid, spec.guidance)
+
+
+def _gather(parts: list[Group], n_parts: int, rank: int, world: int) -> Group:
+    """Concatenate the parts (batches) of every rank in global order: part k came from rank k % world."""
+    if world > 1:
+        import torch.distributed as dist
+
+        shares: list = [None] * world
+        dist.all_gather_object(shares, parts)
+        parts = [shares[k % world][k // world] for k in range(n_parts)]
+    first = parts[0]
+    cond = None if first.cond_latents is None else torch.cat([p.cond_latents for p in parts])
+    return Group(torch.cat([p.points for p in parts]), [s for p in parts for s in p.states], first.target_shape,
+                 cond, first.pad_prefix)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def save_pool(path: Path, pool: Pool, digest: str) -> None:
+    from qwen_image2_ref.demo.stage_io import save_stage
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"digest": digest, "sigmas": [float(s) for s in pool.sigmas], "grid": [float(s) for s in pool.grid],
+                  "guidance": pool.guidance, "groups": {}}
+    for name, g in pool.groups.items():
+        tensors[f"{name}/points"] = g.points
+        tensors[f"{name}/states"] = torch.from_numpy(np.concatenate(g.states, axis=0))
+        tensors[f"{name}/states_len"] = torch.tensor([len(s) for s in g.states], dtype=torch.int64)
+        if g.cond_latents is not None:
+            tensors[f"{name}/cond_latents"] = g.cond_latents
+            tensors[f"{name}/pad_prefix"] = torch.from_numpy(g.pad_prefix.astype(np.uint8))
+        meta["groups"][name] = {"target_shape": list(g.target_shape)}
+    save_stage(path, tensors, meta)
+
+
+def load_pool(path: Path, digest: str) -> Pool | None:
+    """The saved pool, or None when there is none or it was made for another spec/teacher."""
+    from qwen_image2_ref.demo.stage_io import load_stage
+
+    if not Path(path).with_suffix(".json").is_file():
+        return None
+    tensors, meta = load_stage(path)
+    if meta.get("digest") != digest:
+        log.info("pool at %s was built for another teacher or spec; rebuilding", path)
+        return None
+    groups = {}
+    for name, info in meta["groups"].items():
+        ends = np.cumsum(tensors[f"{name}/states_len"].numpy())
+        states = list(np.split(tensors[f"{name}/states"].numpy(), ends[:-1]))
+        pad = tensors.get(f"{name}/pad_prefix")
+        groups[name] = Group(tensors[f"{name}/points"], states, tuple(info["target_shape"]),
+                             tensors.get(f"{name}/cond_latents"), None if pad is None else pad.numpy().astype(bool))
+    return Pool(groups, np.asarray(meta["sigmas"], np.float32), np.asarray(meta["grid"], np.float32),
+                meta["guidance"])

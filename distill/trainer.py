@@ -1,0 +1,344 @@
+"""The distillation trainer: one process or many (``torchrun``), CPU (gloo) or GPU (nccl).
+
+    qwen-image-edge distill --teacher demo --steps 4 --out DIR [--iters N --batch B --lr LR]
+    torchrun --nproc-per-node 2 -m distill --teacher demo --steps 4 --out DIR
+
+Each iteration draws one global batch from a generator seeded by ``(seed, iteration)``; rank r
+takes rows ``r::world`` and DDP averages the gradients, so any world size that divides the batch
+follows the same trajectory as one process (up to float summation order). That also makes resume
+exact: ``DIR/checkpoint`` (student, optimizer, iteration; safetensors + JSON, written atomically
+every ``--checkpoint-every`` seconds and at the end) is all the state there is.
+
+Outputs under ``--out``: ``pool`` (teacher trajectories, reused when the teacher and the pool
+spec are unchanged), ``checkpoint``, ``losses.json`` and ``student/`` — a checkpoint folder in the
+teacher's layout whose ``model_index.json`` carries the student schedule (``num_steps``,
+``sample_sigmas``, guidance 1, ``guidance_distilled``), which export and the runtime pick up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool
+from runtime import schedule
+from runtime.errors import ConfigError
+from runtime.layout import build_layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    steps: tuple[int, ...] = (4,)  # student schedules trained; the first is the shipped default
+    iters: int = 1000
+    batch: int = 16  # global batch (all ranks together)
+    lr: float = 2e-4
+    warmup: int = 20
+    seed: int = 0
+    teacher_steps: int = 40
+    guidance: float | None = None  # teacher guidance; None: the teacher's default, 4 when that is 1
+    pool_size: int = 512
+    edit_size: int = 0
+    pool_batch: int = 16
+    checkpoint_every_s: float = 120.0
+
+    def __post_init__(self):
+        if not self.steps or any(s < 1 for s in self.steps):
+            raise ConfigError(f"steps: expected positive step counts, got {self.steps}")
+        for name in ("iters", "batch", "pool_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: expected > 0, got {self.lr}")
+
+
+# ------------------------------------------------------------------------------------ processes
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world, device). Under torchrun: nccl on GPUs, gloo on CPU; alone: (0, 1, cpu/cuda:0)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------ batches
+
+def segment_table(pool: Pool, steps: tuple[int, ...], n_tokens: int, scheduler) -> list[tuple[int, int]]:
+    """Every (start, end) position pair into ``pool.sigmas`` over all student grids."""
+    from distill.pool import student_sigmas
+
+    table = []
+    for s in steps:
+        pos = []
+        for sigma in student_sigmas(s, n_tokens, scheduler):
+            hit = np.flatnonzero(np.abs(pool.sigmas - sigma) < 1e-6)
+            if not hit.size:
+                raise ConfigError(f"steps {s}: the pool holds no teacher state at sigma {sigma:.6f}; rebuild it")
+            pos.append(int(hit[0]))
+        table += list(zip(pos[:-1], pos[1:]))
+    return table
+
+
+def draw(pool: Pool, table, settings: DistillSettings, it: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """The global batch of iteration ``it``: (group name, sample ids [B], segment ids [B])."""
+    rng = np.random.default_rng([settings.seed, it])
+    names = sorted(pool.groups)
+    sizes = np.array([len(pool.groups[n].points) for n in names], dtype=float)
+    name = names[rng.choice(len(names), p=sizes / sizes.sum())]
+    ids = rng.integers(len(pool.groups[name].points), size=settings.batch)
+    segs = rng.integers(len(table), size=settings.batch)
+    return name, ids, segs
+
+
+def batch_inputs(group: Group, ids: np.ndarray, segs: np.ndarray, table, pool: Pool, config, device,
+                 length: int):
+    """Student inputs and its regression target for the given rows, text padded to ``length`` (the
+    longest prompt of the global batch: padding moves rope positions, so every rank pads alike)."""
+    from qwen_image2_ref.transformer import layout_inputs
+
+    rows = [group.states[i] for i in ids]
+    states = np.zeros((len(rows), length, rows[0].shape[1]), np.float32)
+    mask = np.zeros((len(rows), length), bool)
+    for j, r in enumerate(rows):
+        states[j, : len(r)] = r
+        mask[j, : len(r)] = True
+    pad = np.zeros(length, bool)
+    cond_shapes: list[tuple[int, int]] = []
+    if group.cond_latents is not None:
+        pad[: len(group.pad_prefix)] = group.pad_prefix
+        cond_shapes = [group.target_shape]
+        cond = group.cond_latents[ids]
+    else:
+        cond = torch.zeros(len(ids), 0, group.points.shape[-1])
+    layout = build_layout(pad, mask, cond_shapes, group.target_shape)
+    start = torch.tensor([table[s][0] for s in segs])
+    end = torch.tensor([table[s][1] for s in segs])
+    ids_t = torch.from_numpy(ids)
+    x_in, x_out = group.points[ids_t, start], group.points[ids_t, end]  # [B, N_t, C]
+    sig = torch.from_numpy(pool.sigmas.astype(np.float32))
+    s0, s1 = sig[start], sig[end]
+    target = (x_out - x_in) / (s1 - s0)[:, None, None]
+    inputs = layout_inputs(layout, config, device)
+    return (x_in.to(device), torch.from_numpy(states).to(device), s0.to(device), cond.to(device), inputs,
+            target.to(device))
+
+
+def lr_at(it: int, settings: DistillSettings) -> float:
+    if it < settings.warmup:
+        return settings.lr * (it + 1) / settings.warmup
+    frac = (it - settings.warmup) / max(1, settings.iters - settings.warmup)
+    return settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt/{pid}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def save_checkpoint(path: Path, model, opt, it: int, losses: list[float], settings, digest: str) -> None:
+    from qwen_image2_ref.demo.stage_io import save_stage
+
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    opt_t, opt_meta = _opt_tensors(opt)
+    tensors.update(opt_t)
+    save_stage(path, tensors, {"iteration": it, "losses": losses, "settings": dataclasses.asdict(settings),
+                               "teacher": digest, **opt_meta})
+
+
+def load_checkpoint(path: Path, model, opt, settings, digest: str) -> tuple[int, list[float]]:
+    """Restore into ``model`` / ``opt``; (0, []) when there is no checkpoint to resume."""
+    from qwen_image2_ref.demo.stage_io import load_stage
+
+    if not Path(path).with_suffix(".json").is_file():
+        return 0, []
+    tensors, meta = load_stage(path)
+    saved = meta["settings"]
+    mine = json.loads(json.dumps(dataclasses.asdict(settings)))
+    keys = ("steps", "iters", "batch", "lr", "warmup", "seed", "teacher_steps", "guidance", "pool_size", "edit_size")
+    diff = [k for k in keys if saved.get(k) != mine.get(k)]
+    if meta.get("teacher") != digest or diff:
+        raise ConfigError(f"{path}: a checkpoint of another run (differs in {diff or ['teacher']}); "
+                          "use another --out or --restart")
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, pid, name = k.split("/", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["iteration"]), list(meta["losses"])
+
+
+# ------------------------------------------------------------------------------------ the run
+
+def pool_spec(teacher: str, pipe, settings: DistillSettings) -> PoolSpec:
+    from calib.prompts import default_prompt_set, load_prompts
+
+    prompts = load_prompts(default_prompt_set(teacher))
+    reps = -(-settings.pool_size // len(prompts))
+    prompts = (prompts * reps)[: settings.pool_size]  # each repeat gets other noise (seed + index)
+    edits: tuple = ()
+    if settings.edit_size:
+        if str(teacher) != "demo":
+            raise ConfigError("--edits: edit examples come from the demo data generator; only with --teacher demo")
+        from qwen_image2_ref.demo import data
+
+        rng = np.random.default_rng(settings.seed + 17)
+        ex = [data.sample_edit(rng, 128, 128, "train") for _ in range(settings.edit_size)]
+        edits = tuple((data.render(e.source), e.instruction) for e in ex)
+    guidance = settings.guidance
+    if guidance is None:
+        guidance = pipe.config.pipeline.guidance_scale if pipe.config.pipeline.guidance_scale > 1 else 4.0
+    return PoolSpec(tuple(prompts), edits, settings.teacher_steps, float(guidance),
+                    tuple(sorted(set(settings.steps))), settings.seed, settings.pool_batch)
+
+
+def distill(teacher: str, out: str | os.PathLike, settings: DistillSettings, *, progress: bool = True,
+            restart: bool = False, stop_after: int | None = None) -> Path | None:
+    """Run (or resume) a distillation; returns the student folder (rank 0) or None (other ranks).
+
+    ``stop_after``: return after that many iterations of this call, checkpointed, without writing
+    the student (tests use it to simulate an interruption).
+    """
+    from qwen_image2_ref.checkpoint import checkpoint_digest
+    from qwen_image2_ref.model_folder import load_pipeline, resolve_model_path
+
+    rank, world, device = init_distributed()
+    if settings.batch % world:
+        raise ConfigError(f"--batch {settings.batch} must be a multiple of the number of processes ({world})")
+    out = Path(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(world)
+    folder = resolve_model_path(teacher)
+    digest = checkpoint_digest(folder / "transformer")
+    pipe = load_pipeline(teacher)
+    pipe.transformer.requires_grad_(False)
+    spec = pool_spec(teacher, pipe, settings)
+    pool_digest = f"{digest[:16]}-{spec.digest()}"
+    pool = load_pool(out / "pool", pool_digest)
+    if pool is None:
+        log.info("teacher trajectories: %d prompts, %d edits, %d steps, guidance %.2f, %d process(es)",
+                 len(spec.prompts), len(spec.edits), spec.teacher_steps, spec.guidance, world)
+        pool = build_pool(pipe, spec, rank, world, progress)
+        if rank == 0:
+            save_pool(out / "pool", pool, pool_digest)
+    _barrier(world)
+    res = pipe.config.pipeline.output_resolution
+    table = segment_table(pool, tuple(settings.steps), (res // 16) ** 2, pipe.config.pipeline.scheduler)
+
+    student = pipe.transformer.to(device).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ckpt = out / "checkpoint"
+    if restart and rank == 0:
+        for p in (ckpt.with_suffix(".safetensors"), ckpt.with_suffix(".json")):
+            p.unlink(missing_ok=True)
+    _barrier(world)
+    start, losses = load_checkpoint(ckpt, student, opt, settings, digest)
+    if start:
+        log.info("resuming from iteration %d/%d", start, settings.iters)
+    model = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    cfg = student.config
+    last = time.time()
+    bar = tqdm(total=settings.iters, initial=start, desc="distill", disable=not progress or rank > 0)
+    it = start
+    while it < settings.iters:
+        name, ids, segs = draw(pool, table, settings, it)
+        length = max(len(pool.groups[name].states[i]) for i in ids)
+        ids, segs = ids[rank::world], segs[rank::world]
+        x_in, states, sig, cond, inputs, target = batch_inputs(pool.groups[name], ids, segs, table, pool, cfg, device,
+                                                               length)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it, settings)
+        pred = model(x_in, states, sig, cond, **inputs)
+        loss = (pred.float() - target).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        losses.append(_global_mean(loss.detach(), world))
+        it += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if it % 100 == 0:
+            log.info("distill iteration %d/%d loss %.5f", it, settings.iters, float(np.mean(losses[-100:])))
+        done = it == settings.iters or (stop_after is not None and it - start >= stop_after)
+        if rank == 0 and (done or time.time() - last > settings.checkpoint_every_s):
+            save_checkpoint(ckpt, student, opt, it, losses, settings, digest)
+            last = time.time()
+        if stop_after is not None and it - start >= stop_after:
+            _barrier(world)
+            bar.close()
+            return None
+    bar.close()
+    _barrier(world)
+    if rank:
+        return None
+    (out / "losses.json").write_text(json.dumps({"losses": losses}))
+    return save_student(pipe, student.eval(), out / "student", settings.steps[0], folder)
+
+
+def _global_mean(loss: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    return float(loss)
+
+
+def student_pipeline_config(pcfg, steps: int):
+    """The teacher's pipeline config with the student's schedule: ``steps`` fixed base sigmas
+    (shifted at sampling time exactly as the teacher's 40-step grid), guidance off and distilled."""
+    sigmas = tuple(float(s) for s in schedule.default_sigmas(steps))
+    return dataclasses.replace(pcfg, num_steps=steps, sample_sigmas=sigmas, guidance_scale=1.0,
+                               guidance_distilled=True)
+
+
+def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path) -> Path:
+    from qwen_image2_ref.model_folder import save_model
+
+    config = dataclasses.replace(pipe.config, pipeline=student_pipeline_config(pipe.config.pipeline, steps))
+    dtype = None
+    for sub in ("transformer", "vae"):
+        cfg_file = teacher_folder / sub / "config.json"
+        if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("torch_dtype") == "bfloat16":
+            dtype = torch.bfloat16
+    return save_model(folder, config, student.float().cpu(), pipe.vae, pipe.encoder, dtype=dtype, overwrite=True)
