@@ -34,5 +34,5 @@ def load_prompts(source: str | Path = "general", limit: int | None = None) -> li
 
 
 def default_prompt_set(model: str | Path) -> str:
-    """``demo`` for the embedded demo model, ``general`` otherwise."""
-    return "demo" if str(model) == "demo" else "general"
+    """``demo`` for the embedded demo model and its student, ``general`` otherwise."""
+    return "demo" if str(model) in ("demo", "demo-4step") else "general"

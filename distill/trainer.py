@@ -211,7 +211,7 @@ def pool_spec(teacher: str, pipe, settings: DistillSettings) -> PoolSpec:
     prompts = (prompts * reps)[: settings.pool_size]  # each repeat gets other noise (seed + index)
     edits: tuple = ()
     if settings.edit_size:
-        if str(teacher) != "demo":
+        if str(teacher) not in ("demo", "demo-4step"):
             raise ConfigError("--edits: edit examples come from the demo data generator; only with --teacher demo")
         from qwen_image2_ref.demo import data
 
@@ -311,7 +311,10 @@ def distill(teacher: str, out: str | os.PathLike, settings: DistillSettings, *, 
     if rank:
         return None
     (out / "losses.json").write_text(json.dumps({"losses": losses}))
-    return save_student(pipe, student.eval(), out / "student", settings.steps[0], folder)
+    provenance = {"teacher_transformer_sha256": digest, "teacher_steps": settings.teacher_steps,
+                  "guidance": pool.guidance, "trained_steps": list(settings.steps), "iterations": settings.iters,
+                  "batch": settings.batch, "pool": {k: len(g.points) for k, g in pool.groups.items()}}
+    return save_student(pipe, student.eval(), out / "student", settings.steps[0], folder, provenance)
 
 
 def _global_mean(loss: torch.Tensor, world: int) -> float:
@@ -332,7 +335,7 @@ def student_pipeline_config(pcfg, steps: int):
                                guidance_distilled=True)
 
 
-def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path) -> Path:
+def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path, provenance: dict) -> Path:
     from qwen_image2_ref.model_folder import save_model
 
     config = dataclasses.replace(pipe.config, pipeline=student_pipeline_config(pipe.config.pipeline, steps))
@@ -341,4 +344,5 @@ def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path) 
         cfg_file = teacher_folder / sub / "config.json"
         if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("torch_dtype") == "bfloat16":
             dtype = torch.bfloat16
-    return save_model(folder, config, student.float().cpu(), pipe.vae, pipe.encoder, dtype=dtype, overwrite=True)
+    return save_model(folder, config, student.float().cpu(), pipe.vae, pipe.encoder, dtype=dtype, overwrite=True,
+                      extra_index={"distilled_from": provenance})

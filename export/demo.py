@@ -28,7 +28,7 @@ def ensure_export(model: str | os.PathLike = "demo", out: str | os.PathLike | No
     from qwen_image2_ref.model_folder import resolve_model_path
 
     path = resolve_model_path(model)
-    out = Path(out) if out is not None else cache_dir() / f"{path.name if str(model) != 'demo' else 'demo'}-export"
+    out = Path(out) if out is not None else cache_dir() / f"{str(model) if str(model) in ('demo', 'demo-4step') else path.name}-export"
     digests = {c: checkpoint_digest(path / c) for c in ("transformer", "vae", "text_encoder")}
     if (out / "manifest.json").is_file():
         try:

@@ -44,11 +44,12 @@ class LoadedModel:
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A checkpoint folder path; the name ``demo`` means the embedded demo model."""
-    if str(model) == "demo":
-        from qwen_image2_ref.demo import weights_path
+    """A checkpoint folder path; the names ``demo`` and ``demo-4step`` mean the embedded demo model
+    and its shipped 4-step distilled student."""
+    if str(model) in ("demo", "demo-4step"):
+        from qwen_image2_ref.demo import student_path, weights_path
 
-        return weights_path()
+        return weights_path() if str(model) == "demo" else student_path()
     path = Path(model)
     if not (path / MODEL_INDEX).is_file():
         raise CheckpointError(
@@ -112,8 +113,11 @@ def load_pipeline(model: str | os.PathLike, *, dtype: torch.dtype = torch.float3
 
 def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae, encoder, *,
                max_shard_size: int | str = "10GB", dtype: torch.dtype | None = None,
-               overwrite: bool = False) -> Path:
-    """Write a checkpoint folder diffusers' ``QwenImage21Pipeline.from_pretrained`` loads, atomically."""
+               overwrite: bool = False, extra_index: dict | None = None) -> Path:
+    """Write a checkpoint folder diffusers' ``QwenImage21Pipeline.from_pretrained`` loads, atomically.
+
+    ``extra_index``: more JSON entries for the ``qwen_image_edge`` section of ``model_index.json``
+    (provenance such as ``distilled_from``; ignored when the pipeline config is read back)."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise CheckpointError(f"model folder {folder} already exists; pass overwrite=True to replace it")
@@ -144,6 +148,7 @@ def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae,
                 "output_resolution": p.output_resolution,
                 "max_prompt_tokens": p.max_prompt_tokens,
                 "default_negative_prompt": p.default_negative_prompt,
+                **(extra_index or {}),
             },
         }
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """The embedded demo model: a small Qwen-Image-2.1-architecture model trained by this project
 (``python -m qwen_image2_ref.demo.train``) and shipped in ``weights/`` as a diffusers-layout
-checkpoint folder; ``--model demo`` resolves to it."""
+checkpoint folder; ``--model demo`` resolves to it. Beside it, ``student/``: its 4-step distilled
+student (``qwen-image-edge distill --teacher demo``), ``--model demo-4step``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from runtime.errors import CheckpointError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+STUDENT_DIR = Path(__file__).resolve().parent / "student"
 # Guidance needs an unconditional branch; the demo model learned it from captions dropped to this.
 NEGATIVE_PROMPT = " "
 
@@ -21,3 +23,13 @@ def weights_path() -> Path:
             "(train it with `python -m qwen_image2_ref.demo.train --weights <that folder>`)"
         )
     return WEIGHTS_DIR
+
+
+def student_path() -> Path:
+    """The shipped 4-step distilled student of the demo model (same folder layout)."""
+    if not (STUDENT_DIR / "model_index.json").is_file():
+        raise CheckpointError(
+            f"demo student: expected the shipped checkpoint at {STUDENT_DIR}/model_index.json, not found "
+            "(make it with `qwen-image-edge distill --teacher demo --steps 4,8 --out DIR` and copy DIR/student)"
+        )
+    return STUDENT_DIR
