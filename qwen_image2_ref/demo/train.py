@@ -105,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     p.add_argument("--vae-minutes", type=float, default=9.0)
     p.add_argument("--vae-steps", type=int, default=900)
-    p.add_argument("--dit-minutes", type=float, default=55.0)
+    p.add_argument("--dit-minutes", type=float, default=60.0)
     p.add_argument("--dit-steps", type=int, default=20000)
     p.add_argument("--fixed-steps", action="store_true",
                    help="run exactly the given step counts (no time budget): reproducible loss curves")
