@@ -126,28 +126,38 @@ def image_section(model, min_resolution: int, max_resolution: int, multiple: int
     }
 
 
-def provenance_section(model) -> dict:
+EXPORTERS = {
+    False: "torch.onnx TorchScript (dynamo=False) + onnx-graphsurgeon clean-up",
+    True: "lean: torch.onnx dynamo exporter under FakeTensorMode (no weights traced), initializers attached "
+          "from the checkpoint shards as external data",
+}
+
+
+def provenance_section(model, lean: bool = False) -> dict:
     from qwen_image2_ref.checkpoint import checkpoint_digest
 
     digests = {c: checkpoint_digest(model.path / c) for c in ("transformer", "vae", "text_encoder")}
+    index_file = Path(model.path) / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     return {
         "source": {"path": str(model.path), "name": model.config.name, "checkpoint_sha256": digests},
         "tool_versions": tool_versions(),
-        "exporter": "torch.onnx TorchScript (dynamo=False) + onnx-graphsurgeon clean-up",
+        "exporter": EXPORTERS[bool(lean)],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "calibration": None,
-        "distillation": None,
+        # a distilled student's folder says what it was distilled from (distill.trainer)
+        "distillation": (index.get("qwen_image_edge") or {}).get("distilled_from"),
     }
 
 
-def build_manifest(model, graphs: dict[str, GraphSpec], prompt: dict, image: dict) -> Manifest:
+def build_manifest(model, graphs: dict[str, GraphSpec], prompt: dict, image: dict, lean: bool = False) -> Manifest:
     return Manifest(
         model=json.loads(json.dumps(dataclasses.asdict(model.config))),  # tuples -> lists
         prompt=prompt,
         schedule=schedule_section(model),
         image=image,
         graphs=graphs,
-        provenance=provenance_section(model),
+        provenance=provenance_section(model, lean),
     )
 
 

@@ -203,7 +203,7 @@ def export_model(
             specs[name] = done.spec
         prompt = prompt_section(model, copy_tokenizer(model.path, staging))
         image = image_section(model, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
-        write_manifest(staging, build_manifest(model, specs, prompt, image))
+        write_manifest(staging, build_manifest(model, specs, prompt, image, lean=bool(lean)))
     log.info("export %s complete: %s", out, ", ".join(graphs))
     from runtime.manifest import load_manifest
 

@@ -149,6 +149,9 @@ def test_runtime_uses_the_student_schedule_by_default(single, tmp_path):
     export_model(str(single[1]), out, max_resolution=64)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schedule"]["sigmas"] == pytest.approx([1.0, 0.5])
+    assert manifest["schedule"]["guidance_distilled"] is True
+    assert manifest["provenance"]["distillation"]["guidance"] == 2.0
+    assert manifest["provenance"]["distillation"]["trained_steps"] == [2, 4]
     pipe = Pipeline.load(out, threads=1)
     calls = []
     pipe.generate("a red circle", seed=0, callback=lambda i, n, x: calls.append(n))
