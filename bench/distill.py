@@ -73,7 +73,7 @@ def quality(pipe, prompts, noise, steps: int | None, guidance: float, batch: int
                             latents=noise[start:start + len(chunk)], progress=False, output="latent")
         with torch.no_grad():
             pixels = pipe.decode_pixels(torch.from_numpy(lat), *pipe_size(pipe))
-        from runtime.images import to_images
+        from runtime.sampling import to_images
 
         for (scene, _), im in zip(chunk, to_images(pixels)):
             scores.append(judge.score(judge.judge(np.asarray(im)), scene))
