@@ -17,13 +17,17 @@ import argparse
 import dataclasses
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-import torch
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run as a script: bench/runtime.py would shadow the runtime package
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 PRECISIONS = ("fp32", "int8", "fp8")
 

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("prompt", nargs="?", default="a red circle on the left on a white background",
                       help="what to draw (default: %(default)r)")
+    demo.add_argument("--fast", action="store_true",
+                      help="use the shipped 4-step distilled student (demo-4step) instead of the 40-step model")
     demo.add_argument("--export-dir", default=None,
                       help="where the export is kept (default: $QWEN_IMAGE_EDGE_CACHE or ~/.cache/qwen-image-edge)")
     _add_sampling_args(demo, output_default="demo.png")
@@ -327,7 +329,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = _check_request_args(args)
     from export.demo import ensure_export
 
-    return _runtime_generate(ensure_export("demo", args.export_dir), args, out)
+    return _runtime_generate(ensure_export("demo-4step" if args.fast else "demo", args.export_dir), args, out)
 
 
 def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -69,3 +71,14 @@ def test_demo_exports_once_then_generates(model, tmp_path, monkeypatch, capsys):
     stamp = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
     assert main(args) == 0  # the second run reuses the export
     assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_fast_uses_the_student(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_pkg, "WEIGHTS_DIR", tmp_path / "absent")  # --fast must not need the teacher
+    monkeypatch.setattr(demo_pkg, "STUDENT_DIR", model)
+    out = tmp_path / "fast.png"
+    assert main(["demo", "a red circle", "--fast", "--export-dir", str(tmp_path / "c"), "-o", str(out),
+                 "--steps", "2"]) == 0
+    assert Image.open(out).mode == "RGBA"
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["provenance"]["source"]["path"] == str(model)
