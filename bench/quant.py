@@ -219,7 +219,7 @@ def main(argv=None) -> None:
         rows.append([g, f"{f:,}", f"{i:,}", f"{e:,}", f"{i / f:.2f}", f"{e / f:.2f}"])
     ratio, n_layers = projected_int8_ratio()
     print("Size on disk per graph\n" + table(rows))
-    print(f"(full-size Qwen-Image-2.1 transformer, same policy, {n_layers} layers: int8/fp32 = {ratio:.3f} "
+    print(f"(full-size Qwen-Image-2.1 transformer, same policy, {n_layers} quantized Linears: int8/fp32 = {ratio:.3f} "
           "projected from parameter counts)\n")
 
     cfg = model.config
