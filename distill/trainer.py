@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool
 from runtime import schedule
 from runtime.errors import ConfigError
-from runtime.layout import build_layout
+from runtime.layout import padded_batch
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +122,10 @@ def batch_inputs(group: Group, ids: np.ndarray, segs: np.ndarray, table, pool: P
     longest prompt of the global batch: padding moves rope positions, so every rank pads alike)."""
     from qwen_image2_ref.transformer import layout_inputs
 
-    rows = [group.states[i] for i in ids]
-    states = np.zeros((len(rows), length, rows[0].shape[1]), np.float32)
-    mask = np.zeros((len(rows), length), bool)
-    for j, r in enumerate(rows):
-        states[j, : len(r)] = r
-        mask[j, : len(r)] = True
-    pad = np.zeros(length, bool)
-    cond_shapes: list[tuple[int, int]] = []
-    if group.cond_latents is not None:
-        pad[: len(group.pad_prefix)] = group.pad_prefix
-        cond_shapes = [group.target_shape]
-        cond = group.cond_latents[ids]
-    else:
-        cond = torch.zeros(len(ids), 0, group.points.shape[-1])
-    layout = build_layout(pad, mask, cond_shapes, group.target_shape)
+    edit = group.cond_latents is not None
+    states, layout = padded_batch([group.states[i] for i in ids], group.target_shape, group.pad_prefix,
+                                  [group.target_shape] if edit else [], length)
+    cond = group.cond_latents[ids] if edit else torch.zeros(len(ids), 0, group.points.shape[-1])
     start = torch.tensor([table[s][0] for s in segs])
     end = torch.tensor([table[s][1] for s in segs])
     ids_t = torch.from_numpy(ids)

@@ -115,6 +115,32 @@ def build_layout(
     )
 
 
+def padded_batch(
+    rows: Sequence[np.ndarray],
+    target_shape: tuple[int, int],
+    image_slots: np.ndarray | None = None,
+    cond_shapes: Sequence[tuple[int, int]] = (),
+    length: int | None = None,
+) -> tuple[np.ndarray, JointLayout]:
+    """Per-prompt encoder states ``[L_i, D]`` right-padded into one batch, and its layout.
+
+    ``image_slots``: the ``<|image_pad|>`` pattern every prompt starts with (edits), placed at the
+    front of the shared slot mask. ``length``: pad to this many rows (default: the longest row); the
+    image's rope positions follow the padded length, so batches meant to match must pad alike.
+    Returns float32 states ``[B, L, D]`` and the ``build_layout`` of the batch.
+    """
+    length = max(len(r) for r in rows) if length is None else length
+    states = np.zeros((len(rows), length, rows[0].shape[1]), np.float32)
+    mask = np.zeros((len(rows), length), bool)
+    for j, r in enumerate(rows):
+        states[j, : len(r)] = r
+        mask[j, : len(r)] = True
+    pad = np.zeros(length, bool)
+    if image_slots is not None:
+        pad[: len(image_slots)] = image_slots
+    return states, build_layout(pad, mask, cond_shapes, target_shape)
+
+
 def position_ids(block_ids: np.ndarray, shapes: Sequence[tuple[int, int]]) -> np.ndarray:
     """Rope positions ``[L, 3]``: text advances one shared position on all three axes; an image
     block of ``h x w`` sits at the current frame position with height/width centred on zero,

@@ -30,7 +30,7 @@ from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import pack_latents
 from runtime import images as rimages
-from runtime.layout import build_layout
+from runtime.layout import padded_batch
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +125,9 @@ def make_batch(group: Group, idx: np.ndarray, drop: np.ndarray):
     """Padded states [B, L, D], the shared layout and its tensors, condition latents [B, N_c, C]."""
     rows = [group.neg_states[i if len(group.neg_states) > 1 else 0] if d else group.states[i]
             for i, d in zip(idx, drop)]
-    length = max(len(r) for r in rows)
-    states = np.zeros((len(rows), length, rows[0].shape[1]), np.float32)
-    mask = np.zeros((len(rows), length), bool)
-    for j, r in enumerate(rows):
-        states[j, : len(r)] = r
-        mask[j, : len(r)] = True
-    pad = np.zeros(length, bool)
-    cond_shapes: list[tuple[int, int]] = []
-    if group.cond_latents is not None:
-        pad[: len(group.pad_prefix)] = group.pad_prefix
-        cond_shapes = [group.target_shape]
-        cond = group.cond_latents[idx]
-    else:
-        cond = torch.zeros(len(idx), 0, group.latents.shape[2])
-    layout = build_layout(pad, mask, cond_shapes, group.target_shape)
+    edit = group.cond_latents is not None
+    states, layout = padded_batch(rows, group.target_shape, group.pad_prefix, [group.target_shape] if edit else [])
+    cond = group.cond_latents[idx] if edit else torch.zeros(len(idx), 0, group.latents.shape[2])
     return torch.from_numpy(states), layout, cond
 
 
