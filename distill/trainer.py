@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool
+from qwen_image2_ref.demo.train_vae import lr_at
 from runtime import schedule
 from runtime.errors import ConfigError
 from runtime.layout import padded_batch
@@ -136,13 +136,6 @@ def batch_inputs(group: Group, ids: np.ndarray, segs: np.ndarray, table, pool: P
     inputs = layout_inputs(layout, config, device)
     return (x_in.to(device), torch.from_numpy(states).to(device), s0.to(device), cond.to(device), inputs,
             target.to(device))
-
-
-def lr_at(it: int, settings: DistillSettings) -> float:
-    if it < settings.warmup:
-        return settings.lr * (it + 1) / settings.warmup
-    frac = (it - settings.warmup) / max(1, settings.iters - settings.warmup)
-    return settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -274,7 +267,7 @@ def distill(teacher: str, out: str | os.PathLike, settings: DistillSettings, *, 
         x_in, states, sig, cond, inputs, target = batch_inputs(pool.groups[name], ids, segs, table, pool, cfg, device,
                                                                length)
         for g in opt.param_groups:
-            g["lr"] = lr_at(it, settings)
+            g["lr"] = lr_at(it, settings.iters, settings.lr, settings.warmup)
         pred = model(x_in, states, sig, cond, **inputs)
         loss = (pred.float() - target).square().mean()
         opt.zero_grad(set_to_none=True)
