@@ -15,21 +15,18 @@ STUDENT_DIR = Path(__file__).resolve().parent / "student"
 NEGATIVE_PROMPT = " "
 
 
+def _shipped(folder: Path, what: str, how: str) -> Path:
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{what}: expected the shipped checkpoint at {folder}/model_index.json, not found ({how})")
+    return folder
+
+
 def weights_path() -> Path:
     """The shipped checkpoint folder (``model_index.json``, ``transformer/``, ``vae/``, ...)."""
-    if not (WEIGHTS_DIR / "model_index.json").is_file():
-        raise CheckpointError(
-            f"demo model: expected the shipped checkpoint at {WEIGHTS_DIR}/model_index.json, not found "
-            "(train it with `python -m qwen_image2_ref.demo.train --weights <that folder>`)"
-        )
-    return WEIGHTS_DIR
+    return _shipped(WEIGHTS_DIR, "demo model", "train it with `python -m qwen_image2_ref.demo.train --weights <that folder>`")
 
 
 def student_path() -> Path:
     """The shipped 4-step distilled student of the demo model (same folder layout)."""
-    if not (STUDENT_DIR / "model_index.json").is_file():
-        raise CheckpointError(
-            f"demo student: expected the shipped checkpoint at {STUDENT_DIR}/model_index.json, not found "
-            "(make it with `qwen-image-edge distill --teacher demo --steps 4,8 --out DIR` and copy DIR/student)"
-        )
-    return STUDENT_DIR
+    return _shipped(STUDENT_DIR, "demo student", "make it with `qwen-image-edge distill --teacher demo --steps 4,8 "
+                    "--out DIR` and copy DIR/student")
