@@ -138,11 +138,11 @@ def build_pool(pipe, spec: PoolSpec, rank: int = 0, world: int = 1, progress: bo
         prompts = [spec.prompts[i] for i in ids]
         noise = np.concatenate([initial_noise(spec.seed + i, 1, res, res, channels) for i in ids])
         with torch.no_grad():
-            pos = pipe._encode(prompts, [], [], target)
+            s, m, pad = pipe.encoder.encode(prompts)
+            pos = pipe._condition(s, m, pad, [], target)
             neg = pipe._encode([neg_prompt] * len(ids), [], [], target) if use_neg else None
             empty = torch.zeros(len(ids), 0, channels, device=pipe.device, dtype=pipe.dtype)
             out.append(teacher_run(pipe, pos, neg, empty, noise, grid, spec.guidance, points))
-            s, m, _ = pipe.encoder.encode(prompts)
         states.append(_trim(s, m))
     groups["t2i"] = _gather([Group(o, st, target) for o, st in zip(out, states)], len(batches), rank, world)
 
@@ -158,11 +158,11 @@ def build_pool(pipe, spec: PoolSpec, rank: int = 0, world: int = 1, progress: bo
             vl = [rimages.resize_rgba(pil, res, res)]
             noise = initial_noise(spec.seed + 100_000 + i, 1, res, res, channels)
             with torch.no_grad():
-                pos = pipe._encode([instruction], vl, [target], target)
+                s, m, pad = pipe.encoder.encode([instruction], vl)
+                pos = pipe._condition(s, m, pad, [target], target)
                 neg = pipe._encode([neg_prompt], vl, [target], target) if use_neg else None
                 cond = pipe._condition_latents([pil], [(res, res)], 1)
                 traj = teacher_run(pipe, pos, neg, cond, noise, grid, spec.guidance, points)
-                s, m, pad = pipe.encoder.encode([instruction], vl)
             pad = np.asarray(pad[0].cpu().numpy() if torch.is_tensor(pad) else pad[0], dtype=bool)
             k = int(np.flatnonzero(pad).max()) + 1
             if prefix is None:

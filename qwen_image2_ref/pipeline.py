@@ -93,7 +93,10 @@ class QwenImagePipeline:
         return make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size)
 
     def _encode(self, prompts, vl_images, cond_shapes, target_shape) -> Condition:
-        states, mask, pad = self.encoder.encode(list(prompts), vl_images or None)
+        return self._condition(*self.encoder.encode(list(prompts), vl_images or None), cond_shapes, target_shape)
+
+    def _condition(self, states, mask, pad, cond_shapes, target_shape) -> Condition:
+        """Encoder output (states, mask, image-slot mask) -> the transformer's condition inputs."""
         pad = np.asarray(pad.cpu().numpy() if torch.is_tensor(pad) else pad, dtype=bool)
         mask = np.asarray(mask.cpu().numpy() if torch.is_tensor(mask) else mask, dtype=bool)
         if not (pad == pad[:1]).all():

@@ -56,8 +56,7 @@ def test_demo_follows_heldout_prompts(pipe):
                             for i in range(N_PROMPTS)])
     images = pipe.generate([c for _, c in prompts], negative_prompt=NEGATIVE_PROMPT if guidance > 1 else None,
                            steps=STEPS, latents=noise, progress=False)
-    scores = [judge.score(judge.judge(np.asarray(im)), scene) for (scene, _), im in zip(prompts, images)]
-    acc = {k: float(np.mean([s[k] for s in scores])) for k in FLOORS}
+    acc = judge.accuracy(images, [scene for scene, _ in prompts], FLOORS)
     for key, floor in FLOORS.items():
         assert acc[key] >= floor, f"{key} accuracy {acc[key]:.2f} on {N_PROMPTS} held-out prompts, floor {floor}"
 

@@ -247,3 +247,9 @@ def score(judgement: Judgement, scene: data.Scene, edit: data.EditExample | None
         out["edit_applied"] = all(out[a] for a in changed)
         out["preserved"] = all(v for a, v in out.items() if a not in changed and a != "edit_applied")
     return out
+
+
+def accuracy(images, scenes, keys) -> dict[str, float]:
+    """Share of ``images`` (RGBA arrays or PIL images) whose reading matches its scene, per key."""
+    scores = [score(judge(np.asarray(im)), scene) for im, scene in zip(images, scenes)]
+    return {k: float(np.mean([s[k] for s in scores])) for k in keys}
