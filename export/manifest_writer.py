@@ -1,9 +1,11 @@
 """Writing an export directory: manifest sections from a loaded model, atomic staging.
 
 Everything is written into a hidden staging directory next to the output
-(``.<name>.tmp-<id>``); the manifest is written last, then the staging directory is renamed
-into place. An export that fails or is killed leaves at most a hidden staging directory, never
-a directory at ``out`` that looks complete.
+(``.<name>.tmp-<host>-<pid>-<id>``); the manifest is written last, then the staging directory
+is renamed into place. An export that fails or is killed leaves at most a hidden staging
+directory, never a directory at ``out`` that looks complete. A failing export removes its own
+staging directory; one that was killed cannot, so the next export to the same ``out`` on the
+same host removes staging directories whose process is gone.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -47,6 +51,34 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def sweep_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging directories of exports to ``out`` that were killed: named for this host
+    and a process id that no longer exists. Others (another host's, a running export's) stay."""
+    out = Path(out)
+    if os.name != "posix" or not out.parent.is_dir():
+        return []  # signal 0 probes a process only on POSIX
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(.+)-(\d+)-[0-9a-f]{{8}}")
+    host, removed = socket.gethostname(), []
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is None or m.group(1) != host or not p.is_dir() or _process_alive(int(m.group(2))):
+            continue
+        log.warning("removing %s: staging of an export to %s whose process (pid %s) is gone", p, out, m.group(2))
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh hidden directory next to ``out``; rename it to ``out`` when the block succeeds."""
@@ -54,7 +86,8 @@ def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and not overwrite:
         raise ManifestError(f"export directory {out} already exists; choose another --out or allow overwriting")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    sweep_stale_staging(out)
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp

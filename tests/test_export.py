@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -153,6 +154,16 @@ ox.export_model({str(tiny[0])!r}, {str(out)!r}, graphs=["vae_decoder", "vae_enco
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(out)
     assert not list(tmp_path.rglob(MANIFEST_NAME))
+    # the next export to the same directory removes the killed one's staging (its pid is gone) ...
+    live = tmp_path / f".out.tmp-{socket.gethostname()}-{os.getpid()}-0123abcd"  # a running export's
+    other_host = tmp_path / f".out.tmp-{socket.gethostname()}x-{proc.pid}-0123abcd"
+    live.mkdir()
+    other_host.mkdir()
+    export_model(tiny[1], out, graphs=["vae_decoder"])
+    assert load_manifest(out).graphs.keys() == {"vae_decoder"}
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out."))
+    # ... but not a running export's, nor one from another host (its pids mean nothing here)
+    assert left == sorted([live.name, other_host.name]), left
 
 
 def test_refusals(tiny, exported, tmp_path):
