@@ -5,7 +5,8 @@
 
 Text-to-image prompts are ``data.heldout_prompts``: (color, shape, position) combinations that
 no training scene contains. Edits are ``data.sample_edit(split="heldout")``: the edited scene
-holds such a combination. Chance: color 1/10, shape 1/3, position 1/5.
+holds such a combination. Chance: color 1/10, shape 1/3, position 1/5. Each edit row is followed
+by the edits applied per kind (recolor split by the number of objects in the source scene).
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def edit_scores(pipe, edits: list[data.EditExample], steps: int, guidance: float
     return out
 
 
+def by_kind(edits: list[data.EditExample], scores: list[dict]) -> str:
+    """Edits applied per kind (recolor split by the source's object count): 'recolor/2 1/18, ...'."""
+    counts: dict[str, list[int]] = {}
+    for ex, s in zip(edits, scores):
+        kind = f"{ex.kind}/{len(ex.source.objects)}" if ex.kind == "recolor" else ex.kind
+        counts.setdefault(kind, [0, 0])
+        counts[kind][0] += bool(s["edit_applied"])
+        counts[kind][1] += 1
+    return ", ".join(f"{k} {a}/{n}" for k, (a, n) in sorted(counts.items()))
+
+
 def mean(scores: list[dict], key: str) -> float:
     return float(np.mean([s[key] for s in scores])) if scores else float("nan")
 
@@ -122,6 +134,8 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             print(f"{'edit':5} {steps:5d} " + " ".join(f"{row[k]:12.1%}" for k in EDIT_KEYS + ("glyph",))
                   + f" {dt:8.2f}", flush=True)
+            row["applied_by_kind"] = by_kind(edits, es)
+            print(f"      edits applied by kind: {row['applied_by_kind']}", flush=True)
     return rows
 
 
