@@ -1,11 +1,11 @@
 """Writing an export directory: manifest sections from a loaded model, atomic staging.
 
 Everything is written into a hidden staging directory next to the output
-(``.<name>.tmp-<host>-<pid>-<id>``); the manifest is written last, then the staging directory
-is renamed into place. An export that fails or is killed leaves at most a hidden staging
-directory, never a directory at ``out`` that looks complete. A failing export removes its own
-staging directory; one that was killed cannot, so the next export to the same ``out`` on the
-same host removes staging directories whose process is gone.
+(``.<name>.tmp-<id>``); the manifest is written last, then the staging directory is renamed
+into place. An export that fails or is killed leaves at most a hidden staging directory, never
+a directory at ``out`` that looks complete. A failing export removes its own staging directory;
+one that was killed cannot, so each export holds a ``flock`` on ``.<name>.tmp-<id>.lock`` and
+the next export to the same ``out`` removes the staging directories whose lock nobody holds.
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ import logging
 import os
 import re
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: killed exports' staging is not swept
+    fcntl = None
 
 from export.graphs import vision_tower
 from runtime.errors import ManifestError
@@ -51,31 +55,49 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
+def _lock(path: Path):
+    """Create ``path`` and hold an exclusive ``flock`` on it; returns the open file (None without fcntl).
+    The kernel drops the lock when the process dies, however it dies."""
+    if fcntl is None:
+        return None
+    f = open(path, "x")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def _unlock(f, path: Path) -> None:
+    if f is not None:
+        path.unlink(missing_ok=True)
+        f.close()
 
 
 def sweep_stale_staging(out: Path) -> list[Path]:
-    """Remove the staging directories of exports to ``out`` that were killed: named for this host
-    and a process id that no longer exists. Others (another host's, a running export's) stay."""
+    """Remove staging directories of exports to ``out`` that were killed: each staging directory has a
+    ``.lock`` file next to it that its export holds locked; a lock nobody holds means the export is gone.
+    Staging of a running export, and a staging directory without a lock file, stay."""
     out = Path(out)
-    if os.name != "posix" or not out.parent.is_dir():
-        return []  # signal 0 probes a process only on POSIX
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(.+)-(\d+)-[0-9a-f]{{8}}")
-    host, removed = socket.gethostname(), []
-    for p in out.parent.iterdir():
-        m = pattern.fullmatch(p.name)
-        if m is None or m.group(1) != host or not p.is_dir() or _process_alive(int(m.group(2))):
+    if fcntl is None or not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-[0-9a-f]{{8}}\.lock")
+    removed = []
+    for lock in out.parent.iterdir():
+        if pattern.fullmatch(lock.name) is None:
             continue
-        log.warning("removing %s: staging of an export to %s whose process (pid %s) is gone", p, out, m.group(2))
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+        try:
+            f = open(lock)
+        except OSError:
+            continue  # removed meanwhile
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: that export is running
+            staging = lock.with_name(lock.name[: -len(".lock")])
+            if staging.exists():
+                log.warning("removing %s: staging of an export to %s that was killed", staging, out)
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(staging)
+            lock.unlink(missing_ok=True)
     return removed
 
 
@@ -87,9 +109,11 @@ def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise ManifestError(f"export directory {out} already exists; choose another --out or allow overwriting")
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_staging(out)
-    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    lock_path = tmp.with_name(tmp.name + ".lock")
+    lock = _lock(lock_path)
     try:
+        tmp.mkdir()
         yield tmp
         if not (tmp / MANIFEST_NAME).is_file():
             raise ManifestError(f"export staging {tmp}: no {MANIFEST_NAME} was written; refusing to publish")
@@ -103,6 +127,8 @@ def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _unlock(lock, lock_path)
 
 
 def copy_tokenizer(model_path: Path, staging: Path) -> dict[str, str]:

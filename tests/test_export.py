@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -145,8 +145,9 @@ ox.export_model({str(tiny[0])!r}, {str(out)!r}, graphs=["vae_decoder", "vae_enco
             assert proc.poll() is None, "export process died before finishing a graph"
             assert time.monotonic() < deadline, "export did not reach the first graph in time"
             time.sleep(0.1)
-        staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-") and p.is_dir()]
         assert len(staged) == 1 and (staged[0] / "vae_decoder" / "model.onnx").is_file()
+        assert staged[0].with_name(staged[0].name + ".lock").is_file()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -154,16 +155,22 @@ ox.export_model({str(tiny[0])!r}, {str(out)!r}, graphs=["vae_decoder", "vae_enco
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(out)
     assert not list(tmp_path.rglob(MANIFEST_NAME))
-    # the next export to the same directory removes the killed one's staging (its pid is gone) ...
-    live = tmp_path / f".out.tmp-{socket.gethostname()}-{os.getpid()}-0123abcd"  # a running export's
-    other_host = tmp_path / f".out.tmp-{socket.gethostname()}x-{proc.pid}-0123abcd"
+    # the next export to the same directory removes the killed one's staging (its lock is free) ...
+    live = tmp_path / ".out.tmp-0123abcd"  # a running export's: its lock file is held
     live.mkdir()
-    other_host.mkdir()
-    export_model(tiny[1], out, graphs=["vae_decoder"])
+    lock = tmp_path / ".out.tmp-0123abcd.lock"
+    held = open(lock, "x")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    unlocked = tmp_path / ".out.tmp-4567cdef"  # no lock file: not known to be stale
+    unlocked.mkdir()
+    try:
+        export_model(tiny[1], out, graphs=["vae_decoder"])
+    finally:
+        held.close()
     assert load_manifest(out).graphs.keys() == {"vae_decoder"}
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out."))
-    # ... but not a running export's, nor one from another host (its pids mean nothing here)
-    assert left == sorted([live.name, other_host.name]), left
+    # ... but not a running export's, nor a directory without a lock
+    assert left == sorted([live.name, lock.name, unlocked.name]), left
 
 
 def test_refusals(tiny, exported, tmp_path):
