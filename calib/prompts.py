@@ -35,4 +35,6 @@ def load_prompts(source: str | Path = "general", limit: int | None = None) -> li
 
 def default_prompt_set(model: str | Path) -> str:
     """``demo`` for the embedded demo model and its student, ``general`` otherwise."""
-    return "demo" if str(model) in ("demo", "demo-4step") else "general"
+    from qwen_image2_ref.demo import is_shipped
+
+    return "demo" if is_shipped(model) else "general"

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from runtime import images as rimages
 from runtime import schedule
 from runtime.errors import ConfigError
+from runtime.layout import image_slot_prefix
 from runtime.sampling import initial_noise
 
 log = logging.getLogger(__name__)
@@ -163,12 +164,7 @@ def build_pool(pipe, spec: PoolSpec, rank: int = 0, world: int = 1, progress: bo
                 neg = pipe._encode([neg_prompt], vl, [target], target) if use_neg else None
                 cond = pipe._condition_latents([pil], [(res, res)], 1)
                 traj = teacher_run(pipe, pos, neg, cond, noise, grid, spec.guidance, points)
-            pad = np.asarray(pad[0].cpu().numpy() if torch.is_tensor(pad) else pad[0], dtype=bool)
-            k = int(np.flatnonzero(pad).max()) + 1
-            if prefix is None:
-                prefix = pad[:k]
-            if not np.array_equal(pad[:k], prefix) or pad[k:].any():
-                raise ConfigError("distillation edits: image slots must sit at the same prompt positions")
+            prefix = image_slot_prefix(pad[0].cpu().numpy() if torch.is_tensor(pad) else pad[0], prefix)
             parts.append(Group(traj, _trim(s, m), target, cond.float().cpu(), prefix))
         groups["edit"] = _gather(parts, n_e, rank, world)
     return Pool(groups, points, grid, spec.guidance)
@@ -191,15 +187,14 @@ def _gather(parts: list[Group], n_parts: int, rank: int, world: int) -> Group:
 # ------------------------------------------------------------------------------------------ files
 
 def save_pool(path: Path, pool: Pool, digest: str) -> None:
-    from qwen_image2_ref.demo.stage_io import save_stage
+    from qwen_image2_ref.demo.stage_io import ragged_tensors, save_stage
 
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {"digest": digest, "sigmas": [float(s) for s in pool.sigmas], "grid": [float(s) for s in pool.grid],
                   "guidance": pool.guidance, "groups": {}}
     for name, g in pool.groups.items():
         tensors[f"{name}/points"] = g.points
-        tensors[f"{name}/states"] = torch.from_numpy(np.concatenate(g.states, axis=0))
-        tensors[f"{name}/states_len"] = torch.tensor([len(s) for s in g.states], dtype=torch.int64)
+        tensors.update(ragged_tensors(f"{name}/states", g.states))
         if g.cond_latents is not None:
             tensors[f"{name}/cond_latents"] = g.cond_latents
             tensors[f"{name}/pad_prefix"] = torch.from_numpy(g.pad_prefix.astype(np.uint8))
@@ -209,7 +204,7 @@ def save_pool(path: Path, pool: Pool, digest: str) -> None:
 
 def load_pool(path: Path, digest: str) -> Pool | None:
     """The saved pool, or None when there is none or it was made for another spec/teacher."""
-    from qwen_image2_ref.demo.stage_io import load_stage
+    from qwen_image2_ref.demo.stage_io import load_stage, ragged_arrays
 
     if not Path(path).with_suffix(".json").is_file():
         return None
@@ -219,10 +214,9 @@ def load_pool(path: Path, digest: str) -> Pool | None:
         return None
     groups = {}
     for name, info in meta["groups"].items():
-        ends = np.cumsum(tensors[f"{name}/states_len"].numpy())
-        states = list(np.split(tensors[f"{name}/states"].numpy(), ends[:-1]))
         pad = tensors.get(f"{name}/pad_prefix")
-        groups[name] = Group(tensors[f"{name}/points"], states, tuple(info["target_shape"]),
+        groups[name] = Group(tensors[f"{name}/points"], ragged_arrays(tensors, f"{name}/states"),
+                             tuple(info["target_shape"]),
                              tensors.get(f"{name}/cond_latents"), None if pad is None else pad.numpy().astype(bool))
     return Pool(groups, np.asarray(meta["sigmas"], np.float32), np.asarray(meta["grid"], np.float32),
                 meta["guidance"])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool
+from distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool, student_sigmas
 from qwen_image2_ref.demo.train_vae import lr_at
 from runtime import schedule
 from runtime.errors import ConfigError
@@ -91,8 +91,6 @@ def _barrier(world: int) -> None:
 
 def segment_table(pool: Pool, steps: tuple[int, ...], n_tokens: int, scheduler) -> list[tuple[int, int]]:
     """Every (start, end) position pair into ``pool.sigmas`` over all student grids."""
-    from distill.pool import student_sigmas
-
     table = []
     for s in steps:
         pos = []
@@ -193,9 +191,10 @@ def pool_spec(teacher: str, pipe, settings: DistillSettings) -> PoolSpec:
     prompts = (prompts * reps)[: settings.pool_size]  # each repeat gets other noise (seed + index)
     edits: tuple = ()
     if settings.edit_size:
-        if str(teacher) not in ("demo", "demo-4step"):
+        from qwen_image2_ref.demo import data, is_shipped
+
+        if not is_shipped(teacher):
             raise ConfigError("--edits: edit examples come from the demo data generator; only with --teacher demo")
-        from qwen_image2_ref.demo import data
 
         rng = np.random.default_rng(settings.seed + 17)
         ex = [data.sample_edit(rng, 128, 128, "train") for _ in range(settings.edit_size)]

@@ -25,10 +25,11 @@ def ensure_export(model: str | os.PathLike = "demo", out: str | os.PathLike | No
     checkpoint digests equal the model's, otherwise (re-)exported."""
     from export.onnx_export import export_model
     from qwen_image2_ref.checkpoint import checkpoint_digest
+    from qwen_image2_ref.demo import is_shipped
     from qwen_image2_ref.model_folder import resolve_model_path
 
     path = resolve_model_path(model)
-    out = Path(out) if out is not None else cache_dir() / f"{str(model) if str(model) in ('demo', 'demo-4step') else path.name}-export"
+    out = Path(out) if out is not None else cache_dir() / f"{model if is_shipped(model) else path.name}-export"
     digests = {c: checkpoint_digest(path / c) for c in ("transformer", "vae", "text_encoder")}
     if (out / "manifest.json").is_file():
         try:

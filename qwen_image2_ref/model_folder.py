@@ -46,10 +46,10 @@ class LoadedModel:
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A checkpoint folder path; the names ``demo`` and ``demo-4step`` mean the embedded demo model
     and its shipped 4-step distilled student."""
-    if str(model) in ("demo", "demo-4step"):
-        from qwen_image2_ref.demo import student_path, weights_path
+    from qwen_image2_ref.demo import SHIPPED_MODELS
 
-        return weights_path() if str(model) == "demo" else student_path()
+    if str(model) in SHIPPED_MODELS:
+        return SHIPPED_MODELS[str(model)]()
     path = Path(model)
     if not (path / MODEL_INDEX).is_file():
         raise CheckpointError(

@@ -90,12 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     quant.set_defaults(handler=_cmd_quantize)
 
+    from distill.cli import DESCRIPTION as distill_description
+    from distill.cli import add_arguments as distill_arguments  # argparse only: no torch at parse time
+
     dist = commands.add_parser(
         "distill",
         help="step distillation: a few-step student with guidance built in (torchrun for several processes)",
-        description=_distill_description(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=distill_description, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _distill_arguments(dist)
+    distill_arguments(dist)
     dist.set_defaults(handler=_cmd_distill)
 
     validate = commands.add_parser("validate", help="compare each exported graph with the reference")
@@ -252,18 +255,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                    overwrite=args.overwrite, progress=True)
     print(f"quantized export ({args.precision}) written to {args.out}")
     return 0
-
-
-def _distill_description() -> str:
-    from distill.cli import DESCRIPTION
-
-    return DESCRIPTION
-
-
-def _distill_arguments(p: argparse.ArgumentParser) -> None:
-    from distill.cli import add_arguments
-
-    add_arguments(p)
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:

@@ -141,6 +141,17 @@ def padded_batch(
     return states, build_layout(pad, mask, cond_shapes, target_shape)
 
 
+def image_slot_prefix(pad_row: np.ndarray, expected: np.ndarray | None = None) -> np.ndarray:
+    """A prompt's ``<|image_pad|>`` mask up to its last slot: the ``image_slots`` of ``padded_batch``.
+    With ``expected`` (a group's first prefix), raises unless the two match, since a batch shares one
+    slot mask."""
+    pad_row = np.asarray(pad_row, dtype=bool)
+    prefix = pad_row[: int(np.flatnonzero(pad_row).max()) + 1]
+    if expected is not None and not np.array_equal(prefix, expected):
+        raise ShapeError("edit prompts: image slots are expected at the same positions in every prompt")
+    return prefix
+
+
 def position_ids(block_ids: np.ndarray, shapes: Sequence[tuple[int, int]]) -> np.ndarray:
     """Rope positions ``[L, 3]``: text advances one shared position on all three axes; an image
     block of ``h x w`` sits at the current frame position with height/width centred on zero,

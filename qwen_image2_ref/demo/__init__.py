@@ -30,3 +30,12 @@ def student_path() -> Path:
     """The shipped 4-step distilled student of the demo model (same folder layout)."""
     return _shipped(STUDENT_DIR, "demo student", "make it with `qwen-image-edge distill --teacher demo --steps 4,8 "
                     "--out DIR` and copy DIR/student")
+
+
+# The names ``--model`` accepts for the shipped folders, and where each resolves.
+SHIPPED_MODELS = {"demo": weights_path, "demo-4step": student_path}
+
+
+def is_shipped(model) -> bool:
+    """Whether ``model`` (a name or a path) names one of the shipped demo folders."""
+    return str(model) in SHIPPED_MODELS

@@ -34,6 +34,18 @@ def load_stage(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path.with_suffix(".safetensors"))), json.loads(path.with_suffix(".json").read_text())
 
 
+def ragged_tensors(key: str, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """N arrays ``[L_i, D]`` as ``key`` ``[sum L_i, D]`` plus their lengths ``key_len`` ``[N]``."""
+    return {key: torch.from_numpy(np.concatenate(arrays, axis=0)),
+            f"{key}_len": torch.tensor([a.shape[0] for a in arrays], dtype=torch.int64)}
+
+
+def ragged_arrays(tensors: dict[str, torch.Tensor], key: str) -> list[np.ndarray]:
+    """The arrays ``ragged_tensors`` stored under ``key``."""
+    ends = np.cumsum(tensors[f"{key}_len"].numpy())
+    return list(np.split(tensors[key].numpy(), ends[:-1]))
+
+
 def save_groups(path: Path, groups: dict, stats: dict) -> None:
     """The data stage's groups (latents, per-sample encoder states, layouts) and latent statistics."""
     tensors: dict[str, torch.Tensor] = {}
@@ -45,9 +57,7 @@ def save_groups(path: Path, groups: dict, stats: dict) -> None:
         if g.pad_prefix is not None:
             tensors[f"{name}/pad_prefix"] = torch.from_numpy(np.asarray(g.pad_prefix, dtype=np.uint8))
         for field in ("states", "neg_states"):
-            arrays = getattr(g, field)
-            tensors[f"{name}/{field}"] = torch.from_numpy(np.concatenate(arrays, axis=0))  # [sum L_i, D]
-            tensors[f"{name}/{field}_len"] = torch.tensor([a.shape[0] for a in arrays], dtype=torch.int64)
+            tensors.update(ragged_tensors(f"{name}/{field}", getattr(g, field)))
         meta["groups"][name] = {"target_shape": list(g.target_shape)}
     save_stage(path, tensors, meta)
 
@@ -56,11 +66,7 @@ def load_groups(path: Path, group_cls) -> tuple[dict, dict]:
     tensors, meta = load_stage(path)
     groups = {}
     for name, info in meta["groups"].items():
-        fields = {}
-        for field in ("states", "neg_states"):
-            flat = tensors[f"{name}/{field}"].numpy()
-            ends = np.cumsum(tensors[f"{name}/{field}_len"].numpy())
-            fields[field] = list(np.split(flat, ends[:-1]))
+        fields = {field: ragged_arrays(tensors, f"{name}/{field}") for field in ("states", "neg_states")}
         pad = tensors.get(f"{name}/pad_prefix")
         groups[name] = group_cls(
             latents=tensors[f"{name}/latents"],

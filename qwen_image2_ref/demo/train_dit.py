@@ -30,7 +30,7 @@ from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import pack_latents
 from runtime import images as rimages
-from runtime.layout import padded_batch
+from runtime.layout import image_slot_prefix, padded_batch
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,7 @@ def build_data(vae, encoder, seed: int, small: bool, progress: bool) -> tuple[di
             vl = rimages.resize_rgba(Image.fromarray(img), 128, 128)  # pipeline: calculate_dimensions -> 128x128
             e, m, pad = encoder.encode([e_ex.instruction, NEGATIVE_PROMPT], [vl])
             pos_s, neg_s = _trim(e, m)
-            k = int(np.flatnonzero(pad[0].numpy()).max()) + 1
-            if prefix is None:
-                prefix = pad[0].numpy()[:k]
-            if not np.array_equal(pad[0].numpy()[:k], prefix) or pad[0].numpy()[k:].any():
-                raise RuntimeError("edit prompts: image slots are expected at the same positions in every prompt")
+            prefix = image_slot_prefix(pad[0].numpy(), prefix)
             states.append(pos_s)
             negs.append(neg_s)
         groups["edit_128"] = Group(norm(tgt_lat), states, negs, (8, 8), norm(src_lat), prefix)
