@@ -1,0 +1,175 @@
+"""Curated mutation testing: small realistic bugs, each applied to a copy of the repository, each
+run against the tests that must catch it.
+
+A mutation is an exact text patch (``old`` occurs exactly once in ``file``, and is replaced by
+``new``) plus the test ids that should fail on it. The list is in ``tests/mutations.py``. For each
+mutation this script copies the repository (tracked and untracked-but-not-ignored files) into a
+temporary folder once, patches one file there, runs ``pytest -x`` on the named tests in that copy,
+and restores the file. A mutation is *caught* when pytest reports a failing test (exit code 1);
+any other outcome (all pass, a collection error, a time-out) counts as not caught, so a mutation
+that breaks the import of a test module is not taken as a catch.
+
+Before mutating, the named tests are run once on the unmodified copy: a test that already fails
+catches nothing.
+
+    python tests/mutate.py                  # every mutation, then a table
+    python tests/mutate.py --list           # the list only
+    python tests/mutate.py --only calib-amax-x2 --only to-images-truncate
+
+Exit code 0 when every mutation is caught, 1 otherwise. ``pytest -m mutation`` runs the same
+thing one test per mutation (tests/test_mutation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `tests.mutations` importable
+    sys.path.insert(0, str(ROOT))
+
+from tests.mutations import MUTATIONS, Mutation  # noqa: E402
+
+# One mutation's tests must finish within this; a mutation that makes a test hang is caught by
+# the time-out only if the tests say so, so a time-out counts as "not caught" and is reported.
+TIMEOUT_S = 900
+
+
+def copy_repository(dest: Path, root: Path = ROOT) -> Path:
+    """Copy what a checkout holds (tracked + untracked-not-ignored files) into ``dest``."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, listing):
+        src = root / rel
+        if not src.is_file():  # deleted in the work tree but still in the index
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes())
+    return dest
+
+
+def check_patch(mutation: Mutation, root: Path = ROOT) -> str:
+    """The file's text; raises ValueError unless ``old`` occurs exactly once in it."""
+    text = (root / mutation.file).read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise ValueError(f"mutation {mutation.id!r}: {mutation.file} holds its 'old' text {count} times, expected 1")
+    if mutation.old == mutation.new:
+        raise ValueError(f"mutation {mutation.id!r}: 'new' equals 'old'")
+    return text
+
+
+def run_pytest(copy: Path, tests: Sequence[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    """pytest on ``tests`` inside the copy; (exit code, output tail). Exit code -1: timed out."""
+    env = dict(os.environ)
+    # The copy's packages must shadow the editable install of the real checkout: put the copy first.
+    env["PYTHONPATH"] = os.pathsep.join([str(copy)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # Mutated code must never write into the user's demo-export cache, which the real suite reuses.
+    env["QWEN_IMAGE_EDGE_CACHE"] = str(copy.parent / "cache")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout:.0f} s"
+    return proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+
+
+def failing_test(output: str) -> str:
+    """The first ``FAILED <test id>`` line of pytest's short summary, or ''."""
+    for line in output.splitlines():
+        if line.startswith("FAILED "):
+            return line.removeprefix("FAILED ").split(" - ")[0].strip()
+    return ""
+
+
+class Workspace:
+    """One repository copy; mutations are applied to it one at a time and restored."""
+
+    def __init__(self, root: Path = ROOT) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="qie-mutation-")
+        self.path = copy_repository(Path(self._tmp.name) / "repo", root)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def baseline(self, tests: Iterable[str]) -> tuple[int, str]:
+        return run_pytest(self.path, sorted(set(tests)))
+
+    def run(self, mutation: Mutation) -> tuple[bool, str, str]:
+        """(caught, failing test id, output tail) for one mutation."""
+        target = self.path / mutation.file
+        original = check_patch(mutation, self.path)
+        target.write_text(original.replace(mutation.old, mutation.new))
+        try:
+            code, out = run_pytest(self.path, mutation.tests)
+        finally:
+            target.write_text(original)
+        return code == 1, failing_test(out) if code == 1 else "", out
+
+
+def select(only: Sequence[str] | None) -> list[Mutation]:
+    if not only:
+        return list(MUTATIONS)
+    known = {m.id: m for m in MUTATIONS}
+    unknown = [o for o in only if o not in known]
+    if unknown:
+        raise SystemExit(f"mutate: unknown mutation id(s) {unknown}; see --list")
+    return [known[o] for o in only]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="tests/mutate.py")
+    parser.add_argument("--only", action="append", metavar="ID", help="run this mutation only (repeatable)")
+    parser.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the check that the named tests pass unmutated (they do in CI's suite run)")
+    args = parser.parse_args(argv)
+    chosen = select(args.only)
+    if args.list:
+        for m in chosen:
+            print(f"{m.id:32s} {m.package:8s} {m.file}: {m.what}")
+            for t in m.tests:
+                print(f"{'':41s}{t}")
+        return 0
+    for m in chosen:
+        check_patch(m)
+    ws = Workspace()
+    try:
+        if not args.no_baseline:
+            code, out = ws.baseline(t for m in chosen for t in m.tests)
+            if code != 0:
+                print(out, file=sys.stderr)
+                print("mutate: the named tests do not pass on the unmutated copy; nothing measured", file=sys.stderr)
+                return 2
+        rows = []
+        for m in chosen:
+            start = time.monotonic()
+            caught, test, out = ws.run(m)
+            rows.append((m, caught, test, time.monotonic() - start))
+            status = "caught" if caught else "NOT CAUGHT"
+            print(f"{m.id}: {status} ({time.monotonic() - start:.0f} s) {test}", file=sys.stderr, flush=True)
+            if not caught:
+                print(out, file=sys.stderr)
+    finally:
+        ws.close()
+    print(f"| mutation | package | what | caught by | s |\n|---|---|---|---|---|")
+    for m, caught, test, secs in rows:
+        print(f"| {m.id} | {m.package} | {m.what} | {test if caught else '**not caught**'} | {secs:.0f} |")
+    missed = [m.id for m, caught, *_ in rows if not caught]
+    print(f"\n{len(rows) - len(missed)} of {len(rows)} mutations caught" + (f"; not caught: {missed}" if missed else ""))
+    return 0 if not missed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
