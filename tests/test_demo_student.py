@@ -7,16 +7,20 @@ import json
 import pytest
 import torch
 
-from qwen_image2_ref.demo import data, judge, student_path
+from qwen_image2_ref.demo import student_path
 from qwen_image2_ref.model_folder import load_pipeline
+from tests.adherence import assert_follows_prompts, balanced_heldout_prompts
 
-N_PROMPTS = 12
-# Measured on this fixed set (12 held-out prompts, one batch from seed 0, 4 steps): color 10/12,
-# shape 8/12, position 11/12, background 11/12. Floors leave one image of margin (two for shape)
-# for summation-order differences between machines; chance: color 1/10, shape 1/3, position 1/5,
-# background 1/3. bench/distill.py on 64 held-out prompts: color 87.5%, shape 79.7%, position 90.6%
-# (teacher at 40 steps with guidance: 89.1 / 75.0 / 93.8%; teacher at 4 steps: 59.4 / 59.4 / 84.4%).
-FLOORS = {"color": 0.75, "position": 0.83, "shape": 0.5, "background": 0.83}
+# Margins above the prompt-blind baseline (tests/adherence.py: constant 4/12 for color, shape and
+# background, 3/12 for position; shuffled prompts measured 0.12 / 0.30 / 0.17 / 0.27). Measured on
+# the balanced set (one batch from seed 0, 4 steps): color 10/12, shape 9/12, position 11/12,
+# background 12/12; seeds 1..3: color 10, shape 7-8, position 8-11, background 12. The bars
+# (baseline + margin) are 8, 7, 8 and 9 of 12, two or more images below what seed 0 measures, for
+# summation-order differences between machines; a prompt-blind model's expected score is at most
+# the baseline (see tests/test_demo_model.py for the odds of luck). bench/distill.py on 64
+# held-out prompts: color 87.5%, shape 79.7%, position 90.6% (teacher at 40 steps with guidance:
+# 89.1 / 75.0 / 93.8%; teacher at 4 steps: 59.4 / 59.4 / 84.4%).
+MARGINS = {"color": 0.3, "shape": 0.2, "position": 0.4, "background": 0.4}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def test_student_folder_carries_a_four_step_guidance_free_schedule():
 
 
 def test_student_follows_heldout_prompts_in_four_calls(student):
-    prompts = data.heldout_prompts(N_PROMPTS, 1000)
+    prompts = balanced_heldout_prompts()
     calls = []
     handle = student.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
@@ -45,6 +49,4 @@ def test_student_follows_heldout_prompts_in_four_calls(student):
     finally:
         handle.remove()
     assert len(calls) == 4  # one transformer call per step, no guidance branch
-    acc = judge.accuracy(images, [scene for scene, _ in prompts], FLOORS)
-    for key, floor in FLOORS.items():
-        assert acc[key] >= floor, f"{key} accuracy {acc[key]:.2f} on {N_PROMPTS} held-out prompts, floor {floor}"
+    assert_follows_prompts(images, [scene for scene, _ in prompts], MARGINS)
