@@ -16,6 +16,12 @@ from runtime.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
+TOL = 1e-5  # runtime vs reference on [0, 1] pixels (test_matches_the_reference)
+# Identical math in another order (fp32 graphs vs eager torch, 12 steps x 2 guidance passes): measured
+# 127-148 dB (RMS 4e-8..4.4e-7 of full scale). 90 dB is an RMS error of 3.2e-5 of full scale, >70x that; a 1%
+# error fails it: guidance x1.01 measured 57-98 dB, a sigma x1.01 19-78 dB over the four prompts. Float
+# images, not uint8: in uint8 one rounding flip of 65536 values is already 96.3 dB, four flips 90.3 dB.
+DEMO_PSNR_DB = 90.0  # demo model, runtime vs reference, float images (test_runtime_edit.py too)
 
 
 @pytest.mark.parametrize("prompt, size, guidance", [
@@ -29,9 +35,10 @@ def test_matches_the_reference(runtime_pipe, reference, prompt, size, guidance):
         kw.update(guidance=guidance, negative_prompt="blurry")
     ours = runtime_pipe.generate(prompt, **kw)
     ref = reference.generate(prompt, progress=False, **kw)
-    # fp32 graphs vs eager torch: the same math in another order; pixels agree to ~1e-6.
+    # fp32 graphs vs eager torch: the same math in another order; measured <= 1.1e-6 on [0, 1] pixels.
+    # TOL = 1e-5 leaves ~10x for another BLAS or CPU; guidance x1.01 moves pixels by 4.7e-4, a sigma x1.01 by 0.2.
     assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(ours - ref).max() <= TOL
 
 
 def test_pil_output_and_defaults(runtime_pipe, exported):
@@ -133,7 +140,7 @@ def test_missing_and_corrupt_exports(exported, tmp_path):
 
 def test_demo_text_to_image_matches_the_reference(demo_export):
     """Runtime (onnxruntime fp32) vs the reference on the shipped demo model, same seed and steps:
-    PSNR >= 40 dB and the judge reads the same attributes from both images."""
+    PSNR >= 90 dB on the float images and the judge reads the same attributes from both images."""
     import torch
 
     from qwen_image2_ref.demo import data, judge
@@ -146,10 +153,14 @@ def test_demo_text_to_image_matches_the_reference(demo_export):
         return j.background, j.glyph, [(o.color, o.shape, o.position) for o in j.objects]
 
     for i, (_, prompt) in enumerate(data.heldout_prompts(4, seed=3)):
-        kw = dict(steps=12, seed=200 + i)
-        ours = np.asarray(ours_pipe.generate(prompt, **kw), dtype=np.float64)
-        ref = np.asarray(ref_pipe.generate(prompt, progress=False, **kw)[0], dtype=np.float64)
-        mse = np.mean((ours - ref) ** 2)
-        psnr = np.inf if mse == 0 else 10 * np.log10(255.0**2 / mse)
-        assert psnr >= 40.0, f"{prompt!r}: PSNR {psnr:.1f} dB"
-        assert attributes(ours) == attributes(ref), prompt
+        kw = dict(steps=12, seed=200 + i, output="np")
+        ours = ours_pipe.generate(prompt, **kw)[0].astype(np.float64)  # [H, W, 4] in [0, 1]
+        ref = ref_pipe.generate(prompt, progress=False, **kw)[0].astype(np.float64)
+        assert psnr(ours, ref) >= DEMO_PSNR_DB, f"{prompt!r}: PSNR {psnr(ours, ref):.1f} dB"
+        assert attributes(np.round(ours * 255)) == attributes(np.round(ref * 255)), prompt
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two images in [0, 1]."""
+    mse = np.mean((a - b) ** 2)
+    return np.inf if mse == 0 else 10 * np.log10(1.0 / mse)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from runtime.errors import InputError, ManifestError
 from runtime.pipeline import Pipeline
+from tests.test_runtime import DEMO_PSNR_DB, TOL, psnr
 
 STEPS = 3
 RNG = np.random.default_rng(0)
@@ -33,13 +34,13 @@ def _both(runtime_pipe, reference, images, instruction="make the circle blue", *
 def test_matches_the_reference(runtime_pipe, reference, images, kw, size):
     ours, ref = _both(runtime_pipe, reference, images, **kw)
     assert ours.shape == ref.shape == (1, size[1], size[0], 4)
-    # fp32 graphs vs eager torch: the same math in another order; pixels agree to ~1e-6.
-    assert np.abs(ours - ref).max() <= 1e-4
+    # fp32 graphs vs eager torch: the same math in another order; measured <= 1.2e-6 (TOL: tests/test_runtime.py)
+    assert np.abs(ours - ref).max() <= TOL
 
 
 def test_batch_of_instructions(runtime_pipe, reference):
     ours, ref = _both(runtime_pipe, reference, [RGBA], ["make it blue", "turn the square green and move it"])
-    assert ours.shape[0] == 2 and np.abs(ours - ref).max() <= 1e-4
+    assert ours.shape[0] == 2 and np.abs(ours - ref).max() <= TOL
 
 
 def test_the_condition_image_matters(runtime_pipe):
@@ -50,7 +51,7 @@ def test_the_condition_image_matters(runtime_pipe):
     opaque = np.asarray(RGBA).copy()
     opaque[..., 3] = 255
     no_alpha = runtime_pipe.edit([Image.fromarray(opaque)], "make the circle blue", **kw)
-    # 10x the parity tolerance: a wrong condition path would fail the parity tests (random tiny
+    # 100x the parity tolerance: a wrong condition path would fail the parity tests (random tiny
     # weights move the output by ~5e-3 here)
     assert np.abs(base - other).max() > 1e-3
     assert np.abs(base - no_alpha).max() > 1e-3
@@ -81,7 +82,7 @@ def test_other_png_modes(runtime_pipe, reference, tmp_path, make):
     make().save(path)
     loaded = Image.open(path)
     ours, ref = _both(runtime_pipe, reference, [str(path)], steps=2)
-    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.abs(ours - ref).max() <= TOL
     # converted, not misread: the same as the image converted to RGBA first (PIL's palette/alpha rules)
     as_rgba = runtime_pipe.edit([loaded.convert("RGBA")], "make the circle blue", steps=2, seed=3, output="np")
     np.testing.assert_allclose(ours, as_rgba, atol=1e-6)
@@ -152,8 +153,9 @@ def _demo_weights() -> Path | None:
 
 @pytest.mark.skipif(_demo_weights() is None, reason="demo weights not trained yet (qwen_image2_ref/demo/weights)")
 def test_demo_edit_matches_the_reference(demo_export):
-    """Runtime edit vs reference edit on the shipped demo model: PSNR >= 40 dB, and the judge reads
-    the edit as applied exactly where it does on the reference output."""
+    """Runtime edit vs reference edit on the shipped demo model: PSNR >= 90 dB on the float images (the
+    bound's arithmetic: tests/test_runtime.py), and the judge reads the edit as applied exactly where it does
+    on the reference output."""
     import torch
 
     from qwen_image2_ref.demo import data, judge
@@ -166,13 +168,12 @@ def test_demo_edit_matches_the_reference(demo_export):
     for i in range(4):
         edit = data.sample_edit(rng)
         source = data.render(edit.source)
-        kw = dict(steps=12, seed=100 + i)
-        ours = np.asarray(ours_pipe.edit([source], edit.instruction, **kw))
-        ref = np.asarray(ref_pipe.edit([source], edit.instruction, progress=False, **kw)[0])
-        mse = np.mean((ours.astype(np.float64) - ref.astype(np.float64)) ** 2)
-        psnr = np.inf if mse == 0 else 10 * np.log10(255.0**2 / mse)
-        assert psnr >= 40.0, f"edit {i} ({edit.instruction!r}): PSNR {psnr:.1f} dB"
+        kw = dict(steps=12, seed=100 + i, output="np")
+        ours = ours_pipe.edit([source], edit.instruction, **kw)[0].astype(np.float64)  # [H, W, 4] in [0, 1]
+        ref = ref_pipe.edit([source], edit.instruction, progress=False, **kw)[0].astype(np.float64)
+        assert psnr(ours, ref) >= DEMO_PSNR_DB, f"edit {i} ({edit.instruction!r}): PSNR {psnr(ours, ref):.1f} dB"
         for name, img in (("ours", ours), ("ref", ref)):
+            img = np.round(img * 255).astype(np.uint8)
             applied[name] += judge.score(judge.judge(img), edit.target, edit)["edit_applied"]
     assert applied["ours"] == applied["ref"], applied
 
