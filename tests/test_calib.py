@@ -116,6 +116,27 @@ def test_reductions_follow_their_definitions() -> None:
     assert np.allclose(reduce_ranges(r, QuantPolicy(reduction="mean-max")), per_step_max.mean(0))
 
 
+def test_input_range_is_the_reduced_range_after_smoothing() -> None:
+    """calib.quantize's rule, by hand: amax = max_c(reduce(a)_c * pre_quant_scale_c), max_c without
+    smoothing. The quantizer gets it and the summary records it; both are fp32 products of the same
+    numbers (rel 1e-6), so a range off by 2x either way fails."""
+    from types import SimpleNamespace
+
+    from calib.quantize import _set_input_ranges
+
+    a, r = _ranges(1)
+    pqs = np.random.default_rng(2).uniform(0.2, 3.0, size=4).astype(np.float32)
+    for policy, reduced in [(QuantPolicy(), a.max((0, 1))),
+                            (QuantPolicy(reduction="min-mean", step_fraction=0.5), a.mean(0)[:3].min(0))]:
+        for scale, want in [(pqs, (reduced * pqs).max()), (None, reduced.max())]:
+            layer = nn.Sequential(nn.Linear(4, 2))
+            quantizer = SimpleNamespace(pre_quant_scale=None if scale is None else torch.from_numpy(scale), amax=None)
+            layer[0].input_quantizer = quantizer
+            recorded = _set_input_ranges(layer, ["0"], {"0": r}, policy)
+            assert recorded["0"] == pytest.approx(float(want), rel=1e-6)
+            assert float(quantizer.amax) == pytest.approx(float(want), rel=1e-6)
+
+
 def test_recorder_keeps_steps_apart() -> None:
     lin = nn.Sequential(nn.Linear(3, 2, bias=False))
     rec = RangeRecorder(lin, ["0"])
