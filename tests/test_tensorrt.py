@@ -16,7 +16,7 @@ import pytest
 from export.trt_profiles import BuildRanges, graph_ranges, input_profiles, wanted_ranges
 from runtime.backends import cuda, make_backend
 from runtime.errors import BackendError, ConfigError, ShapeError
-from runtime.manifest import EngineSpec, Manifest, Precision, load_manifest, sha256_file
+from runtime.manifest import MANIFEST_NAME, EngineSpec, Manifest, Precision, load_manifest, sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -368,6 +368,163 @@ def test_cli_build(export_copy, trt, capsys):
     assert "outside the exported range" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- what the stand-in enforces
+
+
+def test_standin_rounding_is_round_to_nearest_even(trt):
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # an independent bf16 conversion (onnx depends on it)
+
+    one = np.float32(1)
+    x = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, -2.5e-9, 65520, 3.4e38, np.inf, np.nan,
+                  *np.random.default_rng(0).standard_normal(1000) * 10.0 ** np.arange(-20, 30, 0.05)], np.float32)
+    np.testing.assert_array_equal(trt.round_to(x, "BF16"), x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    with np.errstate(over="ignore"):  # beyond fp16's 65504: inf, as TensorRT's fp16 layers give
+        np.testing.assert_array_equal(trt.round_to(x, "FP16"), x.astype(np.float16).astype(np.float32))
+    # ties go to the even neighbour: 1 + 2^-8 is halfway between bf16's 1 and 1 + 2^-7
+    assert trt.round_to(x[:2], "BF16").tolist() == [one, 1 + 2**-6]
+    assert trt.round_to(x[2:4], "FP16").tolist() == [one, 1 + 2**-9]
+    assert trt.round_to(np.arange(3), "FP16").dtype == np.int64  # only float32 tensors are lowered
+
+
+@pytest.mark.parametrize("precision, unit", [(Precision.FP16, 2.0**-11), (Precision.BF16, 2.0**-8)])
+def test_fp16_and_bf16_engines_compute_in_reduced_precision(export_copy, trt, precision, unit):
+    import onnx
+
+    from export.tensorrt import build_engines
+
+    build_engines(export_copy, graphs=["vae_decoder"], ranges=BuildRanges(max_res=64), precision=precision,
+                  precision_graphs=["vae_decoder"])
+    sess, m = _session(export_copy, "vae_decoder")
+    z = np.random.default_rng(0).standard_normal((1, 64, 2, 4), dtype=np.float32)
+    out, ref = sess.run({"latents": z})["image"], _ort(export_copy, m, "vae_decoder", {"latents": z})
+    np.testing.assert_array_equal(trt.round_to(out, precision.name), out)  # the output layer ran in fp16 / bf16
+    # The fp32 engines' atol=1e-6 would fail here. Bound: rounding to nearest perturbs each rounded
+    # tensor (the input, each Conv/MatMul weight, the output: n of them) by a relative error <= unit
+    # (fp16 2^-11, bf16 2^-8); independent errors through the normalised blocks add in quadrature:
+    # |out - ref| / |ref| <= sqrt(n) * unit, n = 38 here: fp16 3.0e-3, bf16 2.4e-2.
+    graph = onnx.load(export_copy / m.graphs["vae_decoder"].file).graph
+    n = 2 + sum(node.op_type in ("Conv", "MatMul", "Gemm") for node in graph.node)
+    assert np.abs(out - ref).max() > 1e-6
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= np.sqrt(n) * unit
+
+
+def test_fp16_standin_engines_pass_the_real_tests_bound(export_copy, trt):
+    ours, ref, psnr = _fp16_pipeline_vs_onnxruntime(export_copy, trt)
+    assert np.abs(ours - ref).max() > 1e-6  # rounded: the stand-in's fp32 comparisons (atol 1e-6) would fail
+    assert psnr >= 35.0, f"PSNR {psnr:.1f} dB vs onnxruntime"
+
+
+def test_device_memory_starts_as_garbage_and_reading_it_is_caught(built, trt, monkeypatch):
+    buf = cuda.DeviceBuffer(64)
+    assert np.isnan(trt.CUDART.read(buf.ptr, (16,), np.dtype(np.float32))).all()
+    assert (trt.CUDART.read(buf.ptr, (8,), np.dtype(np.int64)) == -1).all()
+    stream, host = cuda.Stream(), np.zeros(16, np.float32)
+    cuda.copy_to_host(host, buf.ptr, stream)
+    with pytest.raises(trt.MisuseError, match="reads 64 of 64 bytes .* that nothing wrote"):
+        stream.synchronize()
+    # through the backend: an input never uploaded (zeros, which zero-filled memory would have hidden)
+    sess, _ = _session(built, "vae_decoder")
+    monkeypatch.setattr(cuda, "copy_to_device", lambda dst, src, stream: None)
+    with pytest.raises(trt.MisuseError, match="execute input 'latents': reads 1024 of 1024 bytes"):
+        sess.run({"latents": np.zeros((1, 64, 2, 2), np.float32)})
+
+
+def test_aliased_input_and_output_are_refused(built, trt):
+    from runtime.backends.tensorrt import DeviceArray
+
+    sess, _ = _session(built, "vae_decoder")
+    z = np.random.default_rng(0).standard_normal((1, 64, 2, 2), dtype=np.float32)
+    image = sess.run_device({"latents": z})["image"]
+    # TensorRT itself (the stand-in's enqueue): an input bound inside the output buffer
+    assert sess.context.set_tensor_address("latents", image.ptr)
+    assert sess.context.execute_async_v3(sess.stream.handle) is False
+    assert "output 'image'" in sess._logger.errors[-1] and "overlaps 'latents'" in sess._logger.errors[-1]
+    # the backend refuses it before TensorRT sees it (real TensorRT does not check)
+    with pytest.raises(BackendError, match="input 'latents' lies in this session's output 'image'"):
+        sess.run_device({"latents": DeviceArray(image.ptr, z.shape, "float32")})
+
+
+def test_free_while_queued_and_use_after_free_are_caught(built, trt):
+    stream, buf = cuda.Stream(), cuda.DeviceBuffer(256)
+    cuda.copy_to_device(buf.ptr, np.ones(64, np.float32), stream)
+    with pytest.raises(trt.MisuseError, match="while queued work still uses it"):
+        buf.free()
+    stream.synchronize()
+    ptr = buf.ptr
+    buf.free()
+    with pytest.raises(trt.MisuseError, match="use after cudaFree"):
+        cuda.copy_to_host(np.empty(64, np.float32), ptr, stream)
+    # through the backend: a kept output whose owner was freed, then fed to the next graph
+    enc, _ = _session(built, "vae_encoder")
+    dec, _ = _session(built, "vae_decoder")
+    img = np.random.default_rng(2).uniform(-1, 1, (1, 4, 64, 32)).astype(np.float32)
+    latents, owner = enc.run_kept({"image": img}, "latents")
+    owner.free()
+    with pytest.raises(trt.MisuseError, match=r"latents: 0x[0-9a-f]+ is in device memory that was freed"):
+        dec.run_device({"latents": latents})
+
+
+def test_a_failed_enqueue_leaves_nothing_queued_on_freed_buffers(built, trt):
+    sess, m = _session(built, "vae_decoder")
+    rng = np.random.default_rng(3)
+    sess.context.execute_async_v3 = lambda stream: False  # TensorRT refuses the enqueue after the upload
+    with pytest.raises(BackendError, match="execute_async_v3 failed"):
+        sess.run({"latents": rng.standard_normal((1, 64, 2, 2), dtype=np.float32)})
+    del sess.context.execute_async_v3
+    z = rng.standard_normal((1, 64, 4, 4), dtype=np.float32)  # a larger shape: the buffers are reallocated
+    np.testing.assert_allclose(sess.run({"latents": z})["image"], _ort(built, m, "vae_decoder", {"latents": z}),
+                               atol=1e-6)
+    sess.context.execute_async_v3 = lambda stream: False
+    with pytest.raises(BackendError, match="execute_async_v3 failed"):
+        sess.run({"latents": z})
+    sess.close()  # frees the buffers the refused call's upload still targets
+    assert not any(trt.CUDART.streams.values()) and not trt.CUDART.memory
+
+
+def _with_qdq(export_dir: Path, graph: str, precision: Precision) -> None:
+    """Quantize-dequantize ``graph``'s input (int8 or fp8, as modelopt places activation Q/DQ) and
+    record the graph as ``precision`` in the manifest."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.manifest_writer import write_text_atomic
+
+    m = load_manifest(export_dir)
+    spec = m.graphs[graph]
+    model = onnx.load(export_dir / spec.file)
+    x = spec.inputs[0].name
+    for node in model.graph.node:
+        node.input[:] = [f"{x}_dq" if i == x else i for i in node.input]
+    zero = TensorProto.INT8 if precision is Precision.INT8 else TensorProto.FLOAT8E4M3FN
+    model.graph.initializer.extend([helper.make_tensor("qdq_scale", TensorProto.FLOAT, [], [0.05]),
+                                    helper.make_tensor("qdq_zero", zero, [], [0])])
+    model.graph.node.insert(0, helper.make_node("QuantizeLinear", [x, "qdq_scale", "qdq_zero"], [f"{x}_q"]))
+    model.graph.node.insert(1, helper.make_node("DequantizeLinear", [f"{x}_q", "qdq_scale", "qdq_zero"], [f"{x}_dq"]))
+    onnx.save(model, export_dir / spec.file)
+    spec = dataclasses.replace(spec, sha256=sha256_file(export_dir / spec.file), precision=precision)
+    write_text_atomic(export_dir / MANIFEST_NAME, dataclasses.replace(m, graphs={**m.graphs, graph: spec}).to_json())
+
+
+@pytest.mark.parametrize("precision", [Precision.INT8, Precision.FP8])
+def test_qdq_graphs_build_strongly_typed_only(export_copy, trt, precision):
+    from export.tensorrt import NetworkMode, build_engine, build_engines
+
+    _with_qdq(export_copy, "vae_decoder", precision)
+    m = load_manifest(export_copy)
+    spec, ranges = m.graphs["vae_decoder"], graph_ranges(m.graphs["vae_decoder"], wanted_ranges(m, BuildRanges()))
+    for flags in ((), (precision.name,)):  # weakly typed, with or without the (deprecated) precision flag
+        with pytest.raises(BackendError, match=r"engine build failed.*QuantizeLinear/DequantizeLinear.*weakly typed"):
+            build_engine(trt, export_copy / spec.file, spec, ranges, NetworkMode(False, flags, precision))
+    trt.CALLS.clear()
+    (e,) = build_engines(export_copy, graphs=["vae_decoder"], ranges=BuildRanges(max_res=64)).values()
+    assert e.strongly_typed and e.precision is precision and "set_flag" not in " ".join(trt.CALLS)
+    if precision is Precision.INT8:  # the engine runs what the Q/DQ graph computes, unrounded
+        sess, _ = _session(export_copy, "vae_decoder")
+        z = np.random.default_rng(4).standard_normal((1, 64, 2, 4), dtype=np.float32)
+        np.testing.assert_allclose(sess.run({"latents": z})["image"], _ort(export_copy, m, "vae_decoder",
+                                                                            {"latents": z}), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- real TensorRT
 
 
@@ -388,14 +545,19 @@ def _real_trt_and_gpu() -> bool:
 def test_real_engines_match_onnxruntime(export_copy):
     import tensorrt
 
+    _, _, psnr = _fp16_pipeline_vs_onnxruntime(export_copy, tensorrt)
+    assert psnr >= 35.0, f"PSNR {psnr:.1f} dB vs onnxruntime"
+
+
+def _fp16_pipeline_vs_onnxruntime(export_dir, tensorrt):
+    """Engines built fp16 where TensorRT can (10.x), a pipeline run on them and on onnxruntime: (ours, ref, PSNR)."""
     from export.tensorrt import build_engines
     from runtime.pipeline import Pipeline
 
     fp16 = int(tensorrt.__version__.split(".")[0]) < 11  # 11.x has no builder-level fp16 (see export.tensorrt)
-    build_engines(export_copy, ranges=BuildRanges(max_res=64), precision=Precision.FP16 if fp16 else None)
+    build_engines(export_dir, ranges=BuildRanges(max_res=64), precision=Precision.FP16 if fp16 else None)
     kw = dict(width=64, height=64, steps=3, seed=0, output="np")
-    ours = Pipeline.load(export_copy, backend="tensorrt").generate("a red circle on the left", **kw)
-    ref = Pipeline.load(export_copy, threads=1).generate("a red circle on the left", **kw)
+    ours = Pipeline.load(export_dir, backend="tensorrt").generate("a red circle on the left", **kw)
+    ref = Pipeline.load(export_dir, threads=1).generate("a red circle on the left", **kw)
     mse = float(np.mean((ours.astype(np.float64) - ref) ** 2))
-    psnr = 10 * np.log10(1.0 / max(mse, 1e-20))  # pixels in [0, 1]
-    assert psnr >= 35.0, f"PSNR {psnr:.1f} dB vs onnxruntime"
+    return ours, ref, 10 * np.log10(1.0 / max(mse, 1e-20))  # pixels in [0, 1]

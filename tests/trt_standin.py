@@ -11,8 +11,22 @@ pointers, no copies inside a stream capture.
 
 Streams are modelled: H2D copies snapshot their source at the call, while kernels, D2H copies and
 graph launches are queued and run at ``cudaStreamSynchronize``; a missing sync leaves outputs
-unwritten. "Device memory" is host memory from ctypes. An engine executes its ONNX graph with
-onnxruntime, so numbers from stand-in engines equal onnxruntime's.
+unwritten. "Device memory" is host memory from ctypes, handed out filled with 0xFF bytes (NaN in
+every float format, -1 in signed ints) and checked the way compute-sanitizer's memcheck and initcheck
+would: an access outside a live allocation, a use after ``cudaFree`` (freed addresses are never
+reused) and a read of bytes nothing wrote raise at the queued operation. ``cudaFree`` of a buffer
+that queued work still uses raises too: real ``cudaFree`` happens to wait for the whole device
+(CUDA programming guide, "Stream-Ordered Memory Allocator"), which hides the bug but is no contract a
+``cudaFreeAsync`` or a graph replay would keep; the runtime drains its stream before freeing.
+
+An engine executes its ONNX graph with onnxruntime. Strongly typed and fp32 engines give
+onnxruntime's numbers (TF32, on by default for fp32 layers in real TensorRT, is not modelled). An
+engine built weakly typed with ``BuilderFlag.FP16`` or ``BF16`` may run any layer in that precision,
+so the stand-in rounds (round to nearest even) its float weights, its float inputs and its float
+outputs to fp16 / bf16: a lower bound of the effect, intermediates stay fp32. ``execute_async_v3``
+with an output overlapping another I/O tensor logs an error and returns False (TensorRT kernels
+assume distinct buffers; real TensorRT does not check and computes garbage). A network with
+QuantizeLinear / DequantizeLinear nodes must be strongly typed (see ``_qdq_refusal``).
 
 ``reset(version)`` clears the state; a version >= 11 drops the FP16/BF16/INT8/FP8 builder flags as
 TensorRT 11 did. ``FAIL_PARSE`` / ``FAIL_BUILD`` inject parser and builder failures.
@@ -29,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.manifest import read_onnx_io
+
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 __version__ = "10.13.0.35"
 CALLS: list[str] = []
@@ -104,6 +120,7 @@ class INetworkDefinition:
         self.outputs: list[ITensor] = []
         self.source: str | None = None
         self.symbols: dict[str, list] = {}
+        self.qdq: set[str] = set()  # quantized types of the graph's Q/DQ nodes (INT8, FP8, ...)
 
     @property
     def num_inputs(self):
@@ -162,8 +179,47 @@ class OnnxParser:
                 dest.append(ITensor(t.name, DataType[_NP_TO_TRT[t.dtype]],
                                     tuple(d if isinstance(d, int) else -1 for d in t.dims)))
                 self.network.symbols[t.name] = list(t.dims)
+        self.network.qdq = _qdq_types(model)
         self.network.source = model
         return True
+
+
+def _qdq_types(model: str) -> set[str]:
+    """Quantized types of the Q/DQ nodes, named by their zero point (ONNX's default: uint8)."""
+    import onnx
+
+    graph = onnx.load(model, load_external_data=False).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    types.update({n.output[0]: a.t.data_type for n in graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value"})
+    found = set()
+    for n in graph.node:
+        if n.op_type in _QDQ_OPS:
+            zero_point = types.get(n.input[2]) if len(n.input) > 2 and n.input[2] else onnx.TensorProto.UINT8
+            found.add({onnx.TensorProto.INT8: "INT8", onnx.TensorProto.FLOAT8E4M3FN: "FP8"}.get(zero_point, str(zero_point)))
+    return found
+
+
+def _qdq_refusal(network, flags) -> str | None:
+    """Why TensorRT 10 will not build this Q/DQ network weakly typed, or None.
+
+    Facts relied on: TensorRT 10's explicit quantization guide says "Use explicit quantization with
+    Strong Typing. Precision-control build flags are not required and should not be specified"
+    (docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html);
+    weakly typed, Q/DQ layers build only with BuilderFlag.INT8 / FP8 set (the 8.x developer guide,
+    "Working with INT8": "to enable any quantized operation, the INT8 flag must be set"; assumed
+    kept by 10.x's weakly typed mode); implicit quantization (calibrators) is deprecated since 10.1
+    ("superseded by explicit quantization", the C++ API's deprecated list) and 11.x removed the
+    INT8 / FP8 flags for "explicit quantization with Q/DQ nodes" (10.x -> 11.x migration guide).
+    This project builds Q/DQ graphs strongly typed only, so the stand-in refuses a weakly typed one
+    with or without the flag.
+    """
+    if not network.qdq or network.strongly_typed:
+        return None
+    flagged = sorted(flags & {"INT8", "FP8"})
+    why = f"with {flagged} set: the deprecated weakly typed path" if flagged else "without the INT8/FP8 flag"
+    return (f"the network has {sorted(network.qdq)} QuantizeLinear/DequantizeLinear layers and is weakly typed ({why}); "
+            "create it with 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED")
 
 
 class IOptimizationProfile:
@@ -274,6 +330,10 @@ class Builder:
         if network.strongly_typed and precision:
             _error(self.logger, f"precision flags {sorted(precision)} are not allowed on a strongly typed network")
             return None
+        refusal = _qdq_refusal(network, config.flags)
+        if refusal:
+            _error(self.logger, refusal)
+            return None
         if "WEIGHT_STREAMING" in config.flags and not network.strongly_typed:
             _error(self.logger, "weight streaming requires a strongly typed network")
             return None
@@ -286,7 +346,8 @@ class Builder:
                 "inputs": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.inputs],
                 "outputs": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.outputs],
                 "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-                "weight_streaming": "WEIGHT_STREAMING" in config.flags, "version": __version__}
+                "weight_streaming": "WEIGHT_STREAMING" in config.flags, "version": __version__,
+                "strongly_typed": network.strongly_typed}
         return IHostMemory(json.dumps(plan).encode())
 
 
@@ -309,12 +370,15 @@ class Runtime:
         if plan.get("version") != __version__:
             _error(self.logger, f"engine built with TensorRT {plan.get('version')}, this is {__version__}")
             return None
-        return ICudaEngine(plan)
+        return ICudaEngine(plan, self.logger)
 
 
 class ICudaEngine:
-    def __init__(self, plan):
-        self.plan = plan
+    def __init__(self, plan, logger):
+        self.plan, self.logger = plan, logger
+        # weakly typed + FP16/BF16: TensorRT may run any layer in that precision (bf16 if both)
+        lowered = [f for f in ("BF16", "FP16") if f in plan["flags"]]
+        self.rounding = lowered[0] if lowered and not plan.get("strongly_typed") else None
         self.io = {n: (TensorIOMode.INPUT, DataType[d], s) for n, d, s in plan["inputs"]}
         self.io.update({n: (TensorIOMode.OUTPUT, DataType[d], s) for n, d, s in plan["outputs"]})
         self.names = list(self.io)
@@ -366,7 +430,8 @@ class ICudaEngine:
 
             opts = onnxruntime.SessionOptions()
             opts.intra_op_num_threads = 1
-            self._ort = onnxruntime.InferenceSession(self.plan["source"], opts, providers=["CPUExecutionProvider"])
+            model = self.plan["source"] if self.rounding is None else _rounded_model(self.plan["source"], self.rounding)
+            self._ort = onnxruntime.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         return self._ort
 
 
@@ -419,20 +484,63 @@ class IExecutionContext:
         _need(isinstance(stream_handle, int), "execute_async_v3 takes the stream handle as an int")
         missing = [n for n in self.engine.names if n not in self.addresses]
         _need(not missing, f"execute_async_v3 before set_tensor_address of {missing}")
-        io = {}
+        io, spans = {}, {}
         for name in self.engine.names:
             shape = tuple(self.get_tensor_shape(name))
             dtype = _dtype(self.engine.io[name][1])
-            CUDART.check_device(self.addresses[name], int(np.prod(shape)) * dtype.itemsize, name)
+            spans[name] = (self.addresses[name], int(np.prod(shape)) * dtype.itemsize)
+            CUDART.check_device(*spans[name], name)
             io[name] = (self.addresses[name], shape, dtype)
-        CUDART.enqueue(stream_handle, ("execute", lambda: self._run(io)))
+        inputs = self._inputs()
+        for out in (n for n in self.engine.names if n not in inputs):
+            for other, span in spans.items():
+                if other != out and _overlap(spans[out], span):
+                    _error(self.engine.logger, f"enqueueV3: output {out!r} ({spans[out][1]} bytes at {spans[out][0]:#x}) "
+                                               f"overlaps {other!r} ({span[1]} bytes at {span[0]:#x}); I/O buffers must "
+                                               "not alias")
+                    return False
+        reads = [(*spans[n], f"execute input {n!r}") for n in inputs]
+        writes = [(*spans[n], f"execute output {n!r}") for n in spans if n not in inputs]
+        CUDART.enqueue(stream_handle, ("execute", lambda: self._run(io), reads, writes))
         return True
 
     def _run(self, io):
-        feeds = {n: CUDART.read(*io[n]) for n in self._inputs()}
+        rounding = self.engine.rounding
+        feeds = {n: round_to(CUDART.read(*io[n]), rounding) for n in self._inputs()}
         sess = self.engine.session()
         for o, value in zip(sess.get_outputs(), sess.run(None, feeds)):
-            CUDART.write(io[o.name][0], np.ascontiguousarray(value, dtype=io[o.name][2]))
+            CUDART.write(io[o.name][0], round_to(np.ascontiguousarray(value, dtype=io[o.name][2]), rounding))
+
+
+def _overlap(a, b) -> bool:
+    (pa, na), (pb, nb) = a, b
+    return na > 0 and nb > 0 and pa < pb + nb and pb < pa + na
+
+
+def round_to(x: np.ndarray, precision: str | None) -> np.ndarray:
+    """float32 values rounded to nearest even in fp16 or bf16, kept float32; other dtypes unchanged."""
+    if precision is None or x.dtype != np.float32:
+        return x
+    if precision == "FP16":
+        with np.errstate(over="ignore"):  # numpy rounds to nearest even; beyond 65504 gives inf, as fp16 does
+            return x.astype(np.float16).astype(np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # bf16 = the top 16 bits, rounded to nearest even
+    return np.where(np.isnan(x), x, bits.astype(np.uint32).view(np.float32))
+
+
+def _rounded_model(path: str, precision: str) -> bytes:
+    """The ONNX graph with its float32 initializers and Constant tensors rounded to ``precision``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in tensors:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(round_to(numpy_helper.to_array(t), precision), t.name))
+    return model.SerializeToString()
 
 
 def _dtype(dt) -> np.dtype:
@@ -462,8 +570,10 @@ class FakeCudart(types.SimpleNamespace):
                                                                    "cudaStreamCaptureModeThreadLocal": 1})
 
     def reset(self):
-        self.memory: dict[int, ctypes.Array] = {}
-        self.streams: dict[int, list] = {}
+        self.memory: dict[int, ctypes.Array] = {}  # live allocations by base address
+        self.written: dict[int, np.ndarray] = {}  # per allocation, which bytes something wrote
+        self.freed: dict[int, ctypes.Array] = {}  # kept alive, so a freed address is never handed out again
+        self.streams: dict[int, list] = {}  # queued (kind, run, reads, writes); reads/writes: (ptr, nbytes, what)
         self.capturing: dict[int, list] = {}
         self.graphs: dict[int, list] = {}
         self.calls: list[str] = []
@@ -473,13 +583,35 @@ class FakeCudart(types.SimpleNamespace):
         return (self.cudaError_t.cudaSuccess, *rest)
 
     def check_device(self, ptr, nbytes, what=""):
+        """The base of the live allocation holding ``nbytes`` at ``ptr``; raises otherwise."""
         for base, buf in self.memory.items():
             if base <= ptr and ptr + nbytes <= base + ctypes.sizeof(buf):
-                return
+                return base
+        if self._in(self.freed, ptr):
+            raise MisuseError(f"{what}: {ptr:#x} is in device memory that was freed (use after cudaFree)")
         raise MisuseError(f"{what}: {nbytes} bytes at {ptr:#x} are not inside a live device allocation")
 
+    @staticmethod
+    def _in(pool, ptr):
+        return any(base <= ptr < base + ctypes.sizeof(buf) for base, buf in pool.items())
+
     def _is_device(self, ptr):
-        return any(base <= ptr < base + ctypes.sizeof(buf) for base, buf in self.memory.items())
+        return self._in(self.memory, ptr) or self._in(self.freed, ptr)
+
+    def _run_op(self, op):
+        """Run a queued operation as the device would, checking what it touches first."""
+        kind, run, reads, writes = op
+        for ptr, nbytes, what in writes:
+            self.check_device(ptr, nbytes, what)
+        for ptr, nbytes, what in reads:
+            base = self.check_device(ptr, nbytes, what)
+            unwritten = int(np.count_nonzero(~self.written[base][ptr - base:ptr - base + nbytes]))
+            _need(not unwritten, f"{what}: reads {unwritten} of {nbytes} bytes at {ptr:#x} that nothing wrote "
+                                 "(uninitialised device memory)")
+        run()
+        for ptr, nbytes, _ in writes:
+            base = self.check_device(ptr, nbytes)
+            self.written[base][ptr - base:ptr - base + nbytes] = True
 
     def read(self, ptr, shape, dtype):
         n = int(np.prod(shape)) * dtype.itemsize
@@ -508,13 +640,21 @@ class FakeCudart(types.SimpleNamespace):
     def cudaMalloc(self, size):
         self.calls.append("cudaMalloc")
         buf = ctypes.create_string_buffer(size)
+        ctypes.memset(buf, 0xFF, size)  # what was there before: NaN as any float, -1 as a signed int
         self.memory[ctypes.addressof(buf)] = buf
+        self.written[ctypes.addressof(buf)] = np.zeros(size, bool)
         return self._ok(ctypes.addressof(buf))
 
     def cudaFree(self, ptr):
         self.calls.append("cudaFree")
+        _need(ptr not in self.freed, f"cudaFree of {ptr:#x}: freed twice")
         _need(ptr in self.memory, f"cudaFree of {ptr:#x}: not an allocation")
-        del self.memory[ptr]
+        span = (ptr, ctypes.sizeof(self.memory[ptr]))
+        queued = [f"{kind} on stream {s:#x}" for s, ops in self.streams.items() for kind, _, reads, writes in ops
+                  if any(_overlap(span, (p, n)) for p, n, _ in (*reads, *writes))]
+        _need(not queued, f"cudaFree of {ptr:#x} while queued work still uses it ({queued}): synchronize first")
+        self.freed[ptr] = self.memory.pop(ptr)
+        del self.written[ptr]
         return self._ok()
 
     def cudaStreamCreate(self):
@@ -536,19 +676,23 @@ class FakeCudart(types.SimpleNamespace):
         _need(self._is_device(dst) == d_dev and self._is_device(src) == s_dev, f"memcpy {kind.name}: pointer kinds")
         if d_dev:
             self.check_device(dst, count, "memcpy destination")
+        if s_dev:
+            self.check_device(src, count, "memcpy source")
+        reads = [(src, count, f"{kind.name} source")] if s_dev else []
+        writes = [(dst, count, f"{kind.name} destination")] if d_dev else []
         if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:  # pageable source: staged at the call
             data = ctypes.string_at(src, count)
-            self.enqueue(s, ("h2d", lambda: ctypes.memmove(dst, data, count)))
+            self.enqueue(s, ("h2d", lambda: ctypes.memmove(dst, data, count), reads, writes))
         else:
-            self.enqueue(s, ("copy", lambda: ctypes.memmove(dst, src, count)))
+            self.enqueue(s, ("copy", lambda: ctypes.memmove(dst, src, count), reads, writes))
         return self._ok()
 
     def cudaStreamSynchronize(self, stream):
         s = int(stream)
         _need(s not in self.capturing, "synchronize during capture")
         ops, self.streams[s] = self.streams[s], []
-        for _, op in ops:
-            op()
+        for op in ops:
+            self._run_op(op)
         return self._ok()
 
     def cudaStreamBeginCapture(self, stream, mode):
@@ -560,7 +704,7 @@ class FakeCudart(types.SimpleNamespace):
     def cudaStreamEndCapture(self, stream):
         self.calls.append("cudaStreamEndCapture")
         ops = self.capturing.pop(int(stream))
-        _need(ops and all(kind == "execute" for kind, _ in ops), f"captured {[k for k, _ in ops]}")
+        _need(ops and all(op[0] == "execute" for op in ops), f"captured {[op[0] for op in ops]}")
         self.graphs[id(ops)] = ops
         return self._ok(_Handle(id(ops)))
 

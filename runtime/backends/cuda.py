@@ -105,7 +105,8 @@ class Stream:
         self.handle = int(self._stream)
 
     def synchronize(self) -> None:
-        call("cudaStreamSynchronize", self._stream)
+        if self._stream is not None:  # a destroyed stream has nothing left to wait for
+            call("cudaStreamSynchronize", self._stream)
 
     def destroy(self) -> None:
         if self._stream is not None:

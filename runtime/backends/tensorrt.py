@@ -260,6 +260,7 @@ class TensorRTSession:
         return out
 
     def _set_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.stream.synchronize()  # a failed call may have left copies into the buffers about to be freed
         for name, shape in shapes.items():
             if not self.context.set_input_shape(name, shape):
                 raise ShapeError(f"{self.spec.name} input {name!r}: TensorRT refused shape {list(shape)} "
@@ -279,6 +280,7 @@ class TensorRTSession:
         for t in self.spec.inputs:
             value = feeds[t.name]
             if isinstance(value, DeviceArray):
+                self._check_not_an_output(t.name, value)
                 addresses[t.name] = value.ptr
             else:
                 addresses[t.name] = self._buffers[t.name].ptr
@@ -297,6 +299,17 @@ class TensorRTSession:
                 self._capture(key)
         return {t.name: DeviceArray(addresses[t.name], self._out_shapes[t.name], self._dtypes[t.name])
                 for t in self.spec.outputs}
+
+    def _check_not_an_output(self, name: str, value: DeviceArray) -> None:
+        """TensorRT's kernels assume distinct I/O buffers and do not check: an input inside an
+        output this call writes (this session's ``run_device`` result fed back) would be garbage."""
+        for t in self.spec.outputs:
+            ptr = self._buffers[t.name].ptr
+            nbytes = int(np.prod(self._out_shapes[t.name], dtype=np.int64)) * _ITEMSIZE[self._dtypes[t.name]]
+            if value.nbytes and nbytes and value.ptr < ptr + nbytes and ptr < value.ptr + value.nbytes:
+                raise BackendError(f"{self.spec.name}: input {name!r} lies in this session's output {t.name!r}, "
+                                   "which this call overwrites (run_device results are valid until the next call); "
+                                   "copy it first (run_kept)")
 
     def _enqueue(self) -> None:
         if not self.context.execute_async_v3(self.stream.handle):
@@ -321,6 +334,7 @@ class TensorRTSession:
     def close(self) -> None:
         with self._lock:
             self._drop_graph()
+            self.stream.synchronize()  # nothing queued may still use the buffers freed below
             for buf in self._buffers.values():
                 buf.free()
             self.stream.destroy()
