@@ -22,6 +22,9 @@ class Mutation:
     tests: tuple[str, ...]
 
 
+F = "tests/test_cli_flags.py::"
+T = "tests/test_tensorrt.py::"
+
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ runtime
     Mutation(
@@ -102,5 +105,141 @@ MUTATIONS: tuple[Mutation, ...] = (
         '"N_t": (1, n_opt, n_max),',
         '"N_t": (1, n_opt, n_max // 4),',
         ("tests/test_runtime.py::test_pil_output_and_defaults", "tests/test_export.py::test_export_directory_and_manifest"),
+    ),
+    # ------------------------------------------------------------------ pixels (runtime, shared with the reference)
+    Mutation(
+        "to-images-truncate", "runtime", "runtime/sampling.py",
+        "pixels truncated to uint8 instead of rounded",
+        "arr = np.round(arr.transpose(0, 2, 3, 1) * 255).astype(np.uint8)",
+        "arr = (arr.transpose(0, 2, 3, 1) * 255).astype(np.uint8)",
+        ("tests/test_pixels.py",),
+    ),
+    Mutation(
+        "to-images-no-clamp", "runtime", "runtime/sampling.py",
+        "pixels outside [-1, 1] wrap around instead of being clamped",
+        "arr = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0.0, 1.0)",
+        "arr = pixels.astype(np.float32) / 2 + 0.5",
+        ("tests/test_pixels.py::test_to_images_is_diffusers_postprocess",),
+    ),
+    Mutation(
+        "runtime-guidance-1pct", "runtime", "runtime/pipeline.py",
+        "runtime guidance 1% too strong",
+        "v = schedule.apply_guidance(v, v_neg, request.guidance)",
+        "v = schedule.apply_guidance(v, v_neg, request.guidance * 1.01)",
+        ("tests/test_runtime.py::test_demo_text_to_image_matches_the_reference",),
+    ),
+    Mutation(
+        "runtime-timestep-1pct", "runtime", "runtime/pipeline.py",
+        "the transformer's timestep 1% off the sigma",
+        "timestep = np.full((x.shape[0],), sigma, dtype=np.float32)",
+        "timestep = np.full((x.shape[0],), sigma * 1.01, dtype=np.float32)",
+        ("tests/test_runtime.py::test_matches_the_reference",),
+    ),
+    Mutation(
+        "runtime-one-step-short", "runtime", "runtime/pipeline.py",
+        "the runtime loop skips the last step",
+        "for i in range(request.steps):",
+        "for i in range(request.steps - 1):",
+        (F + "test_api_keywords",),
+    ),
+    Mutation(
+        "ort-threads-inter-op", "runtime", "runtime/backends/onnxruntime.py",
+        "the thread count goes to inter-op instead of intra-op parallelism",
+        "opts.intra_op_num_threads = threads",
+        "opts.inter_op_num_threads = threads",
+        (F + "test_threads_reach_onnxruntime",),
+    ),
+    Mutation(
+        "reference-negative-is-positive", "reference", "qwen_image2_ref/pipeline.py",
+        "the reference encodes the prompt as its own negative",
+        "negative = self._encode(request.negative_prompts, vl_images",
+        "negative = self._encode(request.prompts, vl_images",
+        (F + "test_api_keywords",),
+    ),
+    # ---------------------------------------------------------------------- cli
+    Mutation(
+        "cli-ignores-seed", "cli", "qwen_image_edge/cli.py",
+        "--seed is ignored (always 0)",
+        "steps=args.steps, guidance=args.guidance, seed=args.seed)",
+        "steps=args.steps, guidance=args.guidance, seed=0)",
+        (F + "test_seed",),
+    ),
+    Mutation(
+        "cli-ignores-guidance", "cli", "qwen_image_edge/cli.py",
+        "--guidance is ignored (the model's default is used)",
+        "guidance=args.guidance, seed=args.seed)",
+        "guidance=None, seed=args.seed)",
+        (F + "test_guidance_negative_prompt_and_steps",),
+    ),
+    Mutation(
+        "cli-ignores-negative-prompt", "cli", "qwen_image_edge/cli.py",
+        "--negative-prompt is ignored",
+        "dict(negative_prompt=args.negative_prompt,",
+        "dict(negative_prompt=None,",
+        (F + "test_guidance_negative_prompt_and_steps",),
+    ),
+    Mutation(
+        "cli-steps-off-by-one", "cli", "qwen_image_edge/cli.py",
+        "--steps N runs N + 1 steps",
+        "steps=args.steps, guidance=args.guidance, seed=args.seed)",
+        "steps=args.steps and args.steps + 1, guidance=args.guidance, seed=args.seed)",
+        (F + "test_every_flag_reaches_the_call",),
+    ),
+    Mutation(
+        "cli-ignores-height", "cli", "qwen_image_edge/cli.py",
+        "--height is ignored",
+        "height=args.height,",
+        "height=None,",
+        (F + "test_every_flag_reaches_the_call",),
+    ),
+    Mutation(
+        "cli-run-ignores-threads", "cli", "qwen_image_edge/cli.py",
+        "run --threads never reaches onnxruntime",
+        "Pipeline.load(export_dir, threads=args.threads, **load)",
+        "Pipeline.load(export_dir, **load)",
+        (F + "test_threads_reach_onnxruntime",),
+    ),
+    Mutation(
+        "cli-torch-threads-fixed", "cli", "qwen_image_edge/cli.py",
+        "generate/edit --threads never reaches torch",
+        "torch.set_num_threads(args.threads)",
+        "torch.set_num_threads(1)",
+        (F + "test_threads_reach_torch",),
+    ),
+    # ------------------------------------------------- TensorRT backend and build, against the strict stand-in
+    Mutation(
+        "trt-free-without-sync-close", "runtime", "runtime/backends/tensorrt.py",
+        "close() frees device buffers while copies may still be queued",
+        "            self.stream.synchronize()  # nothing queued may still use the buffers freed below\n",
+        "",
+        (T + "test_a_failed_enqueue_leaves_nothing_queued_on_freed_buffers",),
+    ),
+    Mutation(
+        "trt-no-alias-check", "runtime", "runtime/backends/tensorrt.py",
+        "a device input inside one of the session's own outputs is not refused",
+        "                self._check_not_an_output(t.name, value)\n",
+        "",
+        (T + "test_aliased_input_and_output_are_refused",),
+    ),
+    Mutation(
+        "trt-kept-output-half-copied", "runtime", "runtime/backends/tensorrt.py",
+        "a kept output (the KV cache) is copied only half-way",
+        "out.nbytes, self.stream)",
+        "out.nbytes // 2, self.stream)",
+        ("tests/test_kv_cache_export.py::test_tensorrt_builds_the_pair_and_keeps_the_cache_on_the_device",),
+    ),
+    Mutation(
+        "trt-qdq-weakly-typed", "export", "export/tensorrt.py",
+        "a Q/DQ graph's network is created without STRONGLY_TYPED",
+        "flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.strongly_typed else 0",
+        "flags = 0",
+        (T + "test_qdq_graphs_build_strongly_typed_only",),
+    ),
+    Mutation(
+        "trt-bf16-built-as-fp16", "export", "export/tensorrt.py",
+        "--precision bf16 sets the FP16 builder flag",
+        'mode = NetworkMode(False, ("FP16" if target is Precision.FP16 else "BF16",), target)',
+        'mode = NetworkMode(False, ("FP16",), target)',
+        (T + "test_fp16_and_bf16_engines_compute_in_reduced_precision",),
     ),
 )
