@@ -12,7 +12,12 @@ runtime's buffers. Symbols shared between graphs mean the same quantity:
 - ``N_t`` target latent tokens (h*w), ``N_c`` condition latent tokens (0 for text-to-image),
   ``L_prefix`` text + condition positions of the joint sequence, ``L = L_prefix + N_t``
   (``transformer_prefill`` / ``transformer_step`` share ``L_prefix``: the KV cache's length);
-- ``h, w`` latent size, ``H = 16 h, W = 16 w`` pixel size.
+- ``h, w`` latent size, ``H = 16 h, W = 16 w`` pixel size of a target image; ``hc, wc, Hc, Wc``
+  the same for one condition image (``vae_encoder``).
+
+Condition images are resized to about ``output_resolution**2`` pixels whatever the target size,
+so their ranges are sized by that area over every aspect ratio from ``1:CONDITION_MAX_ASPECT`` to
+``CONDITION_MAX_ASPECT:1`` (:func:`condition_range`), not by the target's ``max_resolution``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 from qwen_image2_ref.config import ModelConfig
 from runtime.errors import ConfigError
+from runtime.images import CONDITION_MAX_ASPECT, condition_sizes
 from runtime.manifest import GRAPH_NAMES, TensorSpec
 
 # Template tokens around a prompt: ChatML system + user + assistant headers, plus vision markers.
@@ -66,11 +72,61 @@ def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(dims))
 
 
-def vision_tokens(cfg: ModelConfig, max_resolution: int) -> tuple[int, int]:
-    """(patches, merged visual tokens) of the largest condition image: a side of at most
-    ``max_resolution`` pixels (the runtime refuses larger condition sizes) in vision patches."""
-    patches = (max_resolution // cfg.encoder.vision_patch_size) ** 2
-    return patches, patches // cfg.encoder.vision_spatial_merge_size**2
+@dataclass(frozen=True)
+class ConditionRange:
+    """What one condition image can be after the runtime resizes it (``runtime.images.condition_size``)."""
+
+    max_aspect: float
+    min_side: int  # pixels
+    max_side: int
+    max_latent_tokens: int  # (w / 16) (h / 16) of the largest-area size
+    max_patches: int  # vision patches of the largest-area size
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def condition_range(cfg: ModelConfig, max_aspect: float = CONDITION_MAX_ASPECT) -> ConditionRange:
+    """Sides and token counts over every size a condition image of aspect ``1:max_aspect`` to
+    ``max_aspect:1`` is resized to. Rounding to multiples of 32 can add area: at 128 px a 5:4
+    image becomes 160x128, 1.25x the nominal area (1.04x at 1024 px)."""
+    sizes = condition_sizes(cfg.pipeline.output_resolution, max_aspect)
+    f, p = cfg.vae.scale_factor_spatial, cfg.encoder.vision_patch_size
+    return ConditionRange(
+        max_aspect=float(max_aspect),
+        min_side=min(min(s) for s in sizes),
+        max_side=max(max(s) for s in sizes),
+        max_latent_tokens=max((w // f) * (h // f) for w, h in sizes),
+        max_patches=max((w // p) * (h // p) for w, h in sizes),
+    )
+
+
+@dataclass(frozen=True)
+class TargetRange:
+    """Output sizes an export takes: squares up to ``max_resolution``, and every aspect ratio that a
+    condition image may have at about ``output_resolution**2`` pixels (an edit's output follows
+    its last image by default), so each limit is a longest side *and* a token count."""
+
+    max_side: int  # pixels
+    max_tokens: int  # N_t
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def target_range(cfg: ModelConfig, max_resolution: int) -> TargetRange:
+    cond = condition_range(cfg)
+    return TargetRange(max(max_resolution, cond.max_side),
+                       max(_latent_tokens(max_resolution, cfg.vae.scale_factor_spatial), cond.max_latent_tokens))
+
+
+def vision_tokens(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((patches, merged visual tokens) of the largest condition image, the same of a square one at
+    ``output_resolution``: the max and opt of the vision ranges, per image)."""
+    merge = cfg.encoder.vision_spatial_merge_size**2
+    largest = condition_range(cfg).max_patches
+    square = (cfg.pipeline.output_resolution // cfg.encoder.vision_patch_size) ** 2
+    return (largest, largest // merge), (square, square // merge)
 
 
 def text_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
@@ -78,9 +134,8 @@ def text_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     ``export.graphs.TextEncoderGraph`` for why not two graphs)."""
     enc = cfg.encoder
     max_tok = cfg.pipeline.max_prompt_tokens + TEMPLATE_TOKEN_ALLOWANCE
-    _, vis = vision_tokens(cfg, max_resolution)
+    (_, vis), (_, vis_opt) = vision_tokens(cfg)
     n_vis = MAX_CONDITION_IMAGES * vis
-    _, vis_opt = vision_tokens(cfg, min(cfg.pipeline.output_resolution, max_resolution))
     return GraphIO(
         "text_encoder",
         inputs=(
@@ -99,8 +154,7 @@ def text_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
 def vision_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     """All condition images at once: their patches concatenated, attention kept per image by the mask."""
     enc = cfg.encoder
-    patches, vis = vision_tokens(cfg, max_resolution)
-    p_opt, v_opt = vision_tokens(cfg, min(cfg.pipeline.output_resolution, max_resolution))
+    (patches, vis), (p_opt, v_opt) = vision_tokens(cfg)
     merge = enc.vision_spatial_merge_size**2
     head_dim = enc.vision_hidden_size // enc.vision_num_heads
     return GraphIO(
@@ -128,10 +182,10 @@ def _latent_tokens(max_resolution: int, vae_factor: int) -> int:
 
 def transformer_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     t = cfg.transformer
-    n_max = _latent_tokens(max_resolution, cfg.vae.scale_factor_spatial)
+    n_max = target_range(cfg, max_resolution).max_tokens
     n_opt = _latent_tokens(min(cfg.pipeline.output_resolution, max_resolution), cfg.vae.scale_factor_spatial)
     text = cfg.pipeline.max_prompt_tokens + TEMPLATE_TOKEN_ALLOWANCE
-    n_c = MAX_CONDITION_IMAGES * n_max
+    n_c = MAX_CONDITION_IMAGES * condition_range(cfg).max_latent_tokens
     l_enc = text + n_c // 4  # an edit prompt holds one image slot per 2x2 condition latent tokens
     return GraphIO(
         "transformer",
@@ -205,7 +259,8 @@ def image_channels(channels: int, cfg: ModelConfig) -> int:
 
 def vae_decoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     f = cfg.vae.scale_factor_spatial
-    lo, hi, opt = MIN_RESOLUTION // f, max_resolution // f, min(cfg.pipeline.output_resolution, max_resolution) // f
+    hi = target_range(cfg, max_resolution).max_side // f
+    lo, opt = MIN_RESOLUTION // f, min(cfg.pipeline.output_resolution, max_resolution) // f
     return GraphIO(
         "vae_decoder",
         inputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "h", "w"),),  # denormalised
@@ -221,12 +276,22 @@ def vae_decoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
 
 
 def vae_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
-    dec = vae_decoder_io(cfg, max_resolution)
+    """One condition image at a time, at any size :func:`condition_range` allows (independent of
+    the target's ``max_resolution``)."""
+    f = cfg.vae.scale_factor_spatial
+    cond = condition_range(cfg)
+    lo, opt, hi = min(MIN_RESOLUTION, cond.min_side) // f, cfg.pipeline.output_resolution // f, cond.max_side // f
     return GraphIO(
         "vae_encoder",
-        inputs=(_t("image", "float32", "B", image_channels(cfg.vae.in_channels, cfg), "H", "W"),),
-        outputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "h", "w"),),  # posterior mode, unnormalised
-        dim_ranges=dec.dim_ranges,
+        inputs=(_t("image", "float32", "B", image_channels(cfg.vae.in_channels, cfg), "Hc", "Wc"),),
+        outputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "hc", "wc"),),  # posterior mode, unnormalised
+        dim_ranges={
+            "B": (1, 1, MAX_BATCH),
+            "hc": (lo, opt, hi),
+            "wc": (lo, opt, hi),
+            "Hc": (lo * f, opt * f, hi * f),
+            "Wc": (lo * f, opt * f, hi * f),
+        },
     )
 
 

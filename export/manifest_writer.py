@@ -29,6 +29,7 @@ except ImportError:  # not POSIX: killed exports' staging is not swept
     fcntl = None
 
 from export.graphs import vision_tower
+from export.iospec import condition_range, target_range
 from runtime.errors import ManifestError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, sha256_file
 from runtime.tokens import prompt_text
@@ -176,6 +177,10 @@ def image_section(model, min_resolution: int, max_resolution: int, multiple: int
         "max_resolution": max_resolution,
         "multiple": multiple,
         "vae_scale_factor": model.config.vae.scale_factor_spatial,
+        # condition images (editing): the aspect ratios and resized sizes the graphs were sized for
+        "condition": condition_range(model.config).to_dict(),
+        # output sizes: squares up to max_resolution and every condition aspect at the output area
+        "target": target_range(model.config, max_resolution).to_dict(),
         "latent_channels": model.config.vae.z_dim,
         "vision": model.encoder.vision.to_dict(),
         "vision_tower": dataclasses.asdict(vision_tower(model.encoder.model)),

@@ -6,13 +6,17 @@ A build may narrow them: pixel sizes (``--min-res/--opt-res/--max-res``) fix ``h
 derived symbols are recomputed from those, never narrowed on their own, so one profile stays
 consistent across inputs and graphs::
 
-    H = f h,  W = f w,  N_t = h w,  N_c = k N_t (k condition images),
+    H = f h,  W = f w,  N_t = min(h w, the exported N_t)
     L_prefix = L_enc + N_c,  L = L_prefix + N_t          (componentwise on min, opt, max)
+
+Condition images are resized to about ``output_resolution**2`` pixels whatever the target size,
+so their symbols (``N_c``, the vision patch counts, the ``vae_encoder``'s ``hc, wc, Hc, Wc``) keep
+the export's ranges, which cover every aspect ratio the export records (1:4 to 4:1 by default).
 
 A requested range outside what the export declares is a :class:`ConfigError`: an engine cannot
 accept shapes its ONNX graph was not exported for. Derived ranges are intersected with the
 graph's declared ones (an export may declare a joint length tighter than the sum of its parts).
-Symbols no option maps to (e.g. the vision encoder's patch counts) keep the export's ranges.
+Symbols no option maps to keep the export's ranges.
 """
 
 from __future__ import annotations
@@ -68,17 +72,18 @@ def _declared(manifest: Manifest, symbol: str) -> Range | None:
 
 
 def resolution_range(manifest: Manifest, req: BuildRanges) -> Range:
-    """Pixel side range; defaults are the export's min/max resolution and its output resolution."""
+    """Pixel side range; defaults are the export's min resolution, longest side and output resolution."""
     img = manifest.image
+    max_side = int((img.get("target") or {}).get("max_side", img["max_resolution"]))
     multiple = int(img["multiple"])
     lo = req.min_res if req.min_res is not None else int(img["min_resolution"])
-    hi = req.max_res if req.max_res is not None else int(img["max_resolution"])
+    hi = req.max_res if req.max_res is not None else max_side
     opt = req.opt_res if req.opt_res is not None else min(max(int(img["output_resolution"]), lo), hi)
     for flag, value in (("--min-res", lo), ("--opt-res", opt), ("--max-res", hi)):
         if value % multiple or value <= 0:
             raise ConfigError(f"{flag} {value}: expected a positive multiple of {multiple} pixels")
     _check_range("resolution (--min-res, --opt-res, --max-res)", (lo, opt, hi))
-    ex_lo, ex_hi = int(img["min_resolution"]), int(img["max_resolution"])
+    ex_lo, ex_hi = int(img["min_resolution"]), max_side
     if lo < ex_lo or hi > ex_hi:
         raise ConfigError(
             f"resolution {lo}..{hi} px: outside the exported range {ex_lo}..{ex_hi} px "
@@ -94,11 +99,13 @@ def wanted_ranges(manifest: Manifest, req: BuildRanges) -> dict[str, WantedRange
     side = (res[0] // f, res[1] // f, res[2] // f)
     out: dict[str, WantedRange] = {"h": side, "w": side, "H": res, "W": res}
     n_t = (side[0] * side[0], side[1] * side[1], side[2] * side[2])
+    declared_nt = _declared(manifest, "N_t")
+    if declared_nt is not None:  # a side past max_resolution exists only for non-square sizes of bounded area
+        n_t = tuple(min(v, declared_nt[2]) for v in n_t)
     out["N_t"] = n_t
-    declared_nt, declared_nc = _declared(manifest, "N_t"), _declared(manifest, "N_c")
-    if declared_nc is not None:
-        k = declared_nc[2] // declared_nt[2] if declared_nt else 0  # condition images per target
-        out["N_c"] = (declared_nc[0], min(declared_nc[1], k * n_t[2]), k * n_t[2])
+    declared_nc = _declared(manifest, "N_c")
+    if declared_nc is not None:  # not narrowed by --max-res: condition sizes follow the output resolution
+        out["N_c"] = declared_nc
     batch = _declared(manifest, "B")
     if batch is not None:
         if req.max_batch is not None:

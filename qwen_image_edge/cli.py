@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
     export.add_argument("--out", required=True, help="export directory to create")
     export.add_argument("--graphs", nargs="+", help="graphs to export (default: all)")
-    export.add_argument("--max-resolution", type=int, help="largest image side in pixels (default: the model's)")
+    export.add_argument("--max-resolution", type=int, help="largest square output side in pixels (default: the model's output resolution); "
+                        "other aspect ratios, 1:4 to 4:1, are taken at about that area, for outputs and "
+                        "condition images alike")
     export.add_argument("--opset", type=int, default=19, help="ONNX opset, >= 19 (default: %(default)s)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     export.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
@@ -86,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--batch-size", type=int, default=4, help="calibration batch (default: %(default)s)")
     quant.add_argument("--steps", type=int, default=None, help="calibration denoising steps (default: the model's)")
     quant.add_argument("--guidance", type=float, default=None, help="calibration guidance (default: the model's)")
-    quant.add_argument("--max-resolution", type=int, help="largest image side in pixels (default: the model's)")
+    quant.add_argument("--max-resolution", type=int, help="largest square output side in pixels (default: the model's output resolution); "
+                        "other aspect ratios, 1:4 to 4:1, are taken at about that area, for outputs and "
+                        "condition images alike")
     quant.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     quant.set_defaults(handler=_cmd_quantize)
 

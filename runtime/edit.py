@@ -1,11 +1,12 @@
 """Condition images of an edit request: loading, sizing and range checks, before any graph runs.
 
 A condition image's own pixel size does not matter: like the reference, every image is resized to
-about ``output_resolution**2`` pixels with its aspect ratio kept (sides in multiples of 32). What an
-export limits is the *resized* size: each side must lie in the exported ``min..max_resolution``
-(only an extreme aspect ratio leaves it, e.g. 1:8 at 1024 px wants 2880 x 352), and all images
-together must fit the exported token ranges (vision patches, condition latent tokens). Each case is
-an :class:`InputError` that says what was found and what the export holds.
+about ``output_resolution**2`` pixels with its aspect ratio kept (sides in multiples of 32). An
+export sizes its condition ranges by that area over the aspect ratios it records
+(``image.condition.max_aspect``, 1:4 to 4:1 by default), so what it limits is the aspect ratio: an
+image outside that range is refused with the range and the nearest sizes that fit (crop or pad).
+All images together must also fit the exported token ranges (vision patches, condition latent
+tokens). Each case is an :class:`InputError` that says what was found and what the export holds.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def load_condition_images(images, manifest: Manifest, output_resolution: int) ->
     limit = int(manifest.prompt.get("max_condition_images", len(items)))
     if len(items) > limit:
         raise InputError(f"edit: the model takes at most {limit} condition images, got {len(items)}")
-    lo, hi = int(manifest.image["min_resolution"]), int(manifest.image["max_resolution"])
+    sides = _side_range(manifest)
+    max_aspect = float((manifest.image.get("condition") or {}).get("max_aspect", 0)) or None
     pil, sizes = [], []
     for i, item in enumerate(items):
         try:
@@ -48,15 +50,38 @@ def load_condition_images(images, manifest: Manifest, output_resolution: int) ->
             raise InputError(f"condition image {i}: {exc}") from None
         if im.width < 1 or im.height < 1:
             raise InputError(f"condition image {i}: expected a non-empty image, got {im.width}x{im.height} pixels")
+        if max_aspect is not None and max(im.width / im.height, im.height / im.width) > max_aspect:
+            raise InputError(_aspect_message(i, im, max_aspect))
         w, h = rimages.condition_size(im, output_resolution)
+        lo, hi = sides
         if not (lo <= w <= hi and lo <= h <= hi):
             raise InputError(
                 f"condition image {i} ({im.width}x{im.height}): resized to {w}x{h} (about {output_resolution}^2 "
                 f"pixels, aspect kept), a side outside the exported range {lo}..{hi}; use a less extreme "
-                "aspect ratio or re-export with a larger --max-resolution"
+                "aspect ratio or re-export"
             )
         pil.append(im)
         sizes.append((w, h))
     n_c = sum((w // VAE_TOKEN) * (h // VAE_TOKEN) for w, h in sizes)
     check_range(manifest.graph("transformer"), "N_c", n_c, "condition latent tokens", len(items))
     return pil, sizes
+
+
+def _side_range(manifest: Manifest) -> tuple[int, int]:
+    """Pixel sides the ``vae_encoder`` graph takes (``Hc``/``Wc``; ``H``/``W`` in exports made
+    before condition ranges were sized by area, where they equal the target range)."""
+    ranges = manifest.graph("vae_encoder").dim_ranges
+    for h, w in (("Hc", "Wc"), ("H", "W")):
+        if h in ranges and w in ranges:
+            return max(ranges[h][0], ranges[w][0]), min(ranges[h][2], ranges[w][2])
+    return int(manifest.image["min_resolution"]), int(manifest.image["max_resolution"])
+
+
+def _aspect_message(i: int, im: Image.Image, max_aspect: float) -> str:
+    (cw, ch), (pw, ph) = rimages.nearest_supported_size(im.width, im.height, max_aspect)
+    limit = f"{max_aspect:g}"
+    return (
+        f"condition image {i} ({im.width}x{im.height}, aspect {max(im.width, im.height) / min(im.width, im.height):.2f}:1): "
+        f"this export edits aspect ratios from 1:{limit} to {limit}:1; the nearest supported sizes are "
+        f"{cw}x{ch} (crop) or {pw}x{ph} (pad)"
+    )

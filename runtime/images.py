@@ -64,6 +64,41 @@ def condition_size(image: Image.Image, output_resolution: int) -> tuple[int, int
     return calculate_dimensions(output_resolution * output_resolution, image.width / image.height)
 
 
+# Condition images an export must take by default: every aspect ratio from 1:4 to 4:1 (photos are
+# 4:3, 3:2, 16:9; panoramas and phone screenshots reach 4:1 and 1:4).
+CONDITION_MAX_ASPECT = 4.0
+
+
+def condition_sizes(output_resolution: int, max_aspect: float = CONDITION_MAX_ASPECT) -> set[tuple[int, int]]:
+    """Every (width, height) that :func:`condition_size` gives for an aspect ratio in
+    ``[1/max_aspect, max_aspect]`` at ``output_resolution``: the sizes an export must hold.
+
+    ``calculate_dimensions`` is piecewise constant in the ratio; it changes only where
+    ``sqrt(A r) / 32`` or ``sqrt(A / r) / 32`` crosses a half-integer. Evaluating it at each such
+    ratio, at the two ends and between neighbours therefore visits every size it can give.
+    """
+    area = float(output_resolution) ** 2
+    lo, hi = 1.0 / max_aspect, float(max_aspect)
+    cuts = {lo, hi}
+    k = 0.5
+    while k * 32 <= math.sqrt(area * hi) + 32:
+        for r in ((k * 32) ** 2 / area, area / (k * 32) ** 2):
+            if lo < r < hi:
+                cuts.add(r)
+        k += 1.0
+    ordered = sorted(cuts)
+    ratios = ordered + [(a + b) / 2 for a, b in zip(ordered, ordered[1:])]
+    return {calculate_dimensions(area, r) for r in ratios}
+
+
+def nearest_supported_size(width: int, height: int, max_aspect: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For an image outside ``1:max_aspect .. max_aspect:1``: the sizes that reach the limit by
+    cropping the long side or by padding the short side, ``((crop_w, crop_h), (pad_w, pad_h))``."""
+    if width >= height:
+        return (min(width, math.floor(height * max_aspect)), height), (width, max(height, math.ceil(width / max_aspect)))
+    return (width, min(height, math.floor(width * max_aspect))), (max(width, math.ceil(height / max_aspect)), height)
+
+
 def resize_rgba(image: Image.Image, width: int, height: int) -> Image.Image:
     """RGBA copy resized with LANCZOS, as diffusers' ``VaeImageProcessor.resize`` does (PIL input)."""
     if image.mode != "RGBA":

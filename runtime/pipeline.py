@@ -86,6 +86,9 @@ class Pipeline:
         img = manifest.image
         self._res = int(img["output_resolution"])
         self._min_res, self._max_res = int(img["min_resolution"]), int(img["max_resolution"])
+        target = img.get("target") or {}  # exports before area-sized ranges: squares up to max_resolution
+        self._max_side = int(target.get("max_side", self._max_res))
+        self._max_tokens = int(target.get("max_tokens", (self._max_res // 16) ** 2))
         self.last_times = StageTimes()
 
     # ------------------------------------------------------------------ loading
@@ -189,11 +192,18 @@ class Pipeline:
             negative_prompt = sched.get("default_negative_prompt")
         request = make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size)
         for name, value in (("width", request.width), ("height", request.height)):
-            if not self._min_res <= value <= self._max_res:
+            if not self._min_res <= value <= self._max_side:
                 raise InputError(
-                    f"{name} {value}: outside the exported range {self._min_res}..{self._max_res} pixels "
+                    f"{name} {value}: outside the exported range {self._min_res}..{self._max_side} pixels "
                     "(re-export with a larger --max-resolution)"
                 )
+        tokens = (request.width // 16) * (request.height // 16)
+        if tokens > self._max_tokens:
+            raise InputError(
+                f"size {request.width}x{request.height}: {tokens} latent tokens, but this export holds at most "
+                f"{self._max_tokens} (squares up to {self._max_res} px, other aspects at about {self._res}^2 pixels); "
+                "re-export with a larger --max-resolution"
+            )
         if sched.get("guidance_distilled") and request.use_guidance:
             log.warning("this export has guidance distilled in; negative_prompt/guidance double-apply it")
         return request

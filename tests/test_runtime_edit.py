@@ -93,9 +93,12 @@ def test_other_png_modes(runtime_pipe, reference, tmp_path, make):
     (["/nonexistent/x.png"], "condition image 0: image /nonexistent/x.png: no such file"),
     ([np.zeros((0, 4, 3), np.uint8)], "condition image 0: expected a non-empty image, got"),
     ([np.zeros((4, 4), np.float32)], "expected uint8"),
-    ([Image.new("RGB", (800, 10))], r"resized to .* outside the exported range 32..128"),
+    ([Image.new("RGB", (800, 10))], r"\(800x10, aspect 80.00:1\): this export edits aspect ratios from 1:4 to 4:1; "
+                                     r"the nearest supported sizes are 40x10 \(crop\) or 800x200 \(pad\)"),
+    ([Image.new("RGB", (10, 41))], r"aspect 4.10:1\): .* 1:4 to 4:1; .* 10x40 \(crop\) or 11x41 \(pad\)"),
     ([RGB] * 11, "at most 10 condition images, got 11"),
-    ([Image.new("RGB", (64, 64))] * 9, r"need 144 condition latent tokens, but this export holds at most 128"),
+    # two images of the largest condition area fit (at 64 px a 3:2 image is 96x64: 24 tokens each)
+    ([Image.new("RGB", (64, 64))] * 9, r"need 144 condition latent tokens, but this export holds at most 48"),
 ])
 def test_bad_images(runtime_pipe, images, match):
     with pytest.raises(InputError, match=match):

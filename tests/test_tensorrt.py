@@ -44,23 +44,27 @@ def test_profile_ranges_follow_the_request_and_stay_consistent(exported):
     wanted = wanted_ranges(m, BuildRanges(min_res=64, opt_res=96, max_res=128, max_batch=2, max_prompt_tokens=100))
     tr = graph_ranges(m.graphs["transformer"], wanted)
     # by hand: f = 16, so h in (4, 6, 8); the export's template allowance on top of the prompt
-    # tokens; two condition images' worth of N_c declared at export (128 = 2 x 64)
+    # tokens; N_c as exported, not narrowed by --max-res: two condition images of the largest
+    # area at the tiny model's 64 px output resolution (3:2 -> 96x64 px, 24 tokens each)
     allowance = m.graphs["transformer"].dim_ranges["L_enc"][2] - m.prompt["max_prompt_tokens"]
     l_enc = 100 + allowance
     assert tr["N_t"] == (16, 36, 64)
     assert tr["B"] == (1, 2, 2)
     assert tr["L_enc"] == (1, 128, l_enc)
-    assert tr["N_c"] == (0, 0, 128)
-    assert tr["L_prefix"] == (1, 128, l_enc + 128)
-    assert tr["L"] == (1 + 16, 128 + 36, l_enc + 128 + 64)
+    assert tr["N_c"] == (0, 0, 48)
+    assert tr["L_prefix"] == (1, 128, l_enc + 48)
+    assert tr["L"] == (1 + 16, 128 + 36, l_enc + 48 + 64)
     vae = graph_ranges(m.graphs["vae_decoder"], wanted)
     assert vae == {"B": (1, 1, 2), "h": (4, 6, 8), "w": (4, 6, 8), "H": (64, 96, 128), "W": (64, 96, 128)}
+    # condition images keep their own range: 1:4 .. 4:1 at about 64^2 pixels -> sides 32..128
+    assert graph_ranges(m.graphs["vae_encoder"], wanted) == {
+        "B": (1, 1, 2), "hc": (2, 4, 8), "wc": (2, 4, 8), "Hc": (32, 64, 128), "Wc": (32, 64, 128)}
     assert graph_ranges(m.graphs["text_encoder"], wanted)["L_tok"] == (1, 128, l_enc)
     shapes = {p.name: p for p in input_profiles(m.graphs["transformer"], tr)}
-    l_max = l_enc + 128 + 64
+    l_max = l_enc + 48 + 64
     assert shapes["attn_mask"].min == (1, 17, 17) and shapes["attn_mask"].max == (2, l_max, l_max)
     assert shapes["latents"].opt == (2, 36, 64)  # the static channel dim is kept
-    assert shapes["prefix_index"].max == (l_enc + 128,)
+    assert shapes["prefix_index"].max == (l_enc + 48,)
 
 
 def test_default_profiles_are_the_exports_ranges(exported):
