@@ -53,7 +53,7 @@ def t2i_scores(pipe, prompts: list[tuple[data.Scene, str]], steps: int, guidance
 
 
 def data_noise(pipe, seed: int) -> np.ndarray:
-    from runtime.sampling import initial_noise
+    from qwen_image_edge.runtime.sampling import initial_noise
 
     res = pipe.config.pipeline.output_resolution
     return initial_noise(seed, 1, res, res, pipe.transformer.config.in_channels)

@@ -36,7 +36,7 @@ KEYS = ("color", "shape", "position", "background")
 
 def with_steps(pipe, steps: int):
     """The same pipeline sampling on ``default_sigmas(steps)`` (a student's other trained grid)."""
-    from runtime import schedule
+    from qwen_image_edge.runtime import schedule
 
     pcfg = dataclasses.replace(pipe.config.pipeline, num_steps=steps,
                                sample_sigmas=tuple(float(s) for s in schedule.default_sigmas(steps)))
@@ -57,7 +57,7 @@ def count_calls(pipe, run) -> int:
 
 
 def noise_for(pipe, n: int) -> np.ndarray:
-    from runtime.sampling import initial_noise
+    from qwen_image_edge.runtime.sampling import initial_noise
 
     res = pipe.config.pipeline.output_resolution
     return np.concatenate([initial_noise(i, 1, res, res, pipe.transformer.config.in_channels) for i in range(n)])
@@ -73,7 +73,7 @@ def quality(pipe, prompts, noise, steps: int | None, guidance: float, batch: int
                             latents=noise[start:start + len(chunk)], progress=False, output="latent")
         with torch.no_grad():
             pixels = pipe.decode_pixels(torch.from_numpy(lat), *pipe_size(pipe))
-        from runtime.sampling import to_images
+        from qwen_image_edge.runtime.sampling import to_images
 
         for (scene, _), im in zip(chunk, to_images(pixels)):
             scores.append(judge.score(judge.judge(np.asarray(im)), scene))
@@ -154,8 +154,8 @@ def distill_guidance(student: str) -> float:
 
 
 def speed(args, teacher, guidance: float) -> dict:
-    from export.demo import ensure_export
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.export.demo import ensure_export
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     prompts = [c for _, c in data.heldout_prompts(args.timing_n + 1, 5000)]
     t_exp, s_exp = ensure_export(args.teacher), ensure_export(args.student)

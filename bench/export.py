@@ -48,9 +48,9 @@ def _peak_gib() -> float:
 def _child(args) -> None:
     import torch
 
-    from export.graphs import example_inputs, graph_module
-    from export.iospec import graph_io
-    from export.onnx_export import export_graph
+    from qwen_image_edge.export.graphs import example_inputs, graph_module
+    from qwen_image_edge.export.iospec import graph_io
+    from qwen_image_edge.export.onnx_export import export_graph
 
     torch.set_num_threads(args.threads)
     if args.layers:
@@ -85,7 +85,7 @@ def _child(args) -> None:
 
 
 def graph_module_for(transformer):
-    from export.graphs import TransformerGraph
+    from qwen_image_edge.export.graphs import TransformerGraph
 
     return TransformerGraph(transformer).eval()
 
@@ -188,7 +188,7 @@ ENCODER_8B_2L = dict(vocab_size=151936, hidden_size=4096, num_layers=2, num_head
 def _child_export(model: str, graph: str, lean: str, keep: str | None = None, *, threads: int) -> None:
     import torch
 
-    from export.onnx_export import export_model
+    from qwen_image_edge.export.onnx_export import export_model
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(dir=Path(model).parent) as tmp:
@@ -205,9 +205,9 @@ def _child_compare(model: str, graph: str, a: str, b: str, *, threads: int) -> N
     import numpy as np
     import onnxruntime as ort
 
-    from export.graphs import example_inputs, text_encoder_inputs, transformer_inputs
-    from export.lean import load_lean_model
-    from runtime.manifest import load_manifest
+    from qwen_image_edge.export.graphs import example_inputs, text_encoder_inputs, transformer_inputs
+    from qwen_image_edge.export.lean import load_lean_model
+    from qwen_image_edge.runtime.manifest import load_manifest
 
     cfg = load_lean_model(model).config
     if graph == "transformer":
@@ -230,9 +230,9 @@ def _child_trace(layers: int, threads: int) -> None:
     """The full-width transformer graph traced under fake tensors, no checkpoint, no weights."""
     import torch
 
-    from export.graphs import TransformerGraph, example_inputs
-    from export.iospec import graph_io
-    from export.lean import trace_without_weights
+    from qwen_image_edge.export.graphs import TransformerGraph, example_inputs
+    from qwen_image_edge.export.iospec import graph_io
+    from qwen_image_edge.export.lean import trace_without_weights
     from qwen_image2_ref.config import QWEN_IMAGE_21, TransformerConfig
     from qwen_image2_ref.transformer import QwenImageTransformer
 
@@ -276,7 +276,7 @@ def lean_main(args) -> None:
     from tests.tiny_model import build_tiny_model
 
     def avail_gib() -> float:
-        from export.lean import available_memory
+        from qwen_image_edge.export.lean import available_memory
 
         return available_memory() / 2**30
 

@@ -43,7 +43,7 @@ GOAL = 1.15
 def load(model: str, root: Path):
     """(LoadedModel, description); the tiny test model when the demo weights are absent."""
     from qwen_image2_ref.model_folder import load_model
-    from runtime.errors import CheckpointError
+    from qwen_image_edge.runtime.errors import CheckpointError
 
     if model != "tiny":
         try:
@@ -60,7 +60,7 @@ def load(model: str, root: Path):
 
 
 def export(model, out: Path, max_resolution: int) -> None:
-    from export.onnx_export import export_model
+    from qwen_image_edge.export.onnx_export import export_model
 
     # the exported prompt range must hold the longest prompt measured
     pipe = dataclasses.replace(model.config.pipeline, max_prompt_tokens=max(model.config.pipeline.max_prompt_tokens,
@@ -83,9 +83,9 @@ def _times(fn, repeats: int) -> list[float]:
 
 def open_sessions(out: Path, threads: int) -> tuple[dict, dict, int]:
     """(sessions of the single graph and the pair, transformer config dict, VAE factor) of an export."""
-    from runtime import kv_cache
-    from runtime.backends import make_backend
-    from runtime.manifest import load_manifest
+    from qwen_image_edge.runtime import kv_cache
+    from qwen_image_edge.runtime.backends import make_backend
+    from qwen_image_edge.runtime.manifest import load_manifest
 
     m = load_manifest(out, verify_hashes=False)
     be = make_backend("onnxruntime", providers=["CPUExecutionProvider"], threads=threads)
@@ -95,8 +95,8 @@ def open_sessions(out: Path, threads: int) -> tuple[dict, dict, int]:
 
 def per_step(sess: dict, t: dict, f: int, resolutions, repeats: int) -> list[dict]:
     """Single graph vs cached step (and the prefill once) on synthetic text-to-image inputs."""
-    from runtime import kv_cache
-    from runtime.layout import attention_mask, build_layout, rope_tables
+    from qwen_image_edge.runtime import kv_cache
+    from qwen_image_edge.runtime.layout import attention_mask, build_layout, rope_tables
 
     rng = np.random.default_rng(0)
     rows = []
@@ -134,12 +134,12 @@ def full_width_sessions(root: Path, layers: int, max_resolution: int, threads: i
     as the single graph and the pair only: what the cache buys at the real width."""
     import torch
 
-    from export.graphs import example_inputs, graph_module
-    from export.iospec import graph_io
-    from export.onnx_export import export_graph
+    from qwen_image_edge.export.graphs import example_inputs, graph_module
+    from qwen_image_edge.export.iospec import graph_io
+    from qwen_image_edge.export.onnx_export import export_graph
     from qwen_image2_ref.config import QWEN_IMAGE_21
     from qwen_image2_ref.transformer import QwenImageTransformer
-    from runtime.backends import make_backend
+    from qwen_image_edge.runtime.backends import make_backend
 
     cfg = dataclasses.replace(QWEN_IMAGE_21, transformer=dataclasses.replace(QWEN_IMAGE_21.transformer,
                                                                              num_layers=layers))
@@ -181,7 +181,7 @@ def _prompt(pipe, tokens: int) -> str:
 
 
 def end_to_end(out: Path, threads: int, resolution: int) -> list[dict]:
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     pipes = {"pair": Pipeline.load(out, threads=threads, verify_hashes=False),
              "single": Pipeline.load(out, threads=threads, verify_hashes=False, kv_cache=False)}

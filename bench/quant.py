@@ -33,7 +33,7 @@ PRECISIONS = ("fp32", "int8", "fp8")
 
 
 def graph_sizes(export_dir: Path) -> dict[str, int]:
-    from runtime.manifest import load_manifest
+    from qwen_image_edge.runtime.manifest import load_manifest
 
     m = load_manifest(export_dir, verify_hashes=False)
     return {name: (export_dir / g.file).stat().st_size + sum((export_dir / d.file).stat().st_size
@@ -44,7 +44,7 @@ def graph_sizes(export_dir: Path) -> dict[str, int]:
 def projected_int8_ratio(policy_precision: str = "int8") -> tuple[float, int]:
     """INT8 / fp32 bytes of the full-size Qwen-Image-2.1 transformer under the default policy (meta device:
     quantized weights 1 byte, everything else 4; scales ignored) and its number of quantized layers."""
-    from calib.policy import QuantPolicy
+    from qwen_image_edge.calib.policy import QuantPolicy
     from qwen_image2_ref.config import QWEN_IMAGE_21
     from qwen_image2_ref.transformer import QwenImageTransformer
 
@@ -80,11 +80,11 @@ def feeds_of(args: tuple) -> dict[str, np.ndarray]:
 
 def wide_latency(width: int, layers: int, tokens: int, threads: int, repeats: int, work: Path) -> dict:
     """fp32 vs int8 (and fp8) transformer step at a realistic width with random weights."""
-    from calib.collect import RangeRecorder
-    from calib.policy import QuantPolicy
-    from calib.quantize import quantize_module
-    from export.graphs import transformer_inputs
-    from export.quantized import export_fp32_graph, export_quantized_transformer
+    from qwen_image_edge.calib.collect import RangeRecorder
+    from qwen_image_edge.calib.policy import QuantPolicy
+    from qwen_image_edge.calib.quantize import quantize_module
+    from qwen_image_edge.export.graphs import transformer_inputs
+    from qwen_image_edge.export.quantized import export_fp32_graph, export_quantized_transformer
     from qwen_image2_ref.config import QWEN_IMAGE_21
     from qwen_image2_ref.transformer import QwenImageTransformer
 
@@ -143,7 +143,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def end_to_end(dirs: dict[str, Path], n: int, threads: int, steps: int | None, guidance: float | None) -> dict:
     from qwen_image2_ref.demo import NEGATIVE_PROMPT, data, judge
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     prompts = data.heldout_prompts(n, 1000)  # bench/demo_quality.py's held-out set
     results = {}
@@ -192,10 +192,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    from calib.collect import CalibrationSettings
-    from calib.quantize import quantize_model
-    from export.graphs import transformer_inputs
-    from export.quantized import export_quantized
+    from qwen_image_edge.calib.collect import CalibrationSettings
+    from qwen_image_edge.calib.quantize import quantize_model
+    from qwen_image_edge.export.graphs import transformer_inputs
+    from qwen_image_edge.export.quantized import export_quantized
     from qwen_image2_ref.model_folder import load_model
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-quant-"))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 
 def child(args: argparse.Namespace) -> None:
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     start = time.perf_counter()
     pipe = Pipeline.load(args.export, threads=args.threads)
@@ -80,7 +80,7 @@ def main() -> None:
         child(args)
         return
 
-    from export.demo import ensure_export
+    from qwen_image_edge.export.demo import ensure_export
 
     args.export = str(ensure_export(args.model, args.export))  # reused when it verifies
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-runtime-{os.getpid()}.json"

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from qwen_image2_ref.config import get_preset  # noqa: E402
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs  # noqa: E402
-from runtime.layout import build_layout  # noqa: E402
+from qwen_image_edge.runtime.layout import build_layout  # noqa: E402
 
 
 def time_forward(model, cfg, text_len: int, target: tuple[int, int], batch: int, repeats: int) -> list[float]:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calib.policy import QuantPolicy, Reduction
-from runtime.errors import ConfigError, InputError
-from runtime.sampling import initial_noise
+from qwen_image_edge.calib.policy import QuantPolicy, Reduction
+from qwen_image_edge.runtime.errors import ConfigError, InputError
+from qwen_image_edge.runtime.sampling import initial_noise
 
 log = logging.getLogger(__name__)
 

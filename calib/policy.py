@@ -22,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from runtime.errors import ConfigError
-from runtime.manifest import Precision
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.manifest import Precision
 
 QUANTIZABLE_PRECISIONS = (Precision.INT8, Precision.FP8)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.errors import ConfigError
+from qwen_image_edge.runtime.errors import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPT_SETS = {"general": DATA_DIR / "general_prompts.txt", "demo": DATA_DIR / "demo_captions.txt"}

@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.errors import ConfigError
-from runtime.manifest import Precision
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.manifest import Precision
 
 log = logging.getLogger(__name__)
 

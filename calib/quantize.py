@@ -2,12 +2,12 @@
 
 Two phases (as gpt-fast's quantize): :func:`quantize_transformer` returns a fake-quantized torch
 module (modelopt's simulated quantization; the reference numbers), and
-``export.quantized.export_quantized`` turns it into a QDQ ONNX export. :func:`quantize_model` runs
+``qwen_image_edge.export.quantized.export_quantized`` turns it into a QDQ ONNX export. :func:`quantize_model` runs
 both, the ``qwen-image-edge quantize`` command.
 
 ``mtq.quantize`` gets a config naming exactly the policy's layers and a forward loop that samples
 the calibration prompts through the whole pipeline; the same loop records every layer input per
-denoising step (``calib.collect``). modelopt's own calibration gives the SmoothQuant scales (INT8)
+denoising step (``qwen_image_edge.calib.collect``). modelopt's own calibration gives the SmoothQuant scales (INT8)
 and a max range; the policy's step reduction then sets each input range:
 ``amax = max_c(range_c * pre_quant_scale_c)``, modelopt's rule after smoothing. The VAE and the
 text encoder are never touched.
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from calib.collect import CalibrationSettings, RangeRecorder, reduce_ranges, run_calibration, spread_summary
-from calib.policy import Granularity, QuantPolicy, Reduction
-from runtime.errors import ConfigError, InputError
-from runtime.manifest import Precision
+from qwen_image_edge.calib.collect import CalibrationSettings, RangeRecorder, reduce_ranges, run_calibration, spread_summary
+from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction
+from qwen_image_edge.runtime.errors import ConfigError, InputError
+from qwen_image_edge.runtime.manifest import Precision
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,9 @@ def quantize_model(model: str | os.PathLike, precision: str | Precision, out: st
     None for the defaults. ``prompts``: a prompt-set name or text file (default: ``demo`` captions
     for the demo model, else ``general``). Returns the written Manifest.
     """
-    from calib.policy import parse_precision
-    from calib.prompts import default_prompt_set, load_prompts
-    from export.quantized import export_quantized
+    from qwen_image_edge.calib.policy import parse_precision
+    from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
+    from qwen_image_edge.export.quantized import export_quantized
     from qwen_image2_ref.model_folder import load_model
 
     precision = parse_precision(precision)

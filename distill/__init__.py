@@ -21,5 +21,5 @@ trained from teacher states, not from the student's own slightly-off states — 
 ``bench/distill.py`` (latent distance to the teacher's 40-step output).
 
 Modules: ``pool`` (teacher trajectories), ``trainer`` (torch.distributed training, checkpoints,
-the student folder). Entry points: ``qwen-image-edge distill`` and ``torchrun -m distill``.
+the student folder). Entry points: ``qwen-image-edge distill`` and ``torchrun -m qwen_image_edge.distill``.
 """

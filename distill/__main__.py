@@ -1,7 +1,7 @@
-"""``python -m distill`` / ``torchrun --nproc-per-node N -m distill``: see ``distill.cli``."""
+"""``python -m qwen_image_edge.distill`` / ``torchrun --nproc-per-node N -m qwen_image_edge.distill``: see ``qwen_image_edge.distill.cli``."""
 
 import sys
 
-from distill.cli import main
+from qwen_image_edge.distill.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Arguments of ``qwen-image-edge distill`` / ``torchrun -m distill`` (torch is imported only to run)."""
+"""Arguments of ``qwen-image-edge distill`` / ``torchrun -m qwen_image_edge.distill`` (torch is imported only to run)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ pool of prompts (its full schedule, with guidance) and the student learns to jum
 teacher's latents at its own fixed sigmas, one transformer call per step. Writes OUT/student, a
 checkpoint folder whose model_index.json carries the schedule, so `export` + `run` use it by default.
 Resumable: rerun the same command after an interruption. Several processes: torchrun
---nproc-per-node N -m distill ... (gloo on CPU, nccl on GPUs; --batch must be a multiple of N)."""
+--nproc-per-node N -m qwen_image_edge.distill ... (gloo on CPU, nccl on GPUs; --batch must be a multiple of N)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from distill.trainer import DistillSettings, distill
-    from runtime.errors import ConfigError
+    from qwen_image_edge.distill.trainer import DistillSettings, distill
+    from qwen_image_edge.runtime.errors import ConfigError
 
     try:
         steps = tuple(int(s) for s in str(args.steps).split(",") if s.strip())
@@ -58,9 +58,9 @@ def main(argv=None) -> int:
     import logging
     import sys
 
-    from runtime.errors import QwenImageEdgeError
+    from qwen_image_edge.runtime.errors import QwenImageEdgeError
 
-    p = argparse.ArgumentParser(prog="python -m distill", description=DESCRIPTION,
+    p = argparse.ArgumentParser(prog="python -m qwen_image_edge.distill", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from runtime import images as rimages
-from runtime import schedule
-from runtime.errors import ConfigError
-from runtime.layout import image_slot_prefix
-from runtime.sampling import initial_noise
+from qwen_image_edge.runtime import images as rimages
+from qwen_image_edge.runtime import schedule
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.layout import image_slot_prefix
+from qwen_image_edge.runtime.sampling import initial_noise
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The distillation trainer: one process or many (``torchrun``), CPU (gloo) or GPU (nccl).
 
     qwen-image-edge distill --teacher demo --steps 4 --out DIR [--iters N --batch B --lr LR]
-    torchrun --nproc-per-node 2 -m distill --teacher demo --steps 4 --out DIR
+    torchrun --nproc-per-node 2 -m qwen_image_edge.distill --teacher demo --steps 4 --out DIR
 
 Each iteration draws one global batch from a generator seeded by ``(seed, iteration)``; rank r
 takes rows ``r::world`` and DDP averages the gradients, so any world size that divides the batch
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool, student_sigmas
+from qwen_image_edge.distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool, student_sigmas
 from qwen_image2_ref.demo.train_vae import lr_at
-from runtime import schedule
-from runtime.errors import ConfigError
-from runtime.layout import padded_batch
+from qwen_image_edge.runtime import schedule
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.layout import padded_batch
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def load_checkpoint(path: Path, model, opt, settings, digest: str) -> tuple[int,
 # ------------------------------------------------------------------------------------ the run
 
 def pool_spec(teacher: str, pipe, settings: DistillSettings) -> PoolSpec:
-    from calib.prompts import default_prompt_set, load_prompts
+    from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
 
     prompts = load_prompts(default_prompt_set(teacher))
     reps = -(-settings.pool_size // len(prompts))

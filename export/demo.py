@@ -6,8 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-from runtime.errors import ManifestError
-from runtime.manifest import GRAPH_NAMES, load_manifest
+from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.manifest import GRAPH_NAMES, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def ensure_export(model: str | os.PathLike = "demo", out: str | os.PathLike | No
                   max_resolution: int | None = DEMO_MAX_RESOLUTION) -> Path:
     """An export directory of ``model``: reused when its manifest verifies and its recorded source
     checkpoint digests equal the model's, otherwise (re-)exported."""
-    from export.onnx_export import export_model
+    from qwen_image_edge.export.onnx_export import export_model
     from qwen_image2_ref.checkpoint import checkpoint_digest
     from qwen_image2_ref.demo import is_shipped
     from qwen_image2_ref.model_folder import resolve_model_path

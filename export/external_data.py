@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from qwen_image2_ref.checkpoint import find_weight_files
-from runtime.errors import CheckpointError, ConfigError
+from qwen_image_edge.runtime.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

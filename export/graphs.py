@@ -13,13 +13,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export.iospec import image_channels
+from qwen_image_edge.export.iospec import image_channels
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import QwenImageVAE
-from runtime.errors import ConfigError
-from runtime.layout import build_layout
-from runtime.vision import VisionTower, vision_feeds
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.layout import build_layout
+from qwen_image_edge.runtime.vision import VisionTower, vision_feeds
 
 
 class TextEncoderGraph(nn.Module):
@@ -31,7 +31,7 @@ class TextEncoderGraph(nn.Module):
     the k-th image pad of a row; the pad's embedding is replaced by ``visual_embeds[k]`` and, after
     each of the first ``n_deepstack`` decoder layers, ``deepstack_embeds[layer, k]`` is added there
     (transformers' masked_scatter and ``_deepstack_process``, without data-dependent shapes). The
-    position ids are an input (``runtime.tokens.mrope_position_ids``): no rope-index code in the graph.
+    position ids are an input (``qwen_image_edge.runtime.tokens.mrope_position_ids``): no rope-index code in the graph.
     """
 
     def __init__(self, qwen3vl) -> None:
@@ -67,7 +67,7 @@ class VisionEncoderGraph(nn.Module):
     [N_vis, D] and deepstack features [n_deepstack, N_vis, D].
 
     transformers computes the position-table resampling, the rotary angles and the per-image
-    attention segments from ``grid_thw`` in Python (``runtime.vision`` explains); here they are
+    attention segments from ``grid_thw`` in Python (``qwen_image_edge.runtime.vision`` explains); here they are
     inputs, and the blocks run on the tower's own modules with one masked attention over all
     patches instead of a Python loop over images.
     """
@@ -178,7 +178,7 @@ def graph_module(name: str, model) -> nn.Module:
 
 
 def vision_tower(qwen3vl) -> VisionTower:
-    """The facts ``runtime.vision`` needs about a transformers Qwen3-VL vision tower."""
+    """The facts ``qwen_image_edge.runtime.vision`` needs about a transformers Qwen3-VL vision tower."""
     vc = qwen3vl.config.vision_config
     return VisionTower(merge_size=vc.spatial_merge_size, head_dim=vc.hidden_size // vc.num_heads,
                        rope_theta=float(vc.rope_parameters["rope_theta"]),
@@ -223,7 +223,7 @@ def transformer_inputs(
     pad: int = 0,
     seed: int = 0,
 ) -> tuple:
-    """A consistent set of transformer inputs from ``runtime.layout`` (condition images get image
+    """A consistent set of transformer inputs from ``qwen_image_edge.runtime.layout`` (condition images get image
     slots after the first text token; the last ``pad`` text positions of row 0 are padding)."""
     n_slots = [h * w // 4 for h, w in cond]
     image_pad = np.zeros(text_len + sum(n_slots), dtype=bool)

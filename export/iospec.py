@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qwen_image2_ref.config import ModelConfig
-from runtime.errors import ConfigError
-from runtime.images import CONDITION_MAX_ASPECT, condition_sizes
-from runtime.manifest import GRAPH_NAMES, TensorSpec
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.images import CONDITION_MAX_ASPECT, condition_sizes
+from qwen_image_edge.runtime.manifest import GRAPH_NAMES, TensorSpec
 
 # Template tokens around a prompt: ChatML system + user + assistant headers, plus vision markers.
 TEMPLATE_TOKEN_ALLOWANCE = 64
@@ -74,7 +74,7 @@ def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
 
 @dataclass(frozen=True)
 class ConditionRange:
-    """What one condition image can be after the runtime resizes it (``runtime.images.condition_size``)."""
+    """What one condition image can be after the runtime resizes it (``qwen_image_edge.runtime.images.condition_size``)."""
 
     max_aspect: float
     min_side: int  # pixels
@@ -131,7 +131,7 @@ def vision_tokens(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def text_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     """One graph for text-only and edit prompts (``N_vis = 0`` without images; see
-    ``export.graphs.TextEncoderGraph`` for why not two graphs)."""
+    ``qwen_image_edge.export.graphs.TextEncoderGraph`` for why not two graphs)."""
     enc = cfg.encoder
     max_tok = cfg.pipeline.max_prompt_tokens + TEMPLATE_TOKEN_ALLOWANCE
     (_, vis), (_, vis_opt) = vision_tokens(cfg)
@@ -141,10 +141,10 @@ def text_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
         inputs=(
             _t("input_ids", "int64", "B", "L_tok"),
             _t("attention_mask", "int64", "B", "L_tok"),
-            _t("position_ids", "int64", 3, "B", "L_tok"),  # runtime.tokens.mrope_position_ids
+            _t("position_ids", "int64", 3, "B", "L_tok"),  # qwen_image_edge.runtime.tokens.mrope_position_ids
             _t("visual_embeds", "float32", "N_vis", enc.hidden_size),  # vision_encoder output
             _t("deepstack_embeds", "float32", len(enc.deepstack_visual_indexes), "N_vis", enc.hidden_size),
-            _t("visual_index", "int64", "B", "L_tok"),  # runtime.vision.visual_index
+            _t("visual_index", "int64", "B", "L_tok"),  # qwen_image_edge.runtime.vision.visual_index
         ),
         outputs=(_t("hidden_states", "float32", "B", "L_tok", enc.hidden_size),),
         dim_ranges={"B": (1, 2, MAX_BATCH), "L_tok": (1, 128, max_tok + n_vis), "N_vis": (0, vis_opt, n_vis)},

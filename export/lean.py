@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from export.external_data import (
+from qwen_image_edge.export.external_data import (
     WeightSource,
     checkpoint_bytes,
     checkpoint_entries,
@@ -46,8 +46,8 @@ from export.external_data import (
     tensor_bytes,
     torch_dtype,
 )
-from export.iospec import GraphIO
-from runtime.errors import ConfigError
+from qwen_image_edge.export.iospec import GraphIO
+from qwen_image_edge.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def load_lean_model(model):
         read_pipeline_config,
         resolve_model_path,
     )
-    from runtime.images import VisionConfig
-    from runtime.tokens import PromptTokenizer
+    from qwen_image_edge.runtime.images import VisionConfig
+    from qwen_image_edge.runtime.tokens import PromptTokenizer
 
     path = resolve_model_path(model)
     pipeline = read_pipeline_config(path)
@@ -179,7 +179,7 @@ def preflight(name: str, model, dtype: torch.dtype = torch.float32) -> None:
 
 
 def graph_module_of(name: str, model) -> nn.Module:
-    from export.graphs import graph_module
+    from qwen_image_edge.export.graphs import graph_module
 
     return graph_module(name, model)
 
@@ -287,7 +287,7 @@ def _rename_to_checkpoint_keys(model: onnx.ModelProto, sources: list[WeightSourc
 
 def _cleanup(model: onnx.ModelProto, name: str, weight_names: set[str]) -> tuple[onnx.ModelProto, set[str]]:
     """Fold constants and drop dead nodes, then turn the weight inputs back into plain names."""
-    from export.cleanup import cleanup_graph
+    from qwen_image_edge.export.cleanup import cleanup_graph
 
     model, _ = cleanup_graph(model, name)
     _float_resize_scales(model)
@@ -340,8 +340,8 @@ def attach_weights(model: onnx.ModelProto, sources: list[WeightSource], graph_di
 
 def export_graph_lean(name: str, model, inputs: tuple, io: GraphIO, export_dir: Path, opset: int):
     """Trace graph ``name`` of a lean model without weights, attach them, save; hash what was written."""
-    from export.onnx_export import ONNX_NAME, ExportedGraph
-    from runtime.manifest import DataFile, GraphSpec, Precision, sha256_file
+    from qwen_image_edge.export.onnx_export import ONNX_NAME, ExportedGraph
+    from qwen_image_edge.runtime.manifest import DataFile, GraphSpec, Precision, sha256_file
 
     start = time.perf_counter()
     folder = model.path / COMPONENT_OF[name]
@@ -350,7 +350,7 @@ def export_graph_lean(name: str, model, inputs: tuple, io: GraphIO, export_dir: 
     keys, computed = weight_names(wrapper, component_root(name, model))
     if name in PLAIN_GRAPHS:
         preflight(name, model)
-        from export.onnx_export import export_graph
+        from qwen_image_edge.export.onnx_export import export_graph
 
         with materialized(wrapper, keys, entries, torch.float32) as nbytes:
             log.info("%s: plain export with only its own %d weights (%.2f GB) loaded", name, len(keys), nbytes / 1e9)

@@ -28,11 +28,11 @@ try:
 except ImportError:  # not POSIX: killed exports' staging is not swept
     fcntl = None
 
-from export.graphs import vision_tower
-from export.iospec import condition_range, target_range
-from runtime.errors import ManifestError
-from runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, sha256_file
-from runtime.tokens import prompt_text
+from qwen_image_edge.export.graphs import vision_tower
+from qwen_image_edge.export.iospec import condition_range, target_range
+from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, sha256_file
+from qwen_image_edge.runtime.tokens import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def provenance_section(model, lean: bool = False) -> dict:
         "exporter": EXPORTERS[bool(lean)],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "calibration": None,
-        # a distilled student's folder says what it was distilled from (distill.trainer)
+        # a distilled student's folder says what it was distilled from (qwen_image_edge.distill.trainer)
         "distillation": (index.get("qwen_image_edge") or {}).get("distilled_from"),
     }
 

@@ -21,10 +21,10 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from export.cleanup import cleanup_graph
-from export.graphs import example_inputs, graph_module
-from export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, GraphIO, graph_io
-from export.manifest_writer import (
+from qwen_image_edge.export.cleanup import cleanup_graph
+from qwen_image_edge.export.graphs import example_inputs, graph_module
+from qwen_image_edge.export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, GraphIO, graph_io
+from qwen_image_edge.export.manifest_writer import (
     build_manifest,
     copy_tokenizer,
     image_section,
@@ -32,8 +32,8 @@ from export.manifest_writer import (
     staging_dir,
     write_manifest,
 )
-from runtime.errors import ConfigError
-from runtime.manifest import GRAPH_NAMES, DataFile, GraphSpec, Manifest, Precision, sha256_file
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.manifest import GRAPH_NAMES, DataFile, GraphSpec, Manifest, Precision, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def export_model(
     ``max_resolution`` (pixels, multiple of 32) bounds the declared image-size range; it
     defaults to the model's output resolution. ``out`` appears only once everything, manifest
     last, has been written. ``lean`` traces without weights and attaches them from the checkpoint
-    (``export.lean``); ``None`` chooses it for a checkpoint folder whose fp32 weights would take
+    (``qwen_image_edge.export.lean``); ``None`` chooses it for a checkpoint folder whose fp32 weights would take
     more than 40% of the available memory.
     """
     if opset < 19:
@@ -174,12 +174,12 @@ def export_model(
     if unknown:
         raise ConfigError(f"export graphs {unknown}: unknown; expected some of {list(GRAPH_NAMES)}")
     if lean is None:
-        from export.lean import should_use_lean
+        from qwen_image_edge.export.lean import should_use_lean
         from qwen_image2_ref.model_folder import resolve_model_path
 
         lean = not hasattr(model, "transformer") and should_use_lean(resolve_model_path(model), graphs)
     if lean:
-        from export.lean import export_graph_lean, load_lean_model, preflight
+        from qwen_image_edge.export.lean import export_graph_lean, load_lean_model, preflight
 
         model = load_lean_model(model.path if hasattr(model, "transformer") else model)
         for name in graphs:
@@ -205,6 +205,6 @@ def export_model(
         image = image_section(model, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
         write_manifest(staging, build_manifest(model, specs, prompt, image, lean=bool(lean)))
     log.info("export %s complete: %s", out, ", ".join(graphs))
-    from runtime.manifest import load_manifest
+    from qwen_image_edge.runtime.manifest import load_manifest
 
     return load_manifest(out, verify_hashes=False)

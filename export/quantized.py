@@ -1,7 +1,7 @@
 """An export directory whose transformer is a quantized QDQ graph (INT8 or FP8); the rest stays fp32.
 
 The transformer is traced from modelopt's fake-quantized module with the TorchScript exporter
-(the only path that carries its Q/DQ nodes), rewritten to standard QDQ by ``calib.qdq`` and saved
+(the only path that carries its Q/DQ nodes), rewritten to standard QDQ by ``qwen_image_edge.calib.qdq`` and saved
 without onnx-graphsurgeon's constant folding: folding would evaluate ``DequantizeLinear`` of the
 int8 weights back into fp32 initializers. The VAE and the text encoder are exported as ``export``
 does. The manifest records the transformer graphs' precision, and provenance ``calibration`` holds the
@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from export.graphs import example_inputs, graph_module
-from export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, graph_io
-from export.manifest_writer import (
+from qwen_image_edge.export.graphs import example_inputs, graph_module
+from qwen_image_edge.export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, graph_io
+from qwen_image_edge.export.manifest_writer import (
     build_manifest,
     copy_tokenizer,
     image_section,
@@ -28,7 +28,7 @@ from export.manifest_writer import (
     staging_dir,
     write_manifest,
 )
-from export.onnx_export import (
+from qwen_image_edge.export.onnx_export import (
     DEFAULT_OPSET,
     ONNX_NAME,
     PROTOBUF_LIMIT,
@@ -37,9 +37,9 @@ from export.onnx_export import (
     save_graph_spec,
     trace_to_onnx,
 )
-from runtime import manifest as _manifest
-from runtime.errors import ConfigError
-from runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
+from qwen_image_edge.runtime import manifest as _manifest
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ TRANSFORMER_GRAPHS = ("transformer", *getattr(_manifest, "KV_CACHE_GRAPHS", ()))
 def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolution: int, name: str = "transformer",
                                  opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
     """Trace graph ``name`` (``transformer`` or one of the KV-cache pair) of ``quantized.module`` (a
-    ``calib.quantize.QuantizedTransformer``), rewrite it to standard QDQ and save it."""
-    from calib.qdq import to_standard_qdq
+    ``qwen_image_edge.calib.quantize.QuantizedTransformer``), rewrite it to standard QDQ and save it."""
+    from qwen_image_edge.calib.qdq import to_standard_qdq
 
     start = time.perf_counter()
     io = graph_io(name, cfg, max_resolution)
@@ -117,6 +117,6 @@ def export_quantized(model, quantized, out: str | Path, graphs=None, max_resolut
             manifest = dataclasses.replace(manifest, provenance=provenance)
         write_manifest(staging, manifest)
     log.info("export %s complete (%s transformer)", out, quantized.policy.precision.value if quantized else "fp32")
-    from runtime.manifest import load_manifest
+    from qwen_image_edge.runtime.manifest import load_manifest
 
     return load_manifest(out, verify_hashes=False)

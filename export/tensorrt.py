@@ -36,18 +36,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.manifest_writer import write_text_atomic
-from export.trt_profiles import BuildRanges, graph_ranges, input_profiles, wanted_ranges
-from runtime.backends import cuda
-from runtime.backends.tensorrt import (
+from qwen_image_edge.export.manifest_writer import write_text_atomic
+from qwen_image_edge.export.trt_profiles import BuildRanges, graph_ranges, input_profiles, wanted_ranges
+from qwen_image_edge.runtime.backends import cuda
+from qwen_image_edge.runtime.backends.tensorrt import (
     engine_dir,
     engine_key,
     import_tensorrt,
     make_logger,
     trt_major,
 )
-from runtime.errors import BackendError, ConfigError, ManifestError
-from runtime.manifest import (
+from qwen_image_edge.runtime.errors import BackendError, ConfigError, ManifestError
+from qwen_image_edge.runtime.manifest import (
     KV_CACHE_GRAPHS,
     MANIFEST_NAME,
     EngineSpec,

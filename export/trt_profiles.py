@@ -1,6 +1,6 @@
 """TensorRT optimisation profiles from the manifest's IOSpecs and the user's ranges (pure functions).
 
-Every symbolic dim of an export has a declared ``(min, opt, max)`` per graph (``export.iospec``).
+Every symbolic dim of an export has a declared ``(min, opt, max)`` per graph (``qwen_image_edge.export.iospec``).
 A build may narrow them: pixel sizes (``--min-res/--opt-res/--max-res``) fix ``h, w, H, W`` and
 ``N_t``, ``--max-batch`` fixes ``B``, ``--max-prompt-tokens`` fixes ``L_tok`` and ``L_enc``. The
 derived symbols are recomputed from those, never narrowed on their own, so one profile stays
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.errors import ConfigError
-from runtime.manifest import GraphSpec, Manifest
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.manifest import GraphSpec, Manifest
 
 Range = tuple[int, int, int]
 WantedRange = tuple[int, "int | None", int]  # opt None: the graph's declared opt, clamped

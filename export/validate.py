@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graphs import (
+from qwen_image_edge.export.graphs import (
     graph_module,
     pair_inputs,
     transformer_inputs,
@@ -26,11 +26,11 @@ from export.graphs import (
     vision_encoder_inputs,
     vision_tower,
 )
-from export.manifest_writer import write_text_atomic
-from runtime.errors import ManifestError
-from runtime.manifest import GraphSpec, Manifest, Precision, TensorSpec, check_io, load_manifest
-from runtime.tokens import mrope_position_ids
-from runtime.vision import visual_index
+from qwen_image_edge.export.manifest_writer import write_text_atomic
+from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.manifest import GraphSpec, Manifest, Precision, TensorSpec, check_io, load_manifest
+from qwen_image_edge.runtime.tokens import mrope_position_ids
+from qwen_image_edge.runtime.vision import visual_index
 
 log = logging.getLogger(__name__)
 

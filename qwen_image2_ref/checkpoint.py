@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from runtime.errors import CheckpointError
+from qwen_image_edge.runtime.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

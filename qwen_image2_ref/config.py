@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import ConfigError
-from runtime.schedule import SchedulerConfig
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.schedule import SchedulerConfig
 
 # AutoencoderKLQwenImage21 defaults (diffusers), one value per latent channel.
 QWEN21_LATENTS_MEAN = (

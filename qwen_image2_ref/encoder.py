@@ -1,7 +1,7 @@
 """The Qwen3-VL condition encoder: prompt (+ condition images) -> hidden states for the MMDiT.
 
 The LLM and the vision tower are transformers' ``Qwen3VLForConditionalGeneration``; this module
-only prepares its inputs with the shared numpy code (``runtime.tokens``, ``runtime.images``) and
+only prepares its inputs with the shared numpy code (``qwen_image_edge.runtime.tokens``, ``qwen_image_edge.runtime.images``) and
 reads the output the way diffusers' ``QwenImage21Pipeline._get_qwen_prompt_embeds`` does: the last
 decoder layer's output BEFORE the language model's final RMSNorm, without padding and without the
 system message, right padded to the batch max.
@@ -20,9 +20,9 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from qwen_image2_ref.config import EncoderConfig
-from runtime.errors import CheckpointError, ConfigError
-from runtime.images import VisionConfig, load_image, vision_patches
-from runtime.tokens import MAX_PROMPT_TOKENS, SYSTEM_PROMPT, PromptTokenizer, TokenBatch, prompt_index
+from qwen_image_edge.runtime.errors import CheckpointError, ConfigError
+from qwen_image_edge.runtime.images import VisionConfig, load_image, vision_patches
+from qwen_image_edge.runtime.tokens import MAX_PROMPT_TOKENS, SYSTEM_PROMPT, PromptTokenizer, TokenBatch, prompt_index
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class ConditionEncoder(torch.nn.Module):
 def postprocess_hidden_states_torch(
     hidden: torch.Tensor, batch: TokenBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch twin of ``runtime.tokens.postprocess_hidden_states`` (same index, same zeros)."""
+    """Torch twin of ``qwen_image_edge.runtime.tokens.postprocess_hidden_states`` (same index, same zeros)."""
     index = prompt_index(batch)
     device = hidden.device
     rows, cols = torch.from_numpy(index.rows).to(device), torch.from_numpy(index.cols).to(device)

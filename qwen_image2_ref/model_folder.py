@@ -22,8 +22,8 @@ from qwen_image2_ref.checkpoint import checkpoint_digest, load_into, read_config
 from qwen_image2_ref.config import ModelConfig, PipelineConfig, TransformerConfig, VAEConfig
 from qwen_image2_ref.transformer import QwenImageTransformer
 from qwen_image2_ref.vae import QwenImageVAE
-from runtime.errors import CheckpointError
-from runtime.schedule import SchedulerConfig
+from qwen_image_edge.runtime.errors import CheckpointError
+from qwen_image_edge.runtime.schedule import SchedulerConfig
 
 log = logging.getLogger(__name__)
 

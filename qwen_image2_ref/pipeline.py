@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.transformer import QwenImageTransformer, cache_inputs, check_inputs, layout_inputs
 from qwen_image2_ref.vae import QwenImageVAE, pack_latents, unpack_latents
-from runtime import images as rimages
-from runtime import schedule
-from runtime.errors import InputError
-from runtime.layout import build_layout
-from runtime.sampling import Request, initial_noise, make_request, to_images
+from qwen_image_edge.runtime import images as rimages
+from qwen_image_edge.runtime import schedule
+from qwen_image_edge.runtime.errors import InputError
+from qwen_image_edge.runtime.layout import build_layout
+from qwen_image_edge.runtime.sampling import Request, initial_noise, make_request, to_images
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ One joint sequence holds text, condition-image and target-image tokens. Every bl
 scales and gates from one shared modulation; text and condition tokens are modulated at t=0
 (``causal_condition``), so their activations do not depend on the step. Attention is
 block-causal; the layout (which rows are text, which are images), rope cos/sin and the mask are
-inputs, computed by ``runtime.layout`` in numpy, so this module exports to ONNX as it is.
+inputs, computed by ``qwen_image_edge.runtime.layout`` in numpy, so this module exports to ONNX as it is.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_image2_ref.config import TransformerConfig
-from runtime.errors import ShapeError
-from runtime.layout import JointLayout, attention_mask, rope_tables
+from qwen_image_edge.runtime.errors import ShapeError
+from qwen_image_edge.runtime.layout import JointLayout, attention_mask, rope_tables
 
 # ----------------------------------------------------------------------------- pure functions
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from qwen_image2_ref.config import VAEConfig
 from qwen_image2_ref.vae_blocks import DownBlock, MidBlock, RMSNorm, UpBlock
-from runtime.errors import ConfigError, ShapeError
+from qwen_image_edge.runtime.errors import ConfigError, ShapeError
 
 __all__ = [
     "QwenImageVAE",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.errors import ConfigError
+from qwen_image_edge.runtime.errors import ConfigError
 
 
 def avg_down(

@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     quant.set_defaults(handler=_cmd_quantize)
 
-    from distill.cli import DESCRIPTION as distill_description
-    from distill.cli import add_arguments as distill_arguments  # argparse only: no torch at parse time
+    from qwen_image_edge.distill.cli import DESCRIPTION as distill_description
+    from qwen_image_edge.distill.cli import add_arguments as distill_arguments  # argparse only: no torch at parse time
 
     dist = commands.add_parser(
         "distill",
@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)  # also when a host application already configured logging
 
-    from runtime.errors import QwenImageEdgeError
+    from qwen_image_edge.runtime.errors import QwenImageEdgeError
 
     try:
         return args.handler(args)
@@ -227,7 +227,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_model
+    from qwen_image_edge.export.onnx_export import export_model
 
     export_model(args.model, args.out, graphs=args.graphs, max_resolution=args.max_resolution,
                  opset=args.opset, overwrite=args.overwrite, lean=args.lean)
@@ -236,9 +236,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from export.tensorrt import build_engines
-    from export.trt_profiles import BuildRanges
-    from runtime.manifest import Precision
+    from qwen_image_edge.export.tensorrt import build_engines
+    from qwen_image_edge.export.trt_profiles import BuildRanges
+    from qwen_image_edge.runtime.manifest import Precision
 
     ranges = BuildRanges(args.min_res, args.opt_res, args.max_res, args.max_batch, args.max_prompt_tokens)
     built = build_engines(args.export_dir, graphs=args.graphs, ranges=ranges,
@@ -250,8 +250,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from calib.collect import CalibrationSettings
-    from calib.quantize import quantize_model
+    from qwen_image_edge.calib.collect import CalibrationSettings
+    from qwen_image_edge.calib.quantize import quantize_model
 
     settings = CalibrationSettings(batch_size=args.batch_size, steps=args.steps, guidance=args.guidance)
     quantize_model(args.model, args.precision, args.out, policy=args.policy, prompts=args.prompts,
@@ -262,14 +262,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from distill.cli import run
+    from qwen_image_edge.distill.cli import run
 
     return run(args)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     """Exit 0 when every graph is within its precision's bounds, 1 otherwise."""
-    from export.validate import validate
+    from qwen_image_edge.export.validate import validate
 
     report = validate(args.export_dir, args.model, report=args.report)
     print(report.table())
@@ -280,8 +280,8 @@ def _check_request_args(args: argparse.Namespace):
     """Output path and explicit sampling values, checked before any loading."""
     from pathlib import Path
 
-    from runtime.errors import InputError
-    from runtime.sampling import check_guidance, check_steps, resolve_size
+    from qwen_image_edge.runtime.errors import InputError
+    from qwen_image_edge.runtime.sampling import check_guidance, check_steps, resolve_size
 
     out = Path(args.output)
     if out.suffix.lower() != ".png":
@@ -302,7 +302,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _runtime_generate(export_dir, args: argparse.Namespace, out, images=None, **load) -> int:
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(export_dir, threads=args.threads, **load)
     if images:
@@ -322,7 +322,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = _check_request_args(args)
-    from export.demo import ensure_export
+    from qwen_image_edge.export.demo import ensure_export
 
     return _runtime_generate(ensure_export("demo-4step" if args.fast else "demo", args.export_dir), args, out)
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from runtime import images as rimages
-from runtime.errors import InputError
-from runtime.manifest import GraphSpec, Manifest
+from qwen_image_edge.runtime import images as rimages
+from qwen_image_edge.runtime.errors import InputError
+from qwen_image_edge.runtime.manifest import GraphSpec, Manifest
 
 VAE_TOKEN = 16  # pixels per latent token side
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from runtime.errors import ConfigError, InputError
+from qwen_image_edge.runtime.errors import ConfigError, InputError
 
 ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray
 

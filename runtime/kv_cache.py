@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.layout import JointLayout, attention_mask
-from runtime.manifest import KV_CACHE_GRAPHS, Manifest
+from qwen_image_edge.runtime.layout import JointLayout, attention_mask
+from qwen_image_edge.runtime.manifest import KV_CACHE_GRAPHS, Manifest
 
 PREFILL, STEP = KV_CACHE_GRAPHS
 
@@ -53,7 +53,7 @@ def pair_feeds(layout: JointLayout, cos: np.ndarray, sin: np.ndarray) -> tuple[d
 class KVCache:
     """A prefilled cache: a numpy array, or a device array with the memory that holds it."""
 
-    value: Any  # np.ndarray | runtime.backends.tensorrt.DeviceArray
+    value: Any  # np.ndarray | qwen_image_edge.runtime.backends.tensorrt.DeviceArray
     buffer: Any = None  # cuda.DeviceBuffer when on the device
 
     @property

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import ShapeError
+from qwen_image_edge.runtime.errors import ShapeError
 
 TOKENS_PER_SLOT = 4  # one vision slot = 2x2 latent tokens (vision patch 16 x merge 2, VAE 16x)
 

@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from runtime import images as rimages
-from runtime import kv_cache as kv
-from runtime import schedule
-from runtime.backends import make_backend
-from runtime.errors import InputError, ManifestError, NumericalError
-from runtime.layout import JointLayout, attention_mask, build_layout, rope_tables
-from runtime.manifest import KV_CACHE_GRAPHS, Manifest, load_manifest, resolve_path, sha256_file
-from runtime.sampling import Request, initial_noise, make_request, to_images
-from runtime.tokens import PromptTokenizer, mrope_position_ids, postprocess_hidden_states
-from runtime.vision import VisionTower, vision_feeds, visual_index
+from qwen_image_edge.runtime import images as rimages
+from qwen_image_edge.runtime import kv_cache as kv
+from qwen_image_edge.runtime import schedule
+from qwen_image_edge.runtime.backends import make_backend
+from qwen_image_edge.runtime.errors import InputError, ManifestError, NumericalError
+from qwen_image_edge.runtime.layout import JointLayout, attention_mask, build_layout, rope_tables
+from qwen_image_edge.runtime.manifest import KV_CACHE_GRAPHS, Manifest, load_manifest, resolve_path, sha256_file
+from qwen_image_edge.runtime.sampling import Request, initial_noise, make_request, to_images
+from qwen_image_edge.runtime.tokens import PromptTokenizer, mrope_position_ids, postprocess_hidden_states
+from qwen_image_edge.runtime.vision import VisionTower, vision_feeds, visual_index
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Pipeline:
         resized side outside the exported range (an extreme aspect ratio), more images than the
         model takes or than the exported token ranges hold.
         """
-        from runtime.edit import load_condition_images
+        from qwen_image_edge.runtime.edit import load_condition_images
 
         missing = [g for g in EDIT_GRAPHS if g not in self.manifest.graphs]
         te_inputs = [t.name for t in self.manifest.graph("text_encoder").inputs]
@@ -221,7 +221,7 @@ class Pipeline:
     def _encode_images(self, pil: list[Image.Image], sizes: list[tuple[int, int]]) -> _Images:
         """vision_encoder on the images resized as the reference does (RGBA composited on white for
         the vision tower, all four channels for the VAE), vae_encoder -> normalised packed latents."""
-        from runtime.edit import check_range
+        from qwen_image_edge.runtime.edit import check_range
 
         start = time.perf_counter()
         resized = [rimages.resize_rgba(im, w, h) for im, (w, h) in zip(pil, sizes)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from runtime.errors import InputError, ShapeError
+from qwen_image_edge.runtime.errors import InputError, ShapeError
 
 # A target latent grid must split into 2x2 groups (one encoder slot each): pixels in multiples of 32.
 SIZE_MULTIPLE = 32

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import ConfigError, InputError
+from qwen_image_edge.runtime.errors import ConfigError, InputError
 
 # diffusers FlowMatchEulerDiscreteScheduler options that the Qwen-Image pipelines leave off.
 _UNSUPPORTED_OPTIONS = (

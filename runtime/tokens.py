@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtime.errors import ConfigError, InputError, ShapeError
+from qwen_image_edge.runtime.errors import ConfigError, InputError, ShapeError
 
 SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 MAX_PROMPT_TOKENS = 1024

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import ShapeError
-from runtime.tokens import TokenBatch
+from qwen_image_edge.runtime.errors import ShapeError
+from qwen_image_edge.runtime.tokens import TokenBatch
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tiny_model_dir, tmp_path_factory):
     """``(model folder, export dir)``: every graph of the tiny model, sizes up to 128 px."""
-    from export.onnx_export import export_model
+    from qwen_image_edge.export.onnx_export import export_model
     from qwen_image2_ref.model_folder import load_model
 
     out = tmp_path_factory.mktemp("tiny-export") / "export"
@@ -30,7 +30,7 @@ def tiny_export(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_export(tmp_path_factory):
     """Every graph of the shipped demo model, exported once per session (sizes up to 256 px)."""
-    from export.onnx_export import export_model
+    from qwen_image_edge.export.onnx_export import export_model
 
     out = tmp_path_factory.mktemp("demo-export") / "export"
     export_model("demo", out, max_resolution=256)
@@ -46,7 +46,7 @@ def exported(tiny_export):
 @pytest.fixture(scope="session")
 def runtime_pipe(tiny_export):
     """The torch-free runtime over the tiny export (thread-safe, shared)."""
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     return Pipeline.load(tiny_export[1], threads=1)
 
@@ -64,7 +64,7 @@ def trt(monkeypatch):
     """tests/trt_standin.py installed as ``tensorrt`` (and its CUDA runtime) for one test."""
     import sys
 
-    from runtime.backends import cuda
+    from qwen_image_edge.runtime.backends import cuda
     from tests import trt_standin as standin
 
     standin.reset()

@@ -23,6 +23,7 @@ thing one test per mutation (tests/test_mutation.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -69,11 +70,45 @@ def check_patch(mutation: Mutation, root: Path = ROOT) -> str:
     return text
 
 
+# Installed, runtime/ export/ calib/ distill/ are qwen_image_edge.runtime, ... (pyproject's
+# package-dir); the editable install maps those names to the real checkout. This sitecustomize,
+# first on PYTHONPATH, maps them to the copy instead, in pytest and in every process a test starts.
+_SITECUSTOMIZE = """
+import importlib.util, json, os, sys
+_ROOT = os.environ["QIE_MUTATION_COPY"]
+_MAPPED = json.loads(os.environ["QIE_MUTATION_PACKAGE_DIRS"])
+
+class _CopyFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name not in _MAPPED:
+            return None
+        folder = os.path.join(_ROOT, _MAPPED[name])
+        return importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+
+sys.meta_path.insert(0, _CopyFinder)
+"""
+
+
+def package_dirs(root: Path = ROOT) -> dict[str, str]:
+    """pyproject's ``[tool.setuptools.package-dir]``: installed package name -> folder."""
+    import tomllib
+
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    return dict(data.get("tool", {}).get("setuptools", {}).get("package-dir", {}))
+
+
 def run_pytest(copy: Path, tests: Sequence[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
     """pytest on ``tests`` inside the copy; (exit code, output tail). Exit code -1: timed out."""
     env = dict(os.environ)
+    boot = copy.parent / "boot"
+    boot.mkdir(exist_ok=True)
+    (boot / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    env["QIE_MUTATION_COPY"] = str(copy)
+    env["QIE_MUTATION_PACKAGE_DIRS"] = json.dumps(package_dirs(copy))
     # The copy's packages must shadow the editable install of the real checkout: put the copy first.
-    env["PYTHONPATH"] = os.pathsep.join([str(copy)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(boot), str(copy)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("OMP_NUM_THREADS", "1")
     # Mutated code must never write into the user's demo-export cache, which the real suite reuses.
     env["QWEN_IMAGE_EDGE_CACHE"] = str(copy.parent / "cache")
@@ -163,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(out, file=sys.stderr)
     finally:
         ws.close()
-    print(f"| mutation | package | what | caught by | s |\n|---|---|---|---|---|")
+    print("| mutation | package | what | caught by | s |\n|---|---|---|---|---|")
     for m, caught, test, secs in rows:
         print(f"| {m.id} | {m.package} | {m.what} | {test if caught else '**not caught**'} | {secs:.0f} |")
     missed = [m.id for m, caught, *_ in rows if not caught]

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from calib.collect import CalibrationSettings, RangeRecorder, StepRanges, reduce_ranges, run_calibration
-from calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
-from calib.prompts import PROMPT_SETS, load_prompts
+from qwen_image_edge.calib.collect import CalibrationSettings, RangeRecorder, StepRanges, reduce_ranges, run_calibration
+from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
+from qwen_image_edge.calib.prompts import PROMPT_SETS, load_prompts
 from qwen_image2_ref.config import TINY
 from qwen_image2_ref.transformer import QwenImageTransformer
-from runtime.errors import ConfigError, InputError
-from runtime.manifest import Precision
+from qwen_image_edge.runtime.errors import ConfigError, InputError
+from qwen_image_edge.runtime.manifest import Precision
 
 PER_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.proj", "img_mlp.gate_layer",
              "img_mlp.out")
@@ -117,12 +117,12 @@ def test_reductions_follow_their_definitions() -> None:
 
 
 def test_input_range_is_the_reduced_range_after_smoothing() -> None:
-    """calib.quantize's rule, by hand: amax = max_c(reduce(a)_c * pre_quant_scale_c), max_c without
+    """qwen_image_edge.calib.quantize's rule, by hand: amax = max_c(reduce(a)_c * pre_quant_scale_c), max_c without
     smoothing. The quantizer gets it and the summary records it; both are fp32 products of the same
     numbers (rel 1e-6), so a range off by 2x either way fails."""
     from types import SimpleNamespace
 
-    from calib.quantize import _set_input_ranges
+    from qwen_image_edge.calib.quantize import _set_input_ranges
 
     a, r = _ranges(1)
     pqs = np.random.default_rng(2).uniform(0.2, 3.0, size=4).astype(np.float32)

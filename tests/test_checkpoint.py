@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qwen_image2_ref import checkpoint as ckpt
-from runtime.errors import CheckpointError
+from qwen_image_edge.runtime.errors import CheckpointError
 
 
 class Tiny(nn.Module):

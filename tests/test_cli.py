@@ -192,7 +192,7 @@ def test_unknown_preset_is_one_line_and_exit_2(capsys) -> None:
 
 def test_stage_errors_are_one_line_but_bugs_are_not_hidden(capsys, monkeypatch) -> None:
     import qwen_image2_ref.sizes as sizes
-    from runtime.errors import CheckpointError
+    from qwen_image_edge.runtime.errors import CheckpointError
 
     def broken(config):
         raise CheckpointError("transformer/config.json: expected a JSON object, got a list")

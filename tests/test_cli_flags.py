@@ -35,7 +35,7 @@ def source(tmp_path_factory):
 def calls(monkeypatch):
     """Transformer calls per step (single graph or cached step), counted in both pipelines."""
     from qwen_image2_ref.transformer import QwenImageTransformer
-    from runtime.backends.onnxruntime import OnnxRuntimeSession
+    from qwen_image_edge.runtime.backends.onnxruntime import OnnxRuntimeSession
 
     seen: list[str] = []
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import qwen_image2_ref.demo as demo_pkg
-from export.demo import ensure_export
+from qwen_image_edge.export.demo import ensure_export
 from qwen_image_edge.cli import main
 
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from qwen_image2_ref.demo import data, judge, vocab
-from runtime import tokens
-from runtime.errors import InputError, ShapeError
+from qwen_image_edge.runtime import tokens
+from qwen_image_edge.runtime.errors import InputError, ShapeError
 
 N_JUDGED = 330
 

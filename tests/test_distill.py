@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.trainer import DistillSettings, distill, segment_table
-from runtime.errors import ConfigError
+from qwen_image_edge.distill.trainer import DistillSettings, distill, segment_table
+from qwen_image_edge.runtime.errors import ConfigError
 
 # Tiny run: 4 teacher steps, students at 2 and 4 steps, 4 pool samples, global batch 4.
 SETTINGS = DistillSettings(steps=(2, 4), iters=3, batch=4, lr=1e-3, teacher_steps=4, guidance=2.0,
@@ -57,7 +57,7 @@ def test_two_gloo_processes_match_one(single, tiny_model_dir, tmp_path):
     out2 = tmp_path / "distill-2p"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "distill",
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "qwen_image_edge.distill",
            "--teacher", str(tiny_model_dir), "--out", str(out2), "--threads", "1", *ARGS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_checkpoint_of_another_run_is_refused(single, tiny_model_dir, tmp_path):
 
 
 def test_teacher_grid_holds_every_student_sigma(single):
-    from distill.pool import load_pool, student_sigmas, teacher_grid
+    from qwen_image_edge.distill.pool import load_pool, student_sigmas, teacher_grid
     from qwen_image2_ref.config import DEMO
 
     sched = DEMO.pipeline.scheduler
@@ -116,17 +116,17 @@ def test_teacher_grid_holds_every_student_sigma(single):
 
 
 def schedule_of(pcfg, n_tokens):
-    from runtime import schedule
+    from qwen_image_edge.runtime import schedule
 
     return schedule.make_sigmas(None, n_tokens, pcfg.scheduler, fixed_sigmas=pcfg.sample_sigmas)
 
 
 def test_teacher_run_is_the_pipeline_loop(tiny_model_dir):
     """distill's recording loop on the default grid ends where pipe.generate ends (same noise)."""
-    from distill.pool import teacher_run
+    from qwen_image_edge.distill.pool import teacher_run
     from qwen_image2_ref.model_folder import load_pipeline
-    from runtime import schedule
-    from runtime.sampling import initial_noise
+    from qwen_image_edge.runtime import schedule
+    from qwen_image_edge.runtime.sampling import initial_noise
 
     pipe = load_pipeline(tiny_model_dir)
     res = pipe.config.pipeline.output_resolution
@@ -142,8 +142,8 @@ def test_teacher_run_is_the_pipeline_loop(tiny_model_dir):
 
 
 def test_runtime_uses_the_student_schedule_by_default(single, tmp_path):
-    from export.onnx_export import export_model
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.export.onnx_export import export_model
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     out = tmp_path / "export"
     export_model(str(single[1]), out, max_resolution=64)

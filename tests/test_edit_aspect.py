@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.iospec import condition_range
-from export.onnx_export import export_model
-from export.trt_profiles import BuildRanges, graph_ranges, wanted_ranges
+from qwen_image_edge.export.iospec import condition_range
+from qwen_image_edge.export.onnx_export import export_model
+from qwen_image_edge.export.trt_profiles import BuildRanges, graph_ranges, wanted_ranges
 from qwen_image2_ref.model_folder import load_model
-from runtime.edit import load_condition_images
-from runtime.errors import InputError
-from runtime.images import calculate_dimensions, condition_size, condition_sizes
-from runtime.manifest import load_manifest
-from runtime.pipeline import Pipeline
+from qwen_image_edge.runtime.edit import load_condition_images
+from qwen_image_edge.runtime.errors import InputError
+from qwen_image_edge.runtime.images import calculate_dimensions, condition_size, condition_sizes
+from qwen_image_edge.runtime.manifest import load_manifest
+from qwen_image_edge.runtime.pipeline import Pipeline
 from tests.tiny_model import build_tiny_model
 
 RATIOS = {"4:3": (4, 3), "3:2": (3, 2), "16:9": (16, 9), "1:4": (1, 4), "4:1": (4, 1)}

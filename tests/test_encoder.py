@@ -21,8 +21,8 @@ from qwen_image2_ref.encoder import (
     build_qwen3vl_config,
     encoder_config_from_hf,
 )
-from runtime.errors import CheckpointError, InputError
-from runtime.tokens import mrope_position_ids, postprocess_hidden_states
+from qwen_image_edge.runtime.errors import CheckpointError, InputError
+from qwen_image_edge.runtime.tokens import mrope_position_ids, postprocess_hidden_states
 from tests.tiny_parts import VISION, tiny_encoder
 
 

@@ -15,13 +15,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import export.onnx_export as onnx_export
-from export.graphs import example_inputs, graph_module
-from export.iospec import graph_io
-from export.onnx_export import export_graph, export_model
+import qwen_image_edge.export.onnx_export as onnx_export
+from qwen_image_edge.export.graphs import example_inputs, graph_module
+from qwen_image_edge.export.iospec import graph_io
+from qwen_image_edge.export.onnx_export import export_graph, export_model
 from qwen_image2_ref.model_folder import load_model
-from runtime.errors import ConfigError, ManifestError
-from runtime.manifest import GRAPH_NAMES, MANIFEST_NAME, load_manifest, read_onnx_io
+from qwen_image_edge.runtime.errors import ConfigError, ManifestError
+from qwen_image_edge.runtime.manifest import GRAPH_NAMES, MANIFEST_NAME, load_manifest, read_onnx_io
 from tests.tiny_model import build_tiny_model
 
 REPO = Path(__file__).parents[1]
@@ -63,7 +63,7 @@ def test_export_directory_and_manifest(tiny, exported):
 def test_transformer_graph_runs_without_condition_tokens(exported, tiny):
     """Text-to-image feeds cond_latents [B, 0, C]: the graph must accept zero-size tensors."""
     out, manifest = exported
-    from export.graphs import transformer_inputs
+    from qwen_image_edge.export.graphs import transformer_inputs
 
     args = transformer_inputs(tiny[1].config, 2, 4, (2, 2), (), pad=1)
     assert args[3].shape[1] == 0
@@ -126,7 +126,7 @@ def test_killed_export_leaves_no_valid_manifest(tiny, tmp_path):
     out = tmp_path / "out"
     script = f"""
 import time
-import export.onnx_export as ox
+import qwen_image_edge.export.onnx_export as ox
 real = ox.export_graph
 def slow(name, *a, **k):
     r = real(name, *a, **k)
@@ -201,7 +201,7 @@ def test_patchified_vae_declares_its_pixel_channels(tmp_path):
 
     import torch
 
-    from export.graphs import VAEDecoderGraph
+    from qwen_image_edge.export.graphs import VAEDecoderGraph
     from qwen_image2_ref.config import DEMO
     from qwen_image2_ref.vae import QwenImageVAE
 

@@ -2,7 +2,7 @@
 
 The numpy tables that replace transformers' Python code (position-table resampling, 2-D rope,
 per-image attention segments) are compared with transformers' own helpers; the exported graphs
-with transformers' model at two image sizes and with one and two images (export.validate).
+with transformers' model at two image sizes and with one and two images (qwen_image_edge.export.validate).
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from export.graphs import vision_tower
-from export.validate import validate
-from runtime.manifest import load_manifest
-from runtime.vision import position_taps, rope_tables, segment_mask, visual_index
+from qwen_image_edge.export.graphs import vision_tower
+from qwen_image_edge.export.validate import validate
+from qwen_image_edge.runtime.manifest import load_manifest
+from qwen_image_edge.runtime.vision import position_taps, rope_tables, segment_mask, visual_index
 
 GRIDS = [[(1, 4, 4)], [(1, 4, 6), (1, 2, 4)], [(1, 6, 2), (1, 8, 8)]]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from export.onnx_export import export_model
+    from qwen_image_edge.export.onnx_export import export_model
     from qwen_image2_ref.model_folder import load_model
     from tests.tiny_model import build_tiny_model
 
@@ -93,7 +93,7 @@ def test_visual_inputs_reach_the_output(exported):
     """The validation can fail: the visual rows and the deepstack features both move the states."""
     import onnxruntime as ort
 
-    from runtime.tokens import mrope_position_ids
+    from qwen_image_edge.runtime.tokens import mrope_position_ids
 
     model, export_dir = exported
     enc = model.encoder

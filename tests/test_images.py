@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import InputError
-from runtime.images import (
+from qwen_image_edge.runtime.errors import InputError
+from qwen_image_edge.runtime.images import (
     VisionConfig,
     calculate_dimensions,
     condition_size,
@@ -176,6 +176,6 @@ def test_vision_config_round_trips_processor_json():
 def test_runtime_modules_import_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-        "import runtime.images, runtime.tokens"
+        "import qwen_image_edge.runtime.images, qwen_image_edge.runtime.tokens"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import ManifestError
-from runtime.manifest import KV_CACHE_GRAPHS, load_manifest
-from runtime.pipeline import Pipeline
+from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.manifest import KV_CACHE_GRAPHS, load_manifest
+from qwen_image_edge.runtime.pipeline import Pipeline
 
 STEPS = 3
 RNG = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def _rel(ref, got) -> float:
 def test_pair_equals_the_single_graph_in_onnxruntime(exported, batch, text, target, cond, pad):
     import onnxruntime as ort
 
-    from export.graphs import pair_inputs, transformer_inputs
+    from qwen_image_edge.export.graphs import pair_inputs, transformer_inputs
 
     model, out = exported
     m = load_manifest(out, verify_hashes=False)
@@ -88,7 +88,7 @@ def test_pair_equals_the_single_graph_in_onnxruntime(exported, batch, text, targ
 
 
 def test_validate_checks_the_pair_against_the_single_graph(exported, tmp_path):
-    from export.validate import validate
+    from qwen_image_edge.export.validate import validate
 
     model, out = exported
     report = validate(out, model, report=tmp_path / "v.json", graphs=list(KV_CACHE_GRAPHS), verify_hashes=False)
@@ -172,10 +172,10 @@ def test_an_export_without_the_pair_still_works(exported, pipes, tmp_path):
 
 
 def test_tensorrt_builds_the_pair_and_keeps_the_cache_on_the_device(exported, tmp_path, trt, monkeypatch):
-    from export.tensorrt import build_engines
-    from export.trt_profiles import BuildRanges, input_profiles
-    from runtime import kv_cache
-    from runtime.backends import cuda
+    from qwen_image_edge.export.tensorrt import build_engines
+    from qwen_image_edge.export.trt_profiles import BuildRanges, input_profiles
+    from qwen_image_edge.runtime import kv_cache
+    from qwen_image_edge.runtime.backends import cuda
 
     out = Path(shutil.copytree(exported[1], tmp_path / "export"))
     graphs = [g for g in load_manifest(out, verify_hashes=False).graphs if g != "transformer"]

@@ -20,10 +20,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import export.lean as lean
-from export.graphs import graph_module, transformer_inputs
-from export.onnx_export import export_model
-from export.validate import validate, validation_cases
+import qwen_image_edge.export.lean as lean
+from qwen_image_edge.export.graphs import graph_module, transformer_inputs
+from qwen_image_edge.export.onnx_export import export_model
+from qwen_image_edge.export.validate import validate, validation_cases
 from qwen_image2_ref.checkpoint import (
     DIFFUSERS_WEIGHTS_NAME,
     TRANSFORMERS_WEIGHTS_NAME,
@@ -34,8 +34,8 @@ from qwen_image2_ref.checkpoint import (
 from qwen_image2_ref.config import TransformerConfig
 from qwen_image2_ref.model_folder import load_model
 from qwen_image2_ref.transformer import QwenImageTransformer
-from runtime.errors import CheckpointError
-from runtime.manifest import GRAPH_NAMES, load_manifest
+from qwen_image_edge.runtime.errors import CheckpointError
+from qwen_image_edge.runtime.manifest import GRAPH_NAMES, load_manifest
 from tests.tiny_model import build_tiny_model
 
 REPO = Path(__file__).parents[1]
@@ -163,7 +163,7 @@ def test_streaming_converts_in_chunks_like_torch(tmp_path, monkeypatch):
     """A tensor several chunks long, bf16 -> fp32, equals torch's cast byte for byte; offsets aligned."""
     from safetensors.torch import save_file
 
-    import export.external_data as ed
+    import qwen_image_edge.export.external_data as ed
 
     monkeypatch.setattr(ed, "CHUNK_BYTES", 1000)
     tensors = {"a": torch.randn(37, 29).to(torch.bfloat16), "b": torch.randn(3).to(torch.bfloat16)}
@@ -201,7 +201,7 @@ def test_lean_peak_rss_is_below_half_the_checkpoint(tiny, tmp_path):
     out = tmp_path / "out"
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so the child would report this
     # process's peak (the zeros above) as its own
-    script = (f"from export.onnx_export import export_model; "
+    script = (f"from qwen_image_edge.export.onnx_export import export_model; "
               f"export_model({str(ckpt)!r}, {str(out)!r}, graphs=['transformer'], lean=True); "
               f"print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

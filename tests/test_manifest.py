@@ -1,4 +1,4 @@
-"""runtime.manifest: round trip and every refusal as a typed error naming the file and the problem.
+"""qwen_image_edge.runtime.manifest: round trip and every refusal as a typed error naming the file and the problem.
 
 The export directory here is built by hand from a tiny ONNX graph (no torch), so these tests
 exercise the contract module alone.
@@ -16,8 +16,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.errors import ManifestError
-from runtime.manifest import (
+from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     GraphSpec,
@@ -168,6 +168,6 @@ def test_manifest_module_is_torch_and_onnx_free():
         "        if name.split('.')[0] in ('torch', 'onnx'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import runtime.manifest\n"
+        "import qwen_image_edge.runtime.manifest\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -1,4 +1,4 @@
-"""uint8 pixels against diffusers: ``runtime.sampling.to_images`` (shared by the reference and the
+"""uint8 pixels against diffusers: ``qwen_image_edge.runtime.sampling.to_images`` (shared by the reference and the
 runtime) against diffusers' ``VaeImageProcessor.postprocess``, and the PIL images of the reference and
 the runtime against ``QwenImage21Pipeline(..., output_type="pil")`` for the same initial latents.
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.sampling import initial_noise, to_images
+from qwen_image_edge.runtime.sampling import initial_noise, to_images
 from tests.tiny_model import load_peer_pipeline
 
 

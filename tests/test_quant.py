@@ -16,15 +16,15 @@ pytest.importorskip("modelopt.torch.quantization")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from calib.collect import CalibrationSettings  # noqa: E402
-from calib.policy import QuantPolicy  # noqa: E402
-from calib.quantize import quantize_model, quantize_transformer  # noqa: E402
-from export.quantized import export_quantized  # noqa: E402
+from qwen_image_edge.calib.collect import CalibrationSettings  # noqa: E402
+from qwen_image_edge.calib.policy import QuantPolicy  # noqa: E402
+from qwen_image_edge.calib.quantize import quantize_model, quantize_transformer  # noqa: E402
+from qwen_image_edge.export.quantized import export_quantized  # noqa: E402
 from qwen_image2_ref.model_folder import load_model  # noqa: E402
 from qwen_image2_ref.pipeline import QwenImagePipeline  # noqa: E402
-from runtime.errors import ConfigError, InputError  # noqa: E402
-from runtime.manifest import Precision, load_manifest  # noqa: E402
-from runtime.sampling import initial_noise  # noqa: E402
+from qwen_image_edge.runtime.errors import ConfigError, InputError  # noqa: E402
+from qwen_image_edge.runtime.manifest import Precision, load_manifest  # noqa: E402
+from qwen_image_edge.runtime.sampling import initial_noise  # noqa: E402
 from tests.qdq_probe import QMAX, U, as_float, e4m3_spacing, onnx_quantize, qdq_layers  # noqa: E402
 from tests.tiny_model import build_tiny_model  # noqa: E402
 
@@ -106,7 +106,7 @@ def channel_ranges(tiny):
     """Per-input-channel abs-max of every block Linear over the calibration's own sampling (its
     prompts, batches, steps and per-prompt noise seeds ``seed + index``, as ``run_calibration``
     documents them), recorded by hooks on the fp32 transformer: statistics that pass through
-    neither ``calib.collect`` nor modelopt."""
+    neither ``qwen_image_edge.calib.collect`` nor modelopt."""
     _, model = tiny
     ranges: dict[str, np.ndarray] = {}
 
@@ -138,7 +138,7 @@ def _smoothing(q, name: str) -> np.ndarray | None:
 
 
 def _expected_amax(q, name: str, channel_ranges) -> float:
-    """calib.quantize's rule on the independent statistics: amax = max_c(range_c * pre_quant_scale_c)."""
+    """qwen_image_edge.calib.quantize's rule on the independent statistics: amax = max_c(range_c * pre_quant_scale_c)."""
     pqs = _smoothing(q, name)
     return float((channel_ranges[name] * (1.0 if pqs is None else pqs)).max())
 
@@ -224,7 +224,7 @@ def test_int8_weights_are_stored_pre_transposed_and_small(int8) -> None:
 @pytest.mark.parametrize("which", ["int8", "fp8"])
 def test_graph_scales_follow_independently_recorded_ranges(which, request, tiny, channel_ranges) -> None:
     """Every layer's activation scale is the independently recorded range (``channel_ranges``, the
-    smoothing applied as calib.quantize documents) over the grid's end, its weight scale the fp32
+    smoothing applied as qwen_image_edge.calib.quantize documents) over the grid's end, its weight scale the fp32
     weights' abs-max (per output channel for INT8, per tensor for FP8, smoothing folded in) over
     the weight grid's end, and every zero point is zero. Both sides are a handful of fp32
     roundings of the same numbers: rel 1e-6 (16 U). A range off by 2x either way, scales taken on
@@ -423,7 +423,7 @@ def test_quantize_errors_are_clear(tiny, tmp_path) -> None:
 
 def test_cli_quantize_writes_a_runnable_export(tiny, tmp_path, capsys) -> None:
     from qwen_image_edge.cli import main
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     root, model = tiny
     out = tmp_path / "cli-int8"
@@ -431,7 +431,7 @@ def test_cli_quantize_writes_a_runnable_export(tiny, tmp_path, capsys) -> None:
                  "--calib-size", "2", "--batch-size", "2", "--steps", "2", "--prompts", "general"])
     assert code == 0 and out.is_dir()
     pipe = Pipeline.load(out)
-    from export.quantized import TRANSFORMER_GRAPHS
+    from qwen_image_edge.export.quantized import TRANSFORMER_GRAPHS
 
     for name, spec in pipe.manifest.graphs.items():  # every graph with transformer math is quantized
         assert spec.precision is (Precision.INT8 if name in TRANSFORMER_GRAPHS else Precision.FP32), name

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.errors import BackendError, InputError, ManifestError, NumericalError
-from runtime.pipeline import Pipeline
+from qwen_image_edge.runtime.errors import BackendError, InputError, ManifestError, NumericalError
+from qwen_image_edge.runtime.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -49,7 +49,7 @@ def test_pil_output_and_defaults(runtime_pipe, exported):
 
 
 def test_runtime_never_imports_torch(exported, tmp_path):
-    """import runtime and a full generate, in a process where importing torch raises."""
+    """``from qwen_image_edge import Pipeline`` and a full generate, in a process where importing torch raises."""
     script = f"""
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
@@ -57,8 +57,9 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('torch', 'transformers', 'diffusers', 'onnx'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-import runtime
-from runtime.pipeline import Pipeline
+import qwen_image_edge
+from qwen_image_edge import Pipeline, InputError
+assert Pipeline is qwen_image_edge.runtime.pipeline.Pipeline and 'torch' not in sys.modules
 img = Pipeline.load({str(exported[1])!r}, threads=1).generate('a red circle', steps=2, seed=0)
 img.save({str(tmp_path / 'x.png')!r})
 print('ok', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'diffusers')))

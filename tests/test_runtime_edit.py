@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import InputError, ManifestError
-from runtime.pipeline import Pipeline
+from qwen_image_edge.runtime.errors import InputError, ManifestError
+from qwen_image_edge.runtime.pipeline import Pipeline
 from tests.test_runtime import DEMO_PSNR_DB, TOL, psnr
 
 STEPS = 3
@@ -194,7 +194,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('torch', 'transformers', 'diffusers', 'onnx'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-from runtime.pipeline import Pipeline
+from qwen_image_edge.runtime.pipeline import Pipeline
 img = Pipeline.load({str(exported[1])!r}, threads=1).edit({str(tmp_path / 'in.png')!r}, 'make it blue', steps=1, seed=0)
 print('ok', img.size, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'diffusers')))
 """

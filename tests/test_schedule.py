@@ -19,8 +19,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift  # noqa: E402
 
-from runtime.errors import ConfigError, InputError  # noqa: E402
-from runtime.schedule import (  # noqa: E402
+from qwen_image_edge.runtime.errors import ConfigError, InputError  # noqa: E402
+from qwen_image_edge.runtime.schedule import (  # noqa: E402
     SchedulerConfig,
     compute_mu,
     default_sigmas,
@@ -217,7 +217,7 @@ def test_fixed_sigmas_inconsistent_with_steps_raises_input_error() -> None:
 
 
 def test_dynamic_shift_needs_mu() -> None:
-    from runtime.schedule import shift_sigmas
+    from qwen_image_edge.runtime.schedule import shift_sigmas
 
     with pytest.raises(ConfigError, match="mu"):
         shift_sigmas(default_sigmas(4), SchedulerConfig(**QWEN_SCHEDULER), None)

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.trt_profiles import BuildRanges, graph_ranges, input_profiles, wanted_ranges
-from runtime.backends import cuda, make_backend
-from runtime.errors import BackendError, ConfigError, ShapeError
-from runtime.manifest import MANIFEST_NAME, EngineSpec, Manifest, Precision, load_manifest, sha256_file
+from qwen_image_edge.export.trt_profiles import BuildRanges, graph_ranges, input_profiles, wanted_ranges
+from qwen_image_edge.runtime.backends import cuda, make_backend
+from qwen_image_edge.runtime.errors import BackendError, ConfigError, ShapeError
+from qwen_image_edge.runtime.manifest import MANIFEST_NAME, EngineSpec, Manifest, Precision, load_manifest, sha256_file
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from export.onnx_export import export_model
+    from qwen_image_edge.export.onnx_export import export_model
     from qwen_image2_ref.model_folder import load_model
     from tests.tiny_model import build_tiny_model
 
@@ -104,7 +104,7 @@ def test_ranges_beyond_the_export_are_refused(exported, req, graph, match):
 
 
 def test_network_mode_per_precision():
-    from export.tensorrt import network_mode
+    from qwen_image_edge.export.tensorrt import network_mode
 
     P = Precision
     assert network_mode(P.FP8, None, "10.13.0").strongly_typed
@@ -143,7 +143,7 @@ def test_manifest_engines_section_round_trips_and_is_optional(exported):
 
 
 def test_engine_keys_and_refusals():
-    from runtime.backends.tensorrt import engine_dir, engine_key, select_engine
+    from qwen_image_edge.runtime.backends.tensorrt import engine_dir, engine_key, select_engine
 
     gpu = cuda.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
     assert engine_dir(gpu, "10.13.0.35") == "engines/nvidia-h100-80gb-hbm3-trt10.13.0.35"
@@ -164,7 +164,7 @@ def test_engine_keys_and_refusals():
 
 
 def test_missing_tensorrt_says_how_to_install(exported, monkeypatch):
-    from export.tensorrt import build_engines
+    from qwen_image_edge.export.tensorrt import build_engines
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     with pytest.raises(BackendError, match=r"TensorRT is not installed.*pip install .*tensorrt"):
@@ -177,7 +177,7 @@ def test_missing_tensorrt_says_how_to_install(exported, monkeypatch):
 
 
 def test_build_calls_tensorrt_in_order_and_records_engines(export_copy, trt):
-    from export.tensorrt import build_engines
+    from qwen_image_edge.export.tensorrt import build_engines
 
     req = BuildRanges(max_res=64, max_batch=2)
     built = build_engines(export_copy, ranges=req)
@@ -214,7 +214,7 @@ def test_build_calls_tensorrt_in_order_and_records_engines(export_copy, trt):
 
 
 def test_parse_failure_names_the_node_and_writes_nothing(export_copy, trt):
-    from export.tensorrt import build_engines
+    from qwen_image_edge.export.tensorrt import build_engines
 
     before = (export_copy / "manifest.json").read_bytes()
     trt.FAIL_PARSE = {"node": 17, "name": "/blocks.0/attn/Einsum", "op": "Einsum", "desc": "unsupported equation"}
@@ -225,7 +225,7 @@ def test_parse_failure_names_the_node_and_writes_nothing(export_copy, trt):
 
 
 def test_build_failure_is_reported_with_trt_log_and_keeps_earlier_engines(export_copy, trt):
-    from export.tensorrt import build_engines
+    from qwen_image_edge.export.tensorrt import build_engines
 
     build_engines(export_copy, graphs=["vae_decoder"])
     trt.FAIL_BUILD = True
@@ -237,7 +237,7 @@ def test_build_failure_is_reported_with_trt_log_and_keeps_earlier_engines(export
 
 
 def test_tensorrt_11_builds_strongly_typed_and_refuses_builder_fp16(export_copy, trt):
-    from export.tensorrt import build_engines
+    from qwen_image_edge.export.tensorrt import build_engines
 
     trt.reset("11.4.0.106")
     with pytest.raises(ConfigError, match="AutoCast"):
@@ -253,14 +253,14 @@ def test_tensorrt_11_builds_strongly_typed_and_refuses_builder_fp16(export_copy,
 
 @pytest.fixture
 def built(export_copy, trt):
-    from export.tensorrt import build_engines
+    from qwen_image_edge.export.tensorrt import build_engines
 
     build_engines(export_copy, ranges=BuildRanges(max_res=64))
     return export_copy
 
 
 def test_pipeline_on_standin_engines_equals_onnxruntime(built, trt):
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     kw = dict(width=64, height=32, steps=2, seed=3, output="np")
     pipe = Pipeline.load(built, backend="tensorrt")
@@ -273,7 +273,7 @@ def test_pipeline_on_standin_engines_equals_onnxruntime(built, trt):
 
 
 def test_engines_for_another_gpu_or_version_are_refused(built, trt, monkeypatch):
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
     monkeypatch.setitem(trt.GPU, "name", b"NVIDIA L4")
     with pytest.raises(BackendError, match=r"no TensorRT engine for NVIDIA L4 \(sm 9.0\).*Stand-in GPU"):
@@ -285,7 +285,7 @@ def test_engines_for_another_gpu_or_version_are_refused(built, trt, monkeypatch)
 
 
 def _session(built, graph, **kw):
-    from runtime.backends.tensorrt import TensorRTBackend
+    from qwen_image_edge.runtime.backends.tensorrt import TensorRTBackend
 
     m = load_manifest(built, verify_hashes=False)
     return TensorRTBackend(built, m, **kw).open(m.graphs[graph], built / m.graphs[graph].file), m
@@ -355,7 +355,7 @@ def test_one_session_is_safe_across_threads(built, trt):
 
 
 def test_weight_streaming_budget_is_set_before_the_context(export_copy, trt):
-    from export.tensorrt import build_engines
+    from qwen_image_edge.export.tensorrt import build_engines
 
     build_engines(export_copy, graphs=["vae_decoder"], weight_streaming=True)
     sess, _ = _session(export_copy, "vae_decoder", weight_streaming_budget=0.5)
@@ -394,7 +394,7 @@ def test_standin_rounding_is_round_to_nearest_even(trt):
 def test_fp16_and_bf16_engines_compute_in_reduced_precision(export_copy, trt, precision, unit):
     import onnx
 
-    from export.tensorrt import build_engines
+    from qwen_image_edge.export.tensorrt import build_engines
 
     build_engines(export_copy, graphs=["vae_decoder"], ranges=BuildRanges(max_res=64), precision=precision,
                   precision_graphs=["vae_decoder"])
@@ -434,7 +434,7 @@ def test_device_memory_starts_as_garbage_and_reading_it_is_caught(built, trt, mo
 
 
 def test_aliased_input_and_output_are_refused(built, trt):
-    from runtime.backends.tensorrt import DeviceArray
+    from qwen_image_edge.runtime.backends.tensorrt import DeviceArray
 
     sess, _ = _session(built, "vae_decoder")
     z = np.random.default_rng(0).standard_normal((1, 64, 2, 2), dtype=np.float32)
@@ -491,7 +491,7 @@ def _with_qdq(export_dir: Path, graph: str, precision: Precision) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from export.manifest_writer import write_text_atomic
+    from qwen_image_edge.export.manifest_writer import write_text_atomic
 
     m = load_manifest(export_dir)
     spec = m.graphs[graph]
@@ -511,7 +511,7 @@ def _with_qdq(export_dir: Path, graph: str, precision: Precision) -> None:
 
 @pytest.mark.parametrize("precision", [Precision.INT8, Precision.FP8])
 def test_qdq_graphs_build_strongly_typed_only(export_copy, trt, precision):
-    from export.tensorrt import NetworkMode, build_engine, build_engines
+    from qwen_image_edge.export.tensorrt import NetworkMode, build_engine, build_engines
 
     _with_qdq(export_copy, "vae_decoder", precision)
     m = load_manifest(export_copy)
@@ -555,10 +555,10 @@ def test_real_engines_match_onnxruntime(export_copy):
 
 def _fp16_pipeline_vs_onnxruntime(export_dir, tensorrt):
     """Engines built fp16 where TensorRT can (10.x), a pipeline run on them and on onnxruntime: (ours, ref, PSNR)."""
-    from export.tensorrt import build_engines
-    from runtime.pipeline import Pipeline
+    from qwen_image_edge.export.tensorrt import build_engines
+    from qwen_image_edge.runtime.pipeline import Pipeline
 
-    fp16 = int(tensorrt.__version__.split(".")[0]) < 11  # 11.x has no builder-level fp16 (see export.tensorrt)
+    fp16 = int(tensorrt.__version__.split(".")[0]) < 11  # 11.x has no builder-level fp16 (see qwen_image_edge.export.tensorrt)
     build_engines(export_dir, ranges=BuildRanges(max_res=64), precision=Precision.FP16 if fp16 else None)
     kw = dict(width=64, height=64, steps=3, seed=0, output="np")
     ours = Pipeline.load(export_dir, backend="tensorrt").generate("a red circle on the left", **kw)

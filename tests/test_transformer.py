@@ -9,8 +9,8 @@ import torch
 import qwen_image2_ref.transformer as tr
 from qwen_image2_ref.config import TransformerConfig
 from qwen_image2_ref.transformer import QwenImageTransformer, check_inputs, layout_inputs
-from runtime.errors import ShapeError
-from runtime.layout import attention_mask, build_layout, rope_tables
+from qwen_image_edge.runtime.errors import ShapeError
+from qwen_image_edge.runtime.layout import attention_mask, build_layout, rope_tables
 from tests.transformer_peer import make_case, make_peer
 
 CONFIGS = {

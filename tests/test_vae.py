@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from qwen_image2_ref import vae_blocks
 from qwen_image2_ref.config import VAEConfig, get_preset
 from qwen_image2_ref.vae import QwenImageVAE, pack_latents, unpack_latents
-from runtime.errors import ConfigError, ShapeError
+from qwen_image_edge.runtime.errors import ConfigError, ShapeError
 
 TOL = 1e-5
 

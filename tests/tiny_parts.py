@@ -8,8 +8,8 @@ import json
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from runtime.images import VisionConfig
-from runtime.tokens import PromptTokenizer
+from qwen_image_edge.runtime.images import VisionConfig
+from qwen_image_edge.runtime.tokens import PromptTokenizer
 
 SPECIALS = [
     "<|im_start|>",

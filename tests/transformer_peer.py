@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from qwen_image2_ref.config import TransformerConfig
-from runtime.layout import TOKENS_PER_SLOT, build_layout
+from qwen_image_edge.runtime.layout import TOKENS_PER_SLOT, build_layout
 
 
 def make_peer(cfg: TransformerConfig, seed: int = 0):

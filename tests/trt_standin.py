@@ -1,6 +1,6 @@
 """A stand-in for ``tensorrt`` (the TensorRT 10.x Python API, 10.8-10.13) and cuda-python's ``cudart``.
 
-Tests inject it as ``sys.modules['tensorrt']`` and through ``runtime.backends.cuda.set_cudart``.
+Tests inject it as ``sys.modules['tensorrt']`` and through ``qwen_image_edge.runtime.backends.cuda.set_cudart``.
 It records every call in ``CALLS`` and raises :class:`MisuseError` where the real API would fail or
 silently misbehave: wrong argument types, parse before build, a profile shape for every dynamic
 input with min <= opt <= max and static dims kept, precision flags on a strongly typed network,
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.manifest import read_onnx_io
+from qwen_image_edge.runtime.manifest import read_onnx_io
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -624,7 +624,7 @@ class FakeCudart(types.SimpleNamespace):
         _need(stream in self.streams, f"unknown stream {stream:#x}")
         (self.capturing[stream] if stream in self.capturing else self.streams[stream]).append(op)
 
-    # the cudart functions used by runtime.backends.cuda
+    # the cudart functions used by qwen_image_edge.runtime.backends.cuda
     def cudaGetErrorString(self, err):
         return self._ok(f"stand-in error {int(err)}".encode())
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.errors import CheckpointError
+from qwen_image_edge.runtime.errors import CheckpointError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 STUDENT_DIR = Path(__file__).resolve().parent / "student"

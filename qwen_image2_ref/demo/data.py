@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime.errors import InputError
+from qwen_image_edge.runtime.errors import InputError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen_image2_ref.demo import data
-from runtime.errors import InputError, ShapeError
+from qwen_image_edge.runtime.errors import InputError, ShapeError
 
 GRID = 24
 _SUB = 3  # samples per grid cell along each axis

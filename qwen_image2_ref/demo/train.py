@@ -52,13 +52,13 @@ def load_vae(out: Path) -> QwenImageVAE:
 
 def build_encoder(out: Path, config: ModelConfig, seed: int):
     """Train the tokenizer, save it through transformers' Qwen2Tokenizer (so transformers' processor
-    and ``runtime.tokens`` agree), and build the random-init encoder from a fixed seed."""
+    and ``qwen_image_edge.runtime.tokens`` agree), and build the random-init encoder from a fixed seed."""
     from transformers import Qwen2Tokenizer
 
     from qwen_image2_ref.demo import vocab
     from qwen_image2_ref.encoder import ConditionEncoder
-    from runtime.images import VisionConfig
-    from runtime.tokens import PromptTokenizer
+    from qwen_image_edge.runtime.images import VisionConfig
+    from qwen_image_edge.runtime.tokens import PromptTokenizer
 
     bpe = vocab.train_tokenizer(vocab.DEFAULT_VOCAB_SIZE, seed=seed)
     model = json.loads(bpe.to_str())["model"]

@@ -1,11 +1,11 @@
 """Stages 3-5 of the demo trainer: precomputed latents and encoder states, the MMDiT, the checkpoint.
 
 The MMDiT learns flow matching on normalised latents: ``x_t = (1 - s) x0 + s noise`` with a
-logit-normal ``s`` and the velocity target ``noise - x0`` (what ``runtime.schedule``'s Euler step
+logit-normal ``s`` and the velocity target ``noise - x0`` (what ``qwen_image_edge.runtime.schedule``'s Euler step
 integrates from s = 1 to 0). Captions are dropped to the empty prompt " " 10% of the time so
 classifier-free guidance has an unconditional branch; the EMA of the weights is what ships.
 Text-to-image and edit batches are mixed. Every batch goes through the pipeline's own layout code
-(``runtime.layout.build_layout`` + ``transformer.layout_inputs``): edits put the condition
+(``qwen_image_edge.runtime.layout.build_layout`` + ``transformer.layout_inputs``): edits put the condition
 image's latents where the prompt's ``<|image_pad|>`` slots are, exactly as ``QwenImagePipeline``
 does at inference.
 """
@@ -29,8 +29,8 @@ from qwen_image2_ref.demo.stage_io import load_groups, load_stage, save_groups
 from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import pack_latents
-from runtime import images as rimages
-from runtime.layout import image_slot_prefix, padded_batch
+from qwen_image_edge.runtime import images as rimages
+from qwen_image_edge.runtime.layout import image_slot_prefix, padded_batch
 
 log = logging.getLogger(__name__)
 

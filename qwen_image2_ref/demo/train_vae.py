@@ -43,7 +43,7 @@ class VAESettings:
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 RGBA [N, H, W, 4] -> float32 [N, 4, H, W] in [-1, 1] (``runtime.images.vae_input`` at
+    """uint8 RGBA [N, H, W, 4] -> float32 [N, 4, H, W] in [-1, 1] (``qwen_image_edge.runtime.images.vae_input`` at
     the image's own size, without the PIL round trip)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [N, 4, H, W]
 

@@ -6,9 +6,9 @@ needs, and splits "<image1>" into "<", "image", "1", ">" exactly as the real tok
 runtime's templates and drop-index logic run unchanged on the demo model. A few hundred merges
 cover the whole caption language (each vocabulary word becomes one or two tokens).
 
-The chat and edit templates are runtime.tokens' own (``prompt_text``), so the corpus holds exactly
+The chat and edit templates are qwen_image_edge.runtime.tokens' own (``prompt_text``), so the corpus holds exactly
 what the runtime will feed the encoder. The Qwen special tokens come first (ids 0-6,
-<|endoftext|> is the pad, as runtime.tokens.PAD_TOKEN expects), so the demo encoder
+<|endoftext|> is the pad, as qwen_image_edge.runtime.tokens.PAD_TOKEN expects), so the demo encoder
 config can name its image/video/vision token ids from ``special_token_ids``. Training is
 deterministic: a fixed corpus from a seeded generator and a trainer that breaks ties by pair id.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from qwen_image2_ref.demo import data
-from runtime import tokens
+from qwen_image_edge.runtime import tokens
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.errors import BackendError
+from qwen_image_edge.runtime.errors import BackendError
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -10,11 +10,11 @@ BACKENDS = ("onnxruntime", "tensorrt")
 def make_backend(name: str, **options):
     """A backend by name; TensorRT needs engines built by ``qwen-image-edge build``."""
     if name == "onnxruntime":
-        from runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from qwen_image_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(**options)
     if name == "tensorrt":
-        from runtime.backends.tensorrt import TensorRTBackend
+        from qwen_image_edge.runtime.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(**options)
     raise BackendError(

@@ -1,6 +1,6 @@
 """The backend interface: open a graph, run it with named arrays. Same tensor names everywhere.
 
-A backend turns a :class:`~runtime.manifest.GraphSpec` plus its verified file into a
+A backend turns a :class:`~qwen_image_edge.runtime.manifest.GraphSpec` plus its verified file into a
 :class:`Session`; the pipeline only ever calls ``Session.run(feeds) -> outputs`` with numpy
 arrays keyed by the IOSpec names. Sessions must be safe to call from several threads at once.
 """
@@ -12,8 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.errors import BackendError, ShapeError
-from runtime.manifest import GraphSpec, TensorSpec
+from qwen_image_edge.runtime.errors import BackendError, ShapeError
+from qwen_image_edge.runtime.manifest import GraphSpec, TensorSpec
 
 
 class Session(Protocol):

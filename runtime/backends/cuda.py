@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import BackendError
+from qwen_image_edge.runtime.errors import BackendError
 
 log = logging.getLogger(__name__)
 

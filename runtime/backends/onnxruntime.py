@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.base import check_feeds, check_outputs
-from runtime.errors import BackendError
-from runtime.manifest import GraphSpec, Precision
+from qwen_image_edge.runtime.backends.base import check_feeds, check_outputs
+from qwen_image_edge.runtime.errors import BackendError
+from qwen_image_edge.runtime.manifest import GraphSpec, Precision
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ API followed: the TensorRT 10.x Python API (10.8 to 10.13: ``Runtime.deserialize
 ``ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype``,
 ``weight_streaming_budget_v2``, ``IExecutionContext.set_input_shape / set_tensor_address /
 execute_async_v3``), which TensorRT 11.x keeps unchanged for inference. Memory, streams and CUDA
-graphs come from cuda-python (``runtime.backends.cuda``); no torch.
+graphs come from cuda-python (``qwen_image_edge.runtime.backends.cuda``); no torch.
 
 Per graph, one engine is chosen from the manifest's ``engines`` section: the one built for this
 GPU model (name and compute capability) and this exact TensorRT version, from this graph file
@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import cuda
-from runtime.backends.base import check_feeds, check_outputs
-from runtime.errors import BackendError, ShapeError
-from runtime.manifest import (
+from qwen_image_edge.runtime.backends import cuda
+from qwen_image_edge.runtime.backends.base import check_feeds, check_outputs
+from qwen_image_edge.runtime.errors import BackendError, ShapeError
+from qwen_image_edge.runtime.manifest import (
     MANIFEST_NAME,
     EngineSpec,
     GraphSpec,
