@@ -24,6 +24,7 @@ class Mutation:
 
 F = "tests/test_cli_flags.py::"
 T = "tests/test_tensorrt.py::"
+D = "tests/test_distill.py::test_student_lands_nearer_the_many_step_teacher_than_the_few_step_teacher"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ runtime
@@ -241,5 +242,49 @@ MUTATIONS: tuple[Mutation, ...] = (
         'mode = NetworkMode(False, ("FP16" if target is Precision.FP16 else "BF16",), target)',
         'mode = NetworkMode(False, ("FP16",), target)',
         (T + "test_fp16_and_bf16_engines_compute_in_reduced_precision",),
+    ),
+    # ------------------------------------------------------------------ distill
+    Mutation(
+        "distill-target-sign", "distill", "distill/trainer.py",
+        "the segment's velocity target with its sign flipped",
+        "target = (x_out - x_in) / (s1 - s0)[:, None, None]",
+        "target = (x_in - x_out) / (s1 - s0)[:, None, None]",
+        (D,),
+    ),
+    Mutation(
+        "distill-target-x2", "distill", "distill/trainer.py",
+        "the segment's velocity target twice too large",
+        "target = (x_out - x_in) / (s1 - s0)[:, None, None]",
+        "target = 2 * (x_out - x_in) / (s1 - s0)[:, None, None]",
+        (D,),
+    ),
+    Mutation(
+        "distill-target-half", "distill", "distill/trainer.py",
+        "the segment's velocity target divided by twice the sigma step",
+        "target = (x_out - x_in) / (s1 - s0)[:, None, None]",
+        "target = (x_out - x_in) / (2 * (s1 - s0))[:, None, None]",
+        (D,),
+    ),
+    Mutation(
+        "distill-segment-to-the-end", "distill", "distill/trainer.py",
+        "every segment regresses towards the trajectory's last point",
+        "x_in, x_out = group.points[ids_t, start], group.points[ids_t, end]",
+        "x_in, x_out = group.points[ids_t, start], group.points[ids_t, -1]",
+        (D,),
+    ),
+    # -------------------------------------------- the demo model follows its prompts (margin over prompt-blind)
+    Mutation(
+        "reference-one-prompt-for-all", "reference", "qwen_image2_ref/pipeline.py",
+        "every image of a batch drawn from the first prompt",
+        "positive = self._encode(request.prompts, vl_images",
+        "positive = self._encode(request.prompts[:1] * batch, vl_images",
+        ("tests/test_demo_model.py::test_demo_follows_heldout_prompts",),
+    ),
+    Mutation(
+        "reference-prompts-reversed", "reference", "qwen_image2_ref/pipeline.py",
+        "a batch's prompts shuffled before generation",
+        "positive = self._encode(request.prompts, vl_images",
+        "positive = self._encode(request.prompts[::-1], vl_images",
+        ("tests/test_demo_student.py::test_student_follows_heldout_prompts_in_four_calls",),
     ),
 )
