@@ -62,9 +62,9 @@ def test_student_lands_nearer_the_many_step_teacher_than_the_few_step_teacher(ti
     With the target mis-scaled (seed 0): x0.8 0.55, x1.25 0.67, x0.5 1.29, x2 1.92, sign flipped
     2.65, divided by -s0 instead of s1 - s0 1.07. The bar 0.45 is 1.5x the measured ratio and below
     every mutant; float summation order moves the ratio by far less (fp32, 30 Adam steps)."""
-    from distill.trainer import pool_spec
+    from qwen_image_edge.distill.trainer import pool_spec
     from qwen_image2_ref.model_folder import load_pipeline
-    from runtime.sampling import initial_noise
+    from qwen_image_edge.runtime.sampling import initial_noise
 
     torch.set_num_threads(1)
     student = load_pipeline(distill(str(tiny_model_dir), tmp_path, QUALITY, progress=False))
