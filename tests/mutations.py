@@ -24,6 +24,7 @@ class Mutation:
 
 F = "tests/test_cli_flags.py::"
 T = "tests/test_tensorrt.py::"
+Q = "tests/test_quant.py::"
 D = "tests/test_distill.py::test_student_lands_nearer_the_many_step_teacher_than_the_few_step_teacher"
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -286,5 +287,69 @@ MUTATIONS: tuple[Mutation, ...] = (
         "positive = self._encode(request.prompts, vl_images",
         "positive = self._encode(request.prompts[::-1], vl_images",
         ("tests/test_demo_student.py::test_student_follows_heldout_prompts_in_four_calls",),
+    ),
+    # -------------------------------------------------------------------- calib
+    Mutation(
+        "calib-amax-x2", "calib", "calib/quantize.py",
+        "calibrated activation ranges doubled",
+        "amax = (r * pqs.float()).amax() if pqs is not None else r.amax()",
+        "amax = 2 * ((r * pqs.float()).amax() if pqs is not None else r.amax())",
+        (Q + "test_graph_scales_follow_independently_recorded_ranges", Q + "test_manifest_records_policy_and_calibration"),
+    ),
+    Mutation(
+        "calib-amax-half", "calib", "calib/quantize.py",
+        "calibrated activation ranges halved (activations clip)",
+        "amax = (r * pqs.float()).amax() if pqs is not None else r.amax()",
+        "amax = 0.5 * ((r * pqs.float()).amax() if pqs is not None else r.amax())",
+        (Q + "test_quantized_layers_err_against_fp32_as_their_grids_predict",),
+    ),
+    Mutation(
+        "calib-weight-scale-x2", "calib", "calib/quantize.py",
+        "int8 weight scale twice too large (the 7-bit range rescale doubled)",
+        "wq.amax = wq.amax * (INT8_MAX / REDUCED_WEIGHT_MAX)",
+        "wq.amax = wq.amax * (2 * INT8_MAX / REDUCED_WEIGHT_MAX)",
+        (Q + "test_int8_weights_are_stored_pre_transposed_and_small",),
+    ),
+    Mutation(
+        "calib-fp8-weight-rescaled", "calib", "calib/quantize.py",
+        "the int8-only 7-bit weight rescale also applied to fp8 (fp8 weight scale x2)",
+        "if policy.precision is Precision.INT8 and policy.weight_reduce_range:",
+        "if policy.weight_reduce_range:",
+        (Q + "test_graph_scales_follow_independently_recorded_ranges",),
+    ),
+    Mutation(
+        "calib-weight-axis", "calib", "calib/quantize.py",
+        "per-channel weight scales along the input axis",
+        "w_axis = 0 if policy.weight_granularity",
+        "w_axis = 1 if policy.weight_granularity",
+        (Q + "test_int8_weights_are_stored_pre_transposed_and_small",),
+    ),
+    Mutation(
+        "qdq-axis-not-transposed", "calib", "calib/qdq.py",
+        "the weight DQ keeps the pre-transpose axis (the fused int8 kernel ignores it; the unfused graph does not)",
+        "dims, axis = dims[::-1], 1 - axis",
+        "dims, axis = dims[::-1], axis",
+        (Q + "test_onnxruntime_matches_modelopt_simulated_quantization",),
+    ),
+    Mutation(
+        "qdq-weights-not-transposed", "calib", "calib/qdq.py",
+        "stored weights not transposed to MatMul's [in, out] layout",
+        "reshape(dims).T.copy().tobytes()",
+        "reshape(dims).copy().tobytes()",
+        (Q + "test_onnxruntime_matches_modelopt_simulated_quantization",),
+    ),
+    Mutation(
+        "qdq-zero-point", "calib", "calib/qdq.py",
+        "int8 weights stored with a zero point off by one",
+        "+ zero_point.astype(np.float32), -128, 127)",
+        "+ zero_point.astype(np.float32) + 1, -128, 127)",
+        (Q + "test_int8_weights_are_stored_pre_transposed_and_small",),
+    ),
+    Mutation(
+        "qdq-fp8-zero-point", "calib", "calib/qdq.py",
+        "fp8 Q/DQ written with a non-zero zero point",
+        "TensorProto.FLOAT8E4M3FN, [], [0.0])",
+        "TensorProto.FLOAT8E4M3FN, [], [1.0])",
+        (Q + "test_graph_scales_follow_independently_recorded_ranges",),
     ),
 )

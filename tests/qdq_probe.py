@@ -54,9 +54,8 @@ class QdqLayer:
         if expose_quantized:
             dtype = TensorProto.INT8 if self.weight.dtype == np.int8 else TensorProto.FLOAT8E4M3FN
             outputs.append(helper.make_tensor_value_info(self.q_output, dtype, None))
-        graph = helper.make_graph(self.nodes, self.name, [helper.make_tensor_value_info(self.start, TensorProto.FLOAT,
-                                                                                        None)],
-                                  outputs, self.initializers)
+        inputs = [helper.make_tensor_value_info(self.start, TensorProto.FLOAT, None)]
+        graph = helper.make_graph(self.nodes, self.name, inputs, outputs, self.initializers)
         return helper.make_model(graph, opset_imports=opset_import, ir_version=ir_version)
 
 

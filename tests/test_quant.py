@@ -263,7 +263,7 @@ def test_onnxruntime_matches_modelopt_simulated_quantization(tiny, int8, fp8, ca
     where <1e-5 was asked): onnxruntime's int8 kernel is not the cause. MLAS computes the integer
     sum exactly on every x86 kernel: signed activations are shifted to u8 (+128, undone through the
     zero point in int32); AVX2's vpmaddubsw adds u8 x s8 pairs in int16, at most 2 * 255 * 63 =
-    32130 < 2^15 with 7-bit weights; VNNI (vpdpbusd) and AMX accumulate in int32. Measured here:
+    32130 < 2^15 with 7-bit weights; VNNI (vpdpbusd) and AMX accumulate in int32. Measured on VNNI:
     the fused MatMulIntegerToFloat graph and the same graph unfused (float DequantizeLinear ->
     MatMul) agree to 1.4e-7. The 4.7e-4 comes from the fp32 ops before each QuantizeLinear:
     torch's and onnxruntime's kernels there differ by instruction set in summation order (torch
@@ -282,17 +282,23 @@ def test_onnxruntime_matches_modelopt_simulated_quantization(tiny, int8, fp8, ca
       (``terms`` = |a| @ |w|), its weights 3 U from the graph's; onnxruntime's integer sum is exact
       (INT8, then <= 3 roundings) or a fp32 GEMM (FP8, K + 1 U); with the activations' 4 U:
       |ort - modelopt| <= (2K + 8) U terms, plus |a_ort - a_modelopt| @ |w| over the flips.
-    That bound is < 1 % of the layer's quantization error (checked), so a wrong scale, axis, zero
-    point or layout, or an int16-saturating kernel, is far outside it. The whole graph is still
-    checked end to end (< 5e-3: a few flips, each ~1e-3), which sees a layer fed the wrong tensor."""
+    The rounding part is < 1 % of the layer's quantization error (checked) and a flip is one step of
+    one element at a tie (seen with a 2x range: 1 flip, quotient -63.4999975), so a wrong scale,
+    axis, zero point or layout, or an int16-saturating kernel, is far outside the bound. Both the
+    fused kernel and the unfused graph (the probe: DequantizeLinear as ONNX defines it) are held to
+    it: the fusion reads a per-channel weight scale per output column whatever the DQ's axis says
+    (measured), so only the unfused graph shows a wrong axis the way TensorRT would run it. The
+    whole graph is still checked end to end (< 5e-3: a few flips, each ~1e-3), which sees a layer
+    fed the wrong tensor."""
     _, model = tiny
     for q, path, _ in (int8, fp8):
         which = q.policy.precision.value
         graph = onnx.load(str(path / "transformer" / "model.onnx"))
         for name, layer in qdq_layers(graph).items():
-            fused = _session(layer.model(graph.opset_import, graph.ir_version), tmp_path / f"{name}.onnx")
+            optimized = tmp_path / f"{name}.onnx"
+            fused = _session(layer.model(graph.opset_import, graph.ir_version), optimized)
             if which == "int8":  # the layer alone fuses as the whole graph does: the integer kernel is tested
-                assert "MatMulIntegerToFloat" in [n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node]
+                assert "MatMulIntegerToFloat" in [n.op_type for n in onnx.load(str(optimized)).graph.node]
             probe = _session(layer.model(graph.opset_import, graph.ir_version, expose_quantized=True))
             qlinear = q.module.get_submodule(name)
             w = as_float(layer.weight) * layer.weight_scale.astype(np.float64)  # [in, out], scale along out
@@ -305,14 +311,18 @@ def test_onnxruntime_matches_modelopt_simulated_quantization(tiny, int8, fp8, ca
                     a_mo = qlinear.input_quantizer(x).double().numpy().reshape(-1, k)
                     y_fp = model.transformer.get_submodule(name)(x).double().numpy()
                 y = fused.run(None, feed)[0].astype(np.float64).reshape(y_mo.shape)
-                a = as_float(probe.run(None, feed)[1]).reshape(a_mo.shape) * s_a
-                smoothed = (x.numpy() * smooth).astype(np.float64).reshape(a_mo.shape)  # the Mul: one fp32 product
+                y_probe, quantized = probe.run(None, feed)
+                a = as_float(quantized).reshape(a_mo.shape) * s_a
+                smoothed = (x.numpy() * smooth).astype(np.float64).reshape(a_mo.shape)  # the Mul, in fp32
                 flips = np.abs(a - a_mo) > 4 * U * np.abs(a_mo)
                 below, above = (onnx_quantize(smoothed * (1 + t), s_a, which) for t in (-4 * U, 4 * U))
                 assert (below != above)[flips].all(), (which, name, "a grid value differs away from a tie")
-                tol = (2 * k + 8) * U * (np.abs(a_mo) @ np.abs(w)) + (np.abs(a - a_mo) * flips) @ np.abs(w)
-                assert (np.abs(y - y_mo) <= tol).all(), (which, name, np.abs(y - y_mo).max(), tol.max())
-                assert np.linalg.norm(tol) < 1e-2 * np.linalg.norm(y_mo - y_fp.reshape(y_mo.shape)), (which, name)
+                rounding = (2 * k + 8) * U * (np.abs(a_mo) @ np.abs(w))
+                tol = rounding + (np.abs(a - a_mo) * flips) @ np.abs(w)
+                for got in (y, y_probe.astype(np.float64).reshape(y_mo.shape)):  # fused kernel, ONNX semantics
+                    assert (np.abs(got - y_mo) <= tol).all(), (which, name, np.abs(got - y_mo).max(), tol.max())
+                effect = np.linalg.norm(y_mo - y_fp.reshape(y_mo.shape))  # what quantizing did to the layer
+                assert np.linalg.norm(rounding) < 1e-2 * effect, (which, name)
         session = ort.InferenceSession(str(path / "transformer" / "model.onnx"), providers=CPU)
         for args in captured:
             got = session.run(None, {n: a.numpy() for n, a in zip(INPUT_NAMES, args)})[0]
@@ -326,7 +336,7 @@ def test_quantized_layers_err_against_fp32_as_their_grids_predict(which, request
                                                                    channel_ranges) -> None:
     """Each quantized layer of the exported graph (onnxruntime, the layer alone) against the fp32
     layer on the same input: the squared error is what the quantization grids predict, within
-    [1/2, 2] of it.
+    [2/3, 3/2] of it.
 
     The prediction uses scales derived here (the independently recorded range; the fp32 weights'
     abs-max), not the graph's. With a = x * s (smoothed input) and W / s, rounding a to the grid
@@ -337,14 +347,14 @@ def test_quantized_layers_err_against_fp32_as_their_grids_predict(which, request
     the scale amax / 448. A value beyond the grid's end is clipped: its error is known exactly.
     Summed over every output, E|err|^2 = sum(E[e^2] @ (W^2)^T + a^2 @ E[d^2]^T + E[e^2] @ E[d^2]^T).
 
-    Measured ratio 0.83..1.15 per layer (a layer's weights are one draw of rounding errors shared
-    by all its tokens, so it scatters around the expectation); the band allows 2x either way.
-    INT8: a grid twice too coarse quadruples the term it touches (activations are >= 60 % of the
-    error in the MLP layers, weights ~80 % in attn.to_out), so a 2x range or weight scale gives
-    >= 3x; half the range clips the upper half of the activations and half the weight scale
-    quarters the weight term (< 1/2 in attn.to_out). FP8 is scale-free between the ends, so only
-    half a range (saturation) shows here; test_graph_scales_follow_independently_recorded_ranges
-    checks the scales themselves. A wrong axis, zero point or layout is far outside either bound."""
+    Measured ratio 0.83..1.15 per layer (the model is an expectation: a layer's weight errors are
+    one draw shared by all its tokens); the band is twice that deviation (in log) either way.
+    Measured with the bugs (INT8; layers in module order): a 2x range 1.22..1.74, and 0.19 in
+    img_mlp.out, whose error is mostly activations beyond the calibrated range, clipped (the
+    doubled range clips none); half the range 7.5..1462; a 2x weight scale 1.04..3.93; half of it
+    0.35..0.93. FP8 is scale-free between the grid's ends, so of these only half a range
+    (saturation: 2.9..51) shows here; test_graph_scales_follow_independently_recorded_ranges
+    checks the scales themselves. A wrong axis, zero point or layout is far outside the band."""
     _, model = tiny
     q, path, _ = request.getfixturevalue(which)
     graph = onnx.load(str(path / "transformer" / "model.onnx"))
@@ -357,7 +367,8 @@ def test_quantized_layers_err_against_fp32_as_their_grids_predict(which, request
         w = linear.weight.detach().double().numpy() / pqs  # [out, in]
         s_a = _expected_amax(q, name, channel_ranges) / QMAX[which]
         if which == "int8":
-            var_w = np.broadcast_to((np.abs(w).max(axis=1, keepdims=True) / REDUCED_WEIGHT_MAX) ** 2 / 12, w.shape)
+            s_w = np.abs(w).max(axis=1, keepdims=True) / REDUCED_WEIGHT_MAX  # per output channel
+            var_w = np.broadcast_to(s_w ** 2 / 12, w.shape)
         else:
             s_w = np.abs(w).max() / QMAX["fp8"]
             var_w = (e4m3_spacing(w / s_w) * s_w) ** 2 / 12
@@ -370,14 +381,15 @@ def test_quantized_layers_err_against_fp32_as_their_grids_predict(which, request
                 var_a = np.where(clipped, ((np.abs(v) - 127) * s_a) ** 2, s_a ** 2 / 12)
             else:
                 clipped = np.abs(v) > QMAX["fp8"]
-                var_a = np.where(clipped, ((np.abs(v) - QMAX["fp8"]) * s_a) ** 2, (e4m3_spacing(v) * s_a) ** 2 / 12)
+                var_a = np.where(clipped, ((np.abs(v) - QMAX["fp8"]) * s_a) ** 2,
+                                 (e4m3_spacing(v) * s_a) ** 2 / 12)
             predicted += (var_a @ (w ** 2).T + a ** 2 @ var_w.T + var_a @ var_w.T).sum()
             y = session.run(None, {layer.start: x.numpy()})[0].astype(np.float64)
             with torch.no_grad():
                 y_fp = linear(x).double().numpy()
             seen += ((y - y_fp) ** 2).sum()
         ratios[name] = seen / predicted
-    assert all(0.5 < r < 2 for r in ratios.values()), ratios
+    assert all(2 / 3 < r < 3 / 2 for r in ratios.values()), ratios
 
 
 def test_int8_graph_fuses_to_integer_matmuls(int8, tmp_path) -> None:
@@ -402,8 +414,8 @@ def test_manifest_records_policy_and_calibration(int8, channel_ranges) -> None:
     for name in q.layers:  # the recorded range is the calibration's, recorded here independently (rel: a
         # few fp32 roundings of the same products), and the one the quantizer uses
         assert summary["input_amax"][name] == pytest.approx(_expected_amax(q, name, channel_ranges), rel=1e-6)
-        assert float(q.module.get_submodule(name).input_quantizer.amax) == pytest.approx(summary["input_amax"][name],
-                                                                                          rel=1e-6)
+        quantizer = q.module.get_submodule(name).input_quantizer
+        assert float(quantizer.amax) == pytest.approx(summary["input_amax"][name], rel=1e-6)
 
 
 def test_quantize_errors_are_clear(tiny, tmp_path) -> None:
