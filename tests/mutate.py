@@ -15,6 +15,7 @@ catches nothing.
     python tests/mutate.py                  # every mutation, then a table
     python tests/mutate.py --list           # the list only
     python tests/mutate.py --only calib-amax-x2 --only to-images-truncate
+    python tests/mutate.py --rev HEAD       # the last commit, whatever the work tree holds
 
 Exit code 0 when every mutation is caught, 1 otherwise. ``pytest -m mutation`` runs the same
 thing one test per mutation (tests/test_mutation.py).
@@ -43,8 +44,14 @@ from tests.mutations import MUTATIONS, Mutation  # noqa: E402
 TIMEOUT_S = 900
 
 
-def copy_repository(dest: Path, root: Path = ROOT) -> Path:
-    """Copy what a checkout holds (tracked + untracked-not-ignored files) into ``dest``."""
+def copy_repository(dest: Path, root: Path = ROOT, rev: str | None = None) -> Path:
+    """Copy what a checkout holds (tracked + untracked-not-ignored files) into ``dest``; with
+    ``rev``, the tree of that commit instead of the work tree."""
+    if rev is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=root, check=True, capture_output=True)
+        subprocess.run(["tar", "-xf", "-"], cwd=dest, input=archive.stdout, check=True)
+        return dest
     listing = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=root, check=True, capture_output=True,
@@ -131,9 +138,9 @@ def failing_test(output: str) -> str:
 class Workspace:
     """One repository copy; mutations are applied to it one at a time and restored."""
 
-    def __init__(self, root: Path = ROOT) -> None:
+    def __init__(self, root: Path = ROOT, rev: str | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="qie-mutation-")
-        self.path = copy_repository(Path(self._tmp.name) / "repo", root)
+        self.path = copy_repository(Path(self._tmp.name) / "repo", root, rev)
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -167,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="tests/mutate.py")
     parser.add_argument("--only", action="append", metavar="ID", help="run this mutation only (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
+    parser.add_argument("--rev", metavar="COMMIT", help="mutate this commit's tree (default: the work tree)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the check that the named tests pass unmutated (they do in CI's suite run)")
     args = parser.parse_args(argv)
@@ -179,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     for m in chosen:
         check_patch(m)
-    ws = Workspace()
+    ws = Workspace(rev=args.rev)
     try:
         if not args.no_baseline:
             code, out = ws.baseline(t for m in chosen for t in m.tests)
