@@ -38,6 +38,17 @@ def demo_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_default_export(tmp_path_factory):
+    """The demo model exported with default options, as ``qwen-image-edge export --model demo`` does
+    (every graph; sizes from the model's output resolution, 128 px)."""
+    from qwen_image_edge.export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("demo-default") / "export"
+    export_model("demo", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def exported(tiny_export):
     """``(model folder, export dir)`` of the tiny model (a test module may override it)."""
     return tiny_export

@@ -44,14 +44,6 @@ def test_condition_sizes_are_every_size_an_aspect_in_range_gives(resolution):
     assert seen == sizes
 
 
-@pytest.fixture(scope="module")
-def demo_default_export(tmp_path_factory):
-    """The demo model exported with default options (no --max-resolution): output 128 px."""
-    out = tmp_path_factory.mktemp("demo-default") / "export"
-    export_model("demo", out, graphs=["text_encoder", "vision_encoder", "transformer", "vae_decoder", "vae_encoder"])
-    return out
-
-
 @pytest.mark.parametrize("name", list(RATIOS))
 def test_default_demo_export_edits_photos(demo_default_export, name):
     pipe = Pipeline.load(demo_default_export, threads=1)

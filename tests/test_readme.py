@@ -45,3 +45,40 @@ def test_api_examples_run(demo_export, tmp_path):
     assert (tmp_path / "circle.png").is_file() and (tmp_path / "blue.png").is_file()
     # the printed error is the one the README shows
     assert "width 100: expected a multiple of 32 pixels" in proc.stdout
+
+
+def recipe_commands(text: str, heading: str) -> list[list[str]]:
+    """The ``qwen-image-edge`` command lines of the first bash block under ``heading``, as argv lists."""
+    import shlex
+
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    commands = []
+    for line in block.splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv and argv[0].endswith("/qwen-image-edge"):
+            commands.append(argv[1:])
+    return commands
+
+
+def test_tensorrt_recipe_runs_on_the_standin(demo_default_export, tmp_path, monkeypatch, trt):
+    """The README's TensorRT recipe, command by command, on the demo model, with tests/trt_standin.py
+    as TensorRT: its export is the default one (the session fixture), its build must fit that export's
+    ranges, and its run must write the image."""
+    import shutil
+
+    from qwen_image_edge.cli import build_parser, main
+
+    commands = recipe_commands(README.read_text(), "TensorRT engines on a GPU machine")
+    assert [c[0] for c in commands] == ["export", "build", "run"]
+    export_args = build_parser().parse_args(commands[0])
+    assert export_args.model == "demo" and export_args.max_resolution is None and export_args.graphs is None
+    shutil.copytree(demo_default_export, tmp_path / export_args.out)
+    monkeypatch.chdir(tmp_path)
+    for argv in commands[1:]:
+        assert main(argv) == 0, argv
+    out = build_parser().parse_args(commands[2]).output
+    from PIL import Image
+
+    with Image.open(tmp_path / out) as image:
+        assert image.size == (128, 128) and image.mode == "RGBA"
