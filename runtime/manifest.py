@@ -30,14 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.graphs import GRAPH_NAMES, KV_CACHE_GRAPHS  # noqa: F401  (the graph table's names)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-GRAPH_NAMES = ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "vision_encoder",
-               "transformer_prefill", "transformer_step")
-# The condition KV cache: the transformer split in two (prefix keys/values once, then target steps).
-# An export lists both or neither; the single ``transformer`` graph is always there.
-KV_CACHE_GRAPHS = ("transformer_prefill", "transformer_step")
 
 
 class Precision(str, enum.Enum):
