@@ -48,9 +48,8 @@ def _peak_gib() -> float:
 def _child(args) -> None:
     import torch
 
-    from qwen_image_edge.export.graphs import example_inputs, graph_module
-    from qwen_image_edge.export.iospec import graph_io
-    from qwen_image_edge.export.onnx_export import export_graph
+    from qwen_image_edge.export.registry import example_inputs, graph_io, graph_module
+    from qwen_image_edge.export.trace import export_graph
 
     torch.set_num_threads(args.threads)
     if args.layers:
@@ -205,11 +204,12 @@ def _child_compare(model: str, graph: str, a: str, b: str, *, threads: int) -> N
     import numpy as np
     import onnxruntime as ort
 
-    from qwen_image_edge.export.graphs import example_inputs, text_encoder_inputs, transformer_inputs
-    from qwen_image_edge.export.lean import load_lean_model
+    from qwen_image_edge.export.graphs import text_encoder_inputs, transformer_inputs
+    from qwen_image_edge.export.registry import example_inputs
+    from qwen_image2_ref.model_folder import load_lazy_model
     from qwen_image_edge.runtime.manifest import load_manifest
 
-    cfg = load_lean_model(model).config
+    cfg = load_lazy_model(model).config
     if graph == "transformer":
         cases = [example_inputs(graph, cfg), transformer_inputs(cfg, 1, 5, (3, 2), ())]  # N_c = 0
     else:
@@ -230,9 +230,9 @@ def _child_trace(layers: int, threads: int) -> None:
     """The full-width transformer graph traced under fake tensors, no checkpoint, no weights."""
     import torch
 
-    from qwen_image_edge.export.graphs import TransformerGraph, example_inputs
-    from qwen_image_edge.export.iospec import graph_io
+    from qwen_image_edge.export.graphs import TransformerGraph
     from qwen_image_edge.export.lean import trace_without_weights
+    from qwen_image_edge.export.registry import example_inputs, graph_io
     from qwen_image2_ref.config import QWEN_IMAGE_21, TransformerConfig
     from qwen_image2_ref.transformer import QwenImageTransformer
 

@@ -134,9 +134,8 @@ def full_width_sessions(root: Path, layers: int, max_resolution: int, threads: i
     as the single graph and the pair only: what the cache buys at the real width."""
     import torch
 
-    from qwen_image_edge.export.graphs import example_inputs, graph_module
-    from qwen_image_edge.export.iospec import graph_io
-    from qwen_image_edge.export.onnx_export import export_graph
+    from qwen_image_edge.export.registry import example_inputs, graph_io, wrap
+    from qwen_image_edge.export.trace import export_graph
     from qwen_image2_ref.config import QWEN_IMAGE_21
     from qwen_image2_ref.transformer import QwenImageTransformer
     from qwen_image_edge.runtime.backends import make_backend
@@ -144,11 +143,11 @@ def full_width_sessions(root: Path, layers: int, max_resolution: int, threads: i
     cfg = dataclasses.replace(QWEN_IMAGE_21, transformer=dataclasses.replace(QWEN_IMAGE_21.transformer,
                                                                              num_layers=layers))
     torch.manual_seed(0)
-    holder = type("Model", (), {"transformer": QwenImageTransformer(cfg.transformer).eval()})()
+    transformer = QwenImageTransformer(cfg.transformer).eval()
     be = make_backend("onnxruntime", providers=["CPUExecutionProvider"], threads=threads)
     sess = {}
     for name in ("transformer", "transformer_prefill", "transformer_step"):
-        done = export_graph(name, graph_module(name, holder), example_inputs(name, cfg),
+        done = export_graph(name, wrap(name, transformer), example_inputs(name, cfg),
                             graph_io(name, cfg, max_resolution), root)
         sess[name] = be.open(done.spec, root / done.spec.file)
     return sess, dataclasses.asdict(cfg.transformer), cfg.vae.scale_factor_spatial

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwen_image2_ref.demo import STUDENT_DIR, WEIGHTS_DIR
 from qwen_image_edge.runtime.errors import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -33,8 +34,11 @@ def load_prompts(source: str | Path = "general", limit: int | None = None) -> li
     return prompts
 
 
-def default_prompt_set(model: str | Path) -> str:
-    """``demo`` for the embedded demo model and its student, ``general`` otherwise."""
-    from qwen_image2_ref.demo import is_shipped
+def default_prompt_set(model_path: str | Path) -> str:
+    """``demo`` for the folder of the embedded demo model or its student, ``general`` otherwise."""
+    return "demo" if is_demo_folder(model_path) else "general"
 
-    return "demo" if is_shipped(model) else "general"
+
+def is_demo_folder(model_path: str | Path) -> bool:
+    """Whether ``model_path`` is one of the shipped demo folders (``resolve_model_path("demo")``)."""
+    return Path(model_path).resolve() in (WEIGHTS_DIR.resolve(), STUDENT_DIR.resolve())

@@ -30,7 +30,11 @@ import torch
 from torch import nn
 
 from qwen_image_edge.calib.collect import CalibrationSettings, RangeRecorder, reduce_ranges, run_calibration, spread_summary
-from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction
+from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
+from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
+from qwen_image_edge.export.quantized import export_quantized
+from qwen_image2_ref.model_folder import LoadedModel, ModelSource, open_model
+from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image_edge.runtime.errors import ConfigError, InputError
 from qwen_image_edge.runtime.manifest import Precision
 
@@ -86,13 +90,11 @@ def _set_input_ranges(module: nn.Module, layers: Sequence[str], ranges: dict, po
     return amaxes
 
 
-def quantize_transformer(model, policy: QuantPolicy, prompts: Sequence[str],
+def quantize_transformer(model: LoadedModel, policy: QuantPolicy, prompts: Sequence[str],
                          settings: CalibrationSettings | None = None,
                          progress: bool = True) -> QuantizedTransformer:
     """Calibrate and quantize a copy of ``model.transformer`` (``model``: a ``LoadedModel``) by
     sampling ``prompts`` through the reference pipeline."""
-    from qwen_image2_ref.pipeline import QwenImagePipeline
-
     settings = settings or CalibrationSettings()
     prompts = list(prompts)
     if not prompts:
@@ -167,21 +169,16 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def quantize_model(model: str | os.PathLike, precision: str | Precision, out: str | os.PathLike, *,
+def quantize_model(model: ModelSource, precision: str | Precision, out: str | os.PathLike, *,
                    policy: QuantPolicy | str | os.PathLike | None = None, prompts: str | None = None,
                    calib_size: int = 32, settings: CalibrationSettings | None = None,
                    max_resolution: int | None = None, overwrite: bool = False, progress: bool = True):
-    """Load ``model`` (a folder or ``demo``), quantize its transformer, write a QDQ export to ``out``.
+    """Load ``model`` (a folder, ``demo`` or a ``LoadedModel``), quantize its transformer, write a QDQ export to ``out``.
 
     ``policy``: a QuantPolicy, a JSON file of one (its precision is overridden by ``precision``) or
     None for the defaults. ``prompts``: a prompt-set name or text file (default: ``demo`` captions
     for the demo model, else ``general``). Returns the written Manifest.
     """
-    from qwen_image_edge.calib.policy import parse_precision
-    from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
-    from qwen_image_edge.export.quantized import export_quantized
-    from qwen_image2_ref.model_folder import load_model
-
     precision = parse_precision(precision)
     if policy is None:
         policy = QuantPolicy(precision=precision)
@@ -191,12 +188,13 @@ def quantize_model(model: str | os.PathLike, precision: str | Precision, out: st
         policy = QuantPolicy.from_json(policy, precision=precision.value)
     if calib_size < 1:
         raise InputError(f"calibration size: expected >= 1 prompt, got {calib_size}")
-    source = prompts or default_prompt_set(model)
-    texts = load_prompts(source, calib_size)
+    texts = load_prompts(prompts, calib_size) if prompts else None  # a bad prompt file fails before loading
+    loaded = open_model(model)
+    source = prompts or default_prompt_set(loaded.path)
+    texts = texts or load_prompts(source, calib_size)
     if policy.reduction is not Reduction.MAX and len(texts) < 2:
         log.warning("reduction %s over one prompt batch is a per-step range of a single sample",
                     policy.reduction.value)
-    loaded = load_model(model)
     quantized = quantize_transformer(loaded, policy, texts, settings, progress)
     quantized.summary["prompt_source"] = str(source)
     return export_quantized(loaded, quantized, Path(out), max_resolution=max_resolution, overwrite=overwrite)

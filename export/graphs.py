@@ -1,7 +1,9 @@
 """Torch modules that become the exported graphs, and example inputs that trace them.
 
 Each wrapper's ``forward`` takes exactly the inputs of its IOSpec, in order, so the same module
-is traced for export and run as the torch side of ``validate``. Example inputs are built at a
+is traced for export and run as the torch side of ``validate``; each wraps one component's module
+(``LoadedModel.component``). ``qwen_image_edge.export.registry`` says which wrapper and which
+example inputs belong to which graph name. Example inputs are built at a
 small, generic shape (batch 2, every dynamic dim > 1 and distinct) so tracing does not
 specialise a dim to 0 or 1; the exported graph is then checked at other shapes.
 """
@@ -157,23 +159,6 @@ class VAEEncoderGraph(nn.Module):
         return self.vae.encode(image)
 
 
-def graph_module(name: str, model) -> nn.Module:
-    """The module of graph ``name`` for a ``LoadedModel``."""
-    if name == "text_encoder":
-        return TextEncoderGraph(model.encoder.model).eval()
-    if name == "transformer":
-        return TransformerGraph(model.transformer).eval()
-    if name == "transformer_prefill":
-        return TransformerPrefillGraph(model.transformer).eval()
-    if name == "transformer_step":
-        return TransformerStepGraph(model.transformer).eval()
-    if name == "vision_encoder":
-        return VisionEncoderGraph(model.encoder.model).eval()
-    if name == "vae_decoder":
-        return VAEDecoderGraph(model.vae).eval()
-    return VAEEncoderGraph(model.vae).eval()
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -269,24 +254,39 @@ def vae_encoder_inputs(cfg: ModelConfig, batch: int, height: int, width: int, se
     return (torch.rand(batch, channels, height, width, generator=g) * 2 - 1,)
 
 
-def example_inputs(name: str, cfg: ModelConfig) -> tuple:
-    """Tracing inputs: batch 2, every dynamic dim > 1 and different from the others."""
-    if name == "text_encoder":
-        return text_encoder_inputs(cfg, batch=2, length=9, pad=3, n_visual=3)
-    if name == "transformer":
-        return transformer_inputs(cfg, batch=2, text_len=8, target=(2, 3), cond=((2, 2),), pad=2)
-    if name in ("transformer_prefill", "transformer_step"):
-        prefill, step = pair_inputs(example_inputs("transformer", cfg))
-        if name == "transformer_prefill":
-            return prefill
-        t, b, lp = cfg.transformer, step[0].shape[0], prefill[2].shape[0]
-        kv = torch.randn(t.num_layers, 2, b, lp, t.num_heads, t.head_dim, generator=torch.Generator().manual_seed(1))
-        return (step[0], step[1], kv, *step[2:])
-    if name == "vision_encoder":
-        enc = cfg.encoder  # the tables' values do not shape the trace; rope theta is transformers' default
-        tower = VisionTower(enc.vision_spatial_merge_size, enc.vision_hidden_size // enc.vision_num_heads, 10000.0,
-                            int(enc.vision_num_position_embeddings**0.5))
-        return vision_encoder_inputs(cfg, tower, [(1, 4, 6), (1, 2, 4)])  # N = 32 patches, 8 visual rows
-    if name == "vae_decoder":
-        return vae_decoder_inputs(cfg, 2, 2, 3)
+# Tracing inputs (``qwen_image_edge.export.registry``): batch 2, every dynamic dim > 1 and different
+# from the others.
+
+
+def text_encoder_example(cfg: ModelConfig) -> tuple:
+    return text_encoder_inputs(cfg, batch=2, length=9, pad=3, n_visual=3)
+
+
+def transformer_example(cfg: ModelConfig) -> tuple:
+    return transformer_inputs(cfg, batch=2, text_len=8, target=(2, 3), cond=((2, 2),), pad=2)
+
+
+def transformer_prefill_example(cfg: ModelConfig) -> tuple:
+    return pair_inputs(transformer_example(cfg))[0]
+
+
+def transformer_step_example(cfg: ModelConfig) -> tuple:
+    prefill, step = pair_inputs(transformer_example(cfg))
+    t, b, lp = cfg.transformer, step[0].shape[0], prefill[2].shape[0]
+    kv = torch.randn(t.num_layers, 2, b, lp, t.num_heads, t.head_dim, generator=torch.Generator().manual_seed(1))
+    return (step[0], step[1], kv, *step[2:])
+
+
+def vision_encoder_example(cfg: ModelConfig) -> tuple:
+    enc = cfg.encoder  # the tables' values do not shape the trace; rope theta is transformers' default
+    tower = VisionTower(enc.vision_spatial_merge_size, enc.vision_hidden_size // enc.vision_num_heads, 10000.0,
+                        int(enc.vision_num_position_embeddings**0.5))
+    return vision_encoder_inputs(cfg, tower, [(1, 4, 6), (1, 2, 4)])  # N = 32 patches, 8 visual rows
+
+
+def vae_decoder_example(cfg: ModelConfig) -> tuple:
+    return vae_decoder_inputs(cfg, 2, 2, 3)
+
+
+def vae_encoder_example(cfg: ModelConfig) -> tuple:
     return vae_encoder_inputs(cfg, 2, 32, 48)

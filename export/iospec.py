@@ -1,4 +1,4 @@
-"""One IOSpec per graph, defined once.
+"""One IOSpec per graph, defined once (``qwen_image_edge.export.registry.graph_io`` picks it by name).
 
 It names every input and output, its dtype and its dims (ints for sizes fixed by the model,
 symbols for dynamic ones) and the declared range of every symbol. It drives the ONNX dynamic
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from qwen_image2_ref.config import ModelConfig
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.images import CONDITION_MAX_ASPECT, condition_sizes
-from qwen_image_edge.runtime.manifest import GRAPH_NAMES, TensorSpec
+from qwen_image_edge.runtime.manifest import TensorSpec
 
 # Template tokens around a prompt: ChatML system + user + assistant headers, plus vision markers.
 TEMPLATE_TOKEN_ALLOWANCE = 64
@@ -295,15 +295,9 @@ def vae_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
     )
 
 
-def graph_io(name: str, cfg: ModelConfig, max_resolution: int) -> GraphIO:
-    """The IOSpec of graph ``name`` for a model config and an exported resolution range."""
+def check_max_resolution(max_resolution: int) -> int:
     if max_resolution % RESOLUTION_MULTIPLE or max_resolution < MIN_RESOLUTION:
         raise ConfigError(
             f"max_resolution: expected a multiple of {RESOLUTION_MULTIPLE} >= {MIN_RESOLUTION}, got {max_resolution}"
         )
-    builders = {"text_encoder": text_encoder_io, "vision_encoder": vision_encoder_io, "transformer": transformer_io,
-                "vae_decoder": vae_decoder_io, "vae_encoder": vae_encoder_io,
-                "transformer_prefill": transformer_prefill_io, "transformer_step": transformer_step_io}
-    if name not in builders:
-        raise ConfigError(f"graph {name!r}: unknown; expected one of {list(GRAPH_NAMES)}")
-    return builders[name](cfg, max_resolution)
+    return max_resolution

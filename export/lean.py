@@ -3,8 +3,8 @@
 The plain path loads every weight in fp32 and lets the exporter copy them (1.6x the weights at
 peak; ~42 GiB for the 7.1B transformer). Here no weight is ever materialised:
 
-1. the components are built with parameters on ``meta`` (non-persistent buffers such as rotary
-   tables are computed for real, they are not in a checkpoint);
+1. the model is opened lazily (``qwen_image2_ref.model_folder.load_lazy_model``): parameters on
+   ``meta``, non-persistent buffers such as rotary tables computed for real (not in a checkpoint);
 2. each graph wrapper is traced by the dynamo exporter under ``FakeTensorMode`` with
    ``optimize=False`` (which keeps every initializer named by its module path), and saved
    without initializers; the weights are graph inputs during the graphsurgeon clean-up;
@@ -30,8 +30,12 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from tqdm.auto import tqdm
+
+from qwen_image_edge.export.cleanup import cleanup_graph
 
 from qwen_image_edge.export.external_data import (
     WeightSource,
@@ -47,19 +51,16 @@ from qwen_image_edge.export.external_data import (
     torch_dtype,
 )
 from qwen_image_edge.export.iospec import GraphIO
+from qwen_image_edge.export.registry import entry, graph_module
+from qwen_image_edge.export.trace import DATA_NAME, ONNX_NAME, ExportedGraph, export_graph
+from qwen_image2_ref.model_folder import LoadedModel, ModelSource, resolve_model_path
 from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.manifest import DataFile, GraphSpec, Precision, sha256_file
 
 log = logging.getLogger(__name__)
 
-DATA_NAME = "model.onnx.data"
 INLINE_BYTES = 1 << 20  # computed tensors up to this size stay in the graph file
 LEAN_RAM_SHARE = 0.4  # lean when the fp32 weights exceed this share of the available memory
-# The dynamo exporter's ONNX attention takes 4-D q/k/v only; the vision tower's is 3-D, so that
-# graph is exported by the plain path with only its own weights loaded (~0.6B of the 8B encoder).
-PLAIN_GRAPHS = ("vision_encoder",)
-COMPONENT_OF = {"transformer": "transformer", "transformer_prefill": "transformer", "transformer_step": "transformer",
-                "text_encoder": "text_encoder", "vision_encoder": "text_encoder",
-                "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
 # ----------------------------------------------------------------------------- when
@@ -79,7 +80,7 @@ def available_memory() -> int:
 
 def plain_export_bytes(model_path: Path, graphs: list[str]) -> int:
     """fp32 bytes of the components the plain path loads for ``graphs``."""
-    return sum(checkpoint_bytes(model_path / c, itemsize=4) for c in {COMPONENT_OF[g] for g in graphs})
+    return sum(checkpoint_bytes(model_path / c, itemsize=4) for c in {entry(g).component.value for g in graphs})
 
 
 def should_use_lean(model_path: Path, graphs: list[str]) -> bool:
@@ -90,46 +91,15 @@ def should_use_lean(model_path: Path, graphs: list[str]) -> bool:
     return lean
 
 
+def choose_lean(model: ModelSource, graphs: list[str]) -> bool:
+    """Lean for a folder whose weights would crowd memory; an open model is exported as it was
+    opened (its weights are in memory already, or it was opened lazily)."""
+    if isinstance(model, LoadedModel):
+        return model.lazy
+    return should_use_lean(resolve_model_path(model), graphs)
+
+
 # ----------------------------------------------------------------------------- modules without weights
-
-
-def load_lean_model(model):
-    """A ``LoadedModel`` whose parameters are on ``meta``: configs, tokenizer and computed buffers only."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.initialization import no_init_weights
-
-    from qwen_image2_ref.checkpoint import meta_parameters, read_config
-    from qwen_image2_ref.config import ModelConfig
-    from qwen_image2_ref.encoder import ConditionEncoder, read_image_processor_config
-    from qwen_image2_ref.model_folder import (
-        LoadedModel,
-        meta_components,
-        read_pipeline_config,
-        resolve_model_path,
-    )
-    from qwen_image_edge.runtime.images import VisionConfig
-    from qwen_image_edge.runtime.tokens import PromptTokenizer
-
-    path = resolve_model_path(model)
-    pipeline = read_pipeline_config(path)
-    transformer, vae = meta_components(path)
-    t_cfg, v_cfg = transformer.config, vae.config
-    vae.reset_buffers()  # latents mean/std from the config, for real
-    hf = Qwen3VLConfig.from_dict(read_config(path / "text_encoder"))
-    with meta_parameters(), no_init_weights():  # rotary tables are computed in __init__
-        qwen = Qwen3VLForConditionalGeneration(hf)
-    vision = VisionConfig.from_dict(read_image_processor_config(path / "processor"))
-    tokenizer = PromptTokenizer.from_file(path / "processor" / "tokenizer.json", system_prompt=pipeline.system_prompt,
-                                          max_prompt_tokens=pipeline.max_prompt_tokens, merge_size=vision.merge_size)
-    encoder = ConditionEncoder(qwen, tokenizer, vision)
-    config = ModelConfig(name=path.name, transformer=t_cfg, vae=v_cfg, encoder=encoder.config, pipeline=pipeline)
-    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path)
-
-
-def component_root(name: str, model) -> nn.Module:
-    """The module whose state dict is the checkpoint of graph ``name``'s component."""
-    comp = COMPONENT_OF[name]
-    return {"transformer": model.transformer, "vae": model.vae, "text_encoder": model.encoder.model}[comp]
 
 
 def weight_names(wrapper: nn.Module, root: nn.Module) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -169,19 +139,14 @@ def preflight(name: str, model, dtype: torch.dtype = torch.float32) -> None:
     """Check, from the shard headers only, that the checkpoint holds every weight graph ``name``
     reads in a shape and dtype it can use (floating weights become ``dtype``); raises before any
     export output exists."""
-    folder = model.path / COMPONENT_OF[name]
-    wrapper = graph_module_of(name, model)
-    keys, computed = weight_names(wrapper, component_root(name, model))
+    component = entry(name).component
+    folder = model.path / component.value
+    wrapper = graph_module(name, model)
+    keys, computed = weight_names(wrapper, model.component(component))
     named = dict([*wrapper.named_parameters(remove_duplicate=False), *wrapper.named_buffers(remove_duplicate=False)])
     wanted = [(fqn, onnx_dtype(dtype if named[fqn].is_floating_point() else named[fqn].dtype), tuple(named[fqn].shape))
               for fqn in keys]
     plan_sources(wanted, keys, checkpoint_entries(folder), computed, where=f"{name} ({folder})")
-
-
-def graph_module_of(name: str, model) -> nn.Module:
-    from qwen_image_edge.export.graphs import graph_module
-
-    return graph_module(name, model)
 
 
 @contextlib.contextmanager
@@ -212,8 +177,7 @@ def materialized(wrapper: nn.Module, keys: dict[str, str], entries: dict, dtype:
 def trace_without_weights(wrapper: nn.Module, inputs: tuple, io: GraphIO, opset: int):
     """Dynamo-export ``wrapper`` under fake tensors. Returns the ONNX model with its weights as
     graph inputs (no data), their ``(name, onnx dtype, shape)`` and the real constants among them."""
-    from onnxscript import ir
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from onnxscript import ir  # only this path needs onnxscript's IR (the plain path never loads it)
 
     mode = FakeTensorMode()
     with fake_weights(wrapper, mode), warnings.catch_warnings(), torch.no_grad():
@@ -261,8 +225,6 @@ def set_io_dims(model: onnx.ModelProto, io: GraphIO) -> None:
 def _float_resize_scales(model: onnx.ModelProto) -> None:
     """The exporter (``optimize=False``) writes nearest-upsample scales as a double constant; Resize
     takes float32 scales only (onnxruntime refuses the graph otherwise)."""
-    from onnx import numpy_helper
-
     scales = {n.input[2] for n in model.graph.node if n.op_type == "Resize" and len(n.input) > 2 and n.input[2]}
     for i, t in enumerate(model.graph.initializer):
         if t.name in scales and t.data_type == onnx.TensorProto.DOUBLE:
@@ -287,8 +249,6 @@ def _rename_to_checkpoint_keys(model: onnx.ModelProto, sources: list[WeightSourc
 
 def _cleanup(model: onnx.ModelProto, name: str, weight_names: set[str]) -> tuple[onnx.ModelProto, set[str]]:
     """Fold constants and drop dead nodes, then turn the weight inputs back into plain names."""
-    from qwen_image_edge.export.cleanup import cleanup_graph
-
     model, _ = cleanup_graph(model, name)
     _float_resize_scales(model)
     used = {i for node in model.graph.node for i in node.input}
@@ -340,18 +300,14 @@ def attach_weights(model: onnx.ModelProto, sources: list[WeightSource], graph_di
 
 def export_graph_lean(name: str, model, inputs: tuple, io: GraphIO, export_dir: Path, opset: int):
     """Trace graph ``name`` of a lean model without weights, attach them, save; hash what was written."""
-    from qwen_image_edge.export.onnx_export import ONNX_NAME, ExportedGraph
-    from qwen_image_edge.runtime.manifest import DataFile, GraphSpec, Precision, sha256_file
-
     start = time.perf_counter()
-    folder = model.path / COMPONENT_OF[name]
+    graph = entry(name)
+    folder = model.path / graph.component.value
     entries = checkpoint_entries(folder)  # headers only; a bad shard fails before tracing
-    wrapper = graph_module_of(name, model)
-    keys, computed = weight_names(wrapper, component_root(name, model))
-    if name in PLAIN_GRAPHS:
+    wrapper = graph_module(name, model)
+    keys, computed = weight_names(wrapper, model.component(graph.component))
+    if not graph.fake_trace:
         preflight(name, model)
-        from qwen_image_edge.export.onnx_export import export_graph
-
         with materialized(wrapper, keys, entries, torch.float32) as nbytes:
             log.info("%s: plain export with only its own %d weights (%.2f GB) loaded", name, len(keys), nbytes / 1e9)
             return export_graph(name, wrapper, inputs, io, export_dir, opset)

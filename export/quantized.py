@@ -1,7 +1,7 @@
 """An export directory whose transformer is a quantized QDQ graph (INT8 or FP8); the rest stays fp32.
 
 The transformer is traced from modelopt's fake-quantized module with the TorchScript exporter
-(the only path that carries its Q/DQ nodes), rewritten to standard QDQ by ``qwen_image_edge.calib.qdq`` and saved
+(the only path that carries its Q/DQ nodes), rewritten to standard QDQ by ``qwen_image_edge.export.qdq`` and saved
 without onnx-graphsurgeon's constant folding: folding would evaluate ``DequantizeLinear`` of the
 int8 weights back into fp32 initializers. The VAE and the text encoder are exported as ``export``
 does. The manifest records the transformer graphs' precision, and provenance ``calibration`` holds the
@@ -14,12 +14,10 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from qwen_image_edge.export.graphs import example_inputs, graph_module
-from qwen_image_edge.export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, graph_io
+from qwen_image_edge.export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, check_max_resolution
 from qwen_image_edge.export.manifest_writer import (
     build_manifest,
     copy_tokenizer,
@@ -28,7 +26,9 @@ from qwen_image_edge.export.manifest_writer import (
     staging_dir,
     write_manifest,
 )
-from qwen_image_edge.export.onnx_export import (
+from qwen_image_edge.export.qdq import to_standard_qdq
+from qwen_image_edge.export.registry import example_inputs, graph_io, graph_module, wrap
+from qwen_image_edge.export.trace import (
     DEFAULT_OPSET,
     ONNX_NAME,
     PROTOBUF_LIMIT,
@@ -37,27 +37,26 @@ from qwen_image_edge.export.onnx_export import (
     save_graph_spec,
     trace_to_onnx,
 )
-from qwen_image_edge.runtime import manifest as _manifest
+from qwen_image2_ref.model_folder import LoadedModel
 from qwen_image_edge.runtime.errors import ConfigError
-from qwen_image_edge.runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
+from qwen_image_edge.runtime.graphs import GRAPH_NAMES, Component, check_graph_names, graphs_of
+from qwen_image_edge.runtime.manifest import GraphSpec, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
 # Graphs that hold the transformer's math: all get the quantized module (the condition KV-cache
 # pair, where an export has it, splits the same layers; static per-tensor scales quantize each
 # token alike, so the pair computes what the single graph computes).
-TRANSFORMER_GRAPHS = ("transformer", *getattr(_manifest, "KV_CACHE_GRAPHS", ()))
+TRANSFORMER_GRAPHS = graphs_of(Component.TRANSFORMER)
 
 
 def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolution: int, name: str = "transformer",
                                  opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
     """Trace graph ``name`` (``transformer`` or one of the KV-cache pair) of ``quantized.module`` (a
     ``qwen_image_edge.calib.quantize.QuantizedTransformer``), rewrite it to standard QDQ and save it."""
-    from qwen_image_edge.calib.qdq import to_standard_qdq
-
     start = time.perf_counter()
     io = graph_io(name, cfg, max_resolution)
-    module = graph_module(name, SimpleNamespace(transformer=quantized.module))  # reads only .transformer
+    module = wrap(name, quantized.module)
     model = trace_to_onnx(module, example_inputs(name, cfg), io, export_dir / name / ONNX_NAME, opset)
     model, stats = to_standard_qdq(model, quantized.policy.precision)
     want = len(quantized.layers)
@@ -70,7 +69,7 @@ def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolutio
     return spec
 
 
-def export_fp32_graph(name: str, model, cfg, export_dir: Path, max_resolution: int, opset: int = DEFAULT_OPSET,
+def export_fp32_graph(name: str, model: LoadedModel, cfg, export_dir: Path, max_resolution: int, opset: int = DEFAULT_OPSET,
                       external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
     """An unquantized graph of the same export, exactly as ``export_model`` writes it."""
     io = graph_io(name, cfg, max_resolution)
@@ -88,14 +87,16 @@ def calibration_section(quantized) -> dict:
     }
 
 
-def export_quantized(model, quantized, out: str | Path, graphs=None, max_resolution: int | None = None,
+def export_quantized(model: LoadedModel, quantized, out: str | Path, graphs=None, max_resolution: int | None = None,
                      opset: int = DEFAULT_OPSET, overwrite: bool = False,
                      external_threshold: int = PROTOBUF_LIMIT) -> Manifest:
     """Export ``model`` (a ``LoadedModel``) to ``out`` with the transformer graphs from ``quantized``
     (``None``: an all-fp32 export written the same way, the baseline quantized exports compare to)."""
     if opset < 19:
         raise ConfigError(f"quantized export opset: expected >= 19 (float8 Q/DQ needs it), got {opset}")
-    graphs = list(graphs or GRAPH_NAMES)
+    graphs = check_graph_names(graphs or GRAPH_NAMES, where="quantized export graphs")
+    if max_resolution is not None:
+        check_max_resolution(max_resolution)
     if not any(g in TRANSFORMER_GRAPHS for g in graphs):
         raise ConfigError(f"quantized export graphs {graphs}: expected one of {list(TRANSFORMER_GRAPHS)} among them")
     cfg = model.config
@@ -117,6 +118,4 @@ def export_quantized(model, quantized, out: str | Path, graphs=None, max_resolut
             manifest = dataclasses.replace(manifest, provenance=provenance)
         write_manifest(staging, manifest)
     log.info("export %s complete (%s transformer)", out, quantized.policy.precision.value if quantized else "fp32")
-    from qwen_image_edge.runtime.manifest import load_manifest
-
     return load_manifest(out, verify_hashes=False)

@@ -17,13 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers.initialization import no_init_weights
 
-from qwen_image2_ref.checkpoint import checkpoint_digest, load_into, read_config, save_component
+from qwen_image2_ref.checkpoint import checkpoint_digest, load_into, meta_parameters, read_config, save_component
 from qwen_image2_ref.config import ModelConfig, PipelineConfig, TransformerConfig, VAEConfig
+from qwen_image2_ref.demo import SHIPPED_MODELS
+from qwen_image2_ref.encoder import ConditionEncoder, read_image_processor_config
+from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import QwenImageTransformer
 from qwen_image2_ref.vae import QwenImageVAE
 from qwen_image_edge.runtime.errors import CheckpointError
+from qwen_image_edge.runtime.graphs import Component
+from qwen_image_edge.runtime.images import VisionConfig
 from qwen_image_edge.runtime.schedule import SchedulerConfig
+from qwen_image_edge.runtime.tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +45,39 @@ EDGE_KEY = "qwen_image_edge"
 
 @dataclass
 class LoadedModel:
+    """A checkpoint folder opened once (:func:`open_model`) and passed down to every stage.
+
+    ``lazy``: the parameters are on ``meta`` (configs, tokenizer and computed buffers only); the
+    lean export reads the weights from the folder's shards itself.
+    """
+
     config: ModelConfig
     transformer: QwenImageTransformer
     vae: QwenImageVAE
-    encoder: object  # qwen_image2_ref.encoder.ConditionEncoder
+    encoder: ConditionEncoder
     path: Path
+    lazy: bool = False
+
+    def component(self, component: Component) -> nn.Module:
+        """The module whose state dict is the checkpoint folder ``<path>/<component>``."""
+        modules = {Component.TRANSFORMER: self.transformer, Component.VAE: self.vae,
+                   Component.TEXT_ENCODER: self.encoder.model}
+        return modules[Component(component)]
+
+    def pipeline(self, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> QwenImagePipeline:
+        """The reference pipeline over these modules (not copies)."""
+        if self.lazy:
+            raise CheckpointError(f"model {self.path}: opened without weights (lazy); open it with weights to sample")
+        return QwenImagePipeline(self.config, self.transformer, self.vae, self.encoder, device=device, dtype=dtype)
+
+
+# What a stage's ``model`` argument may be: a checkpoint folder, a shipped name ("demo") or an open model.
+ModelSource = str | os.PathLike | LoadedModel
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A checkpoint folder path; the names ``demo`` and ``demo-4step`` mean the embedded demo model
     and its shipped 4-step distilled student."""
-    from qwen_image2_ref.demo import SHIPPED_MODELS
-
     if str(model) in SHIPPED_MODELS:
         return SHIPPED_MODELS[str(model)]()
     path = Path(model)
@@ -83,11 +113,24 @@ def meta_components(path: Path) -> tuple[QwenImageTransformer, QwenImageVAE]:
         return QwenImageTransformer(t_cfg), QwenImageVAE(v_cfg)
 
 
+def open_model(model: ModelSource, *, lazy: bool = False, dtype: torch.dtype = torch.float32,
+               device: str = "cpu") -> LoadedModel:
+    """The one place a stage's ``model`` argument becomes a :class:`LoadedModel`: a folder or a
+    shipped name is loaded (``lazy``: without weights); an open model is passed through, or reopened
+    from its folder when it lacks the weights the caller needs (or holds ones it does not)."""
+    if not isinstance(model, LoadedModel):
+        return load_model(model, dtype=dtype, device="meta" if lazy else device)
+    if model.lazy == lazy:
+        return model
+    return load_model(model.path, dtype=dtype, device="meta" if lazy else device, name=model.config.name)
+
+
 def load_model(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                name: str | None = None) -> LoadedModel:
-    """Build every component on the meta device and fill it from the folder's safetensors."""
-    from qwen_image2_ref.encoder import ConditionEncoder
-
+    """Build every component on the meta device and fill it from the folder's safetensors;
+    ``device="meta"``: leave the weights out (:func:`load_lazy_model`)."""
+    if str(device) == "meta":
+        return load_lazy_model(model, name=name)
     path = resolve_model_path(model)
     pipeline_cfg = read_pipeline_config(path)
     transformer, vae = meta_components(path)
@@ -104,11 +147,28 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, 
     return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path)
 
 
-def load_pipeline(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    from qwen_image2_ref.pipeline import QwenImagePipeline
+def load_lazy_model(model: str | os.PathLike, *, name: str | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` whose parameters are on ``meta``: configs, tokenizer and computed
+    buffers only, no weight read (the lean export attaches them from the shards)."""
+    path = resolve_model_path(model)
+    pipeline = read_pipeline_config(path)
+    transformer, vae = meta_components(path)
+    vae.reset_buffers()  # latents mean/std from the config, for real
+    hf = Qwen3VLConfig.from_dict(read_config(path / "text_encoder"))
+    with meta_parameters(), no_init_weights():  # rotary tables are computed in __init__
+        qwen = Qwen3VLForConditionalGeneration(hf)
+    vision = VisionConfig.from_dict(read_image_processor_config(path / "processor"))
+    tokenizer = PromptTokenizer.from_file(path / "processor" / "tokenizer.json", system_prompt=pipeline.system_prompt,
+                                          max_prompt_tokens=pipeline.max_prompt_tokens, merge_size=vision.merge_size)
+    encoder = ConditionEncoder(qwen, tokenizer, vision)
+    config = ModelConfig(name=name or path.name, transformer=transformer.config, vae=vae.config,
+                         encoder=encoder.config, pipeline=pipeline)
+    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path, lazy=True)
 
-    m = load_model(model, dtype=dtype, device=device)
-    return QwenImagePipeline(m.config, m.transformer, m.vae, m.encoder, device=device, dtype=dtype)
+
+def load_pipeline(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                  device: str = "cpu") -> QwenImagePipeline:
+    return load_model(model, dtype=dtype, device=device).pipeline(device=device, dtype=dtype)
 
 
 def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae, encoder, *,

@@ -1,6 +1,6 @@
 """Read a quantized transformer export one layer at a time (for tests/test_quant.py).
 
-``qwen_image_edge.calib.qdq`` writes, per quantized Linear ``name``::
+``qwen_image_edge.export.qdq`` writes, per quantized Linear ``name``::
 
     x -> [Mul pre_quant_scale] -> QuantizeLinear -> DequantizeLinear -> MatMul
                          transformer.<name>.weight_quantized -> DequantizeLinear -^

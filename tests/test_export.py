@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 
 import qwen_image_edge.export.onnx_export as onnx_export
-from qwen_image_edge.export.graphs import example_inputs, graph_module
-from qwen_image_edge.export.iospec import graph_io
 from qwen_image_edge.export.onnx_export import export_graph, export_model
+from qwen_image_edge.export.registry import example_inputs, graph_io, graph_module
+from qwen_image_edge.export.trace import save_graph, trace_to_onnx
 from qwen_image2_ref.model_folder import load_model
 from qwen_image_edge.runtime.errors import ConfigError, ManifestError
 from qwen_image_edge.runtime.manifest import GRAPH_NAMES, MANIFEST_NAME, load_manifest, read_onnx_io
@@ -209,8 +209,8 @@ def test_patchified_vae_declares_its_pixel_channels(tmp_path):
     io = graph_io("vae_decoder", cfg, 64)
     torch.manual_seed(0)
     module = VAEDecoderGraph(QwenImageVAE(cfg.vae).eval())
-    model = onnx_export.trace_to_onnx(module, (torch.randn(2, 64, 3, 2),), io, tmp_path / "m.onnx", 19)
-    onnx_export.save_graph(model, tmp_path / "m.onnx")
+    model = trace_to_onnx(module, (torch.randn(2, 64, 3, 2),), io, tmp_path / "m.onnx", 19)
+    save_graph(model, tmp_path / "m.onnx")
     _, outputs = read_onnx_io(tmp_path / "m.onnx")
     assert outputs[0].dims == ("B", 4, "H", "W")
     out = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"latents": np.zeros((1, 64, 2, 4), np.float32)})

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import qwen_image_edge.export.lean as lean
-from qwen_image_edge.export.graphs import graph_module, transformer_inputs
+from qwen_image_edge.export.graphs import transformer_inputs
 from qwen_image_edge.export.onnx_export import export_model
+from qwen_image_edge.export.registry import graph_module
 from qwen_image_edge.export.validate import validate, validation_cases
 from qwen_image2_ref.checkpoint import (
     DIFFUSERS_WEIGHTS_NAME,
