@@ -26,10 +26,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
 from qwen_image_edge.distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool, student_sigmas
+from qwen_image2_ref.checkpoint import checkpoint_digest
+from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo.stage_io import load_stage, save_stage
 from qwen_image2_ref.demo.train_vae import lr_at
+from qwen_image2_ref.model_folder import ModelSource, open_model, save_model
+from qwen_image2_ref.pipeline import QwenImagePipeline
+from qwen_image2_ref.transformer import layout_inputs
 from qwen_image_edge.runtime import schedule
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.layout import padded_batch
@@ -64,10 +73,15 @@ class DistillSettings:
 
 # ------------------------------------------------------------------------------------ processes
 
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    device: torch.device
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world, device). Under torchrun: nccl on GPUs, gloo on CPU; alone: (0, 1, cpu/cuda:0)."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
@@ -82,8 +96,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -118,8 +130,6 @@ def batch_inputs(group: Group, ids: np.ndarray, segs: np.ndarray, table, pool: P
                  length: int):
     """Student inputs and its regression target for the given rows, text padded to ``length`` (the
     longest prompt of the global batch: padding moves rope positions, so every rank pads alike)."""
-    from qwen_image2_ref.transformer import layout_inputs
-
     edit = group.cond_latents is not None
     states, layout = padded_batch([group.states[i] for i in ids], group.target_shape, group.pad_prefix,
                                   [group.target_shape] if edit else [], length)
@@ -148,8 +158,6 @@ def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], d
 
 
 def save_checkpoint(path: Path, model, opt, it: int, losses: list[float], settings, digest: str) -> None:
-    from qwen_image2_ref.demo.stage_io import save_stage
-
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     opt_t, opt_meta = _opt_tensors(opt)
     tensors.update(opt_t)
@@ -159,8 +167,6 @@ def save_checkpoint(path: Path, model, opt, it: int, losses: list[float], settin
 
 def load_checkpoint(path: Path, model, opt, settings, digest: str) -> tuple[int, list[float]]:
     """Restore into ``model`` / ``opt``; (0, []) when there is no checkpoint to resume."""
-    from qwen_image2_ref.demo.stage_io import load_stage
-
     if not Path(path).with_suffix(".json").is_file():
         return 0, []
     tensors, meta = load_stage(path)
@@ -183,19 +189,16 @@ def load_checkpoint(path: Path, model, opt, settings, digest: str) -> tuple[int,
 
 # ------------------------------------------------------------------------------------ the run
 
-def pool_spec(teacher: str, pipe, settings: DistillSettings) -> PoolSpec:
-    from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
-
-    prompts = load_prompts(default_prompt_set(teacher))
+def pool_spec(model_path: str | Path, pipe, settings: DistillSettings) -> PoolSpec:
+    """What the teacher samples: the default prompt set of the teacher's folder, repeated to
+    ``pool_size`` (each repeat gets other noise), and demo edit examples when asked."""
+    prompts = load_prompts(default_prompt_set(model_path))
     reps = -(-settings.pool_size // len(prompts))
     prompts = (prompts * reps)[: settings.pool_size]  # each repeat gets other noise (seed + index)
     edits: tuple = ()
     if settings.edit_size:
-        from qwen_image2_ref.demo import data, is_shipped
-
-        if not is_shipped(teacher):
+        if not is_demo_folder(model_path):
             raise ConfigError("--edits: edit examples come from the demo data generator; only with --teacher demo")
-
         rng = np.random.default_rng(settings.seed + 17)
         ex = [data.sample_edit(rng, 128, 128, "train") for _ in range(settings.edit_size)]
         edits = tuple((data.render(e.source), e.instruction) for e in ex)
@@ -206,102 +209,121 @@ def pool_spec(teacher: str, pipe, settings: DistillSettings) -> PoolSpec:
                     tuple(sorted(set(settings.steps))), settings.seed, settings.pool_batch)
 
 
-def distill(teacher: str, out: str | os.PathLike, settings: DistillSettings, *, progress: bool = True,
-            restart: bool = False, stop_after: int | None = None) -> Path | None:
-    """Run (or resume) a distillation; returns the student folder (rank 0) or None (other ranks).
-
-    ``stop_after``: return after that many iterations of this call, checkpointed, without writing
-    the student (tests use it to simulate an interruption).
-    """
-    from qwen_image2_ref.checkpoint import checkpoint_digest
-    from qwen_image2_ref.model_folder import load_pipeline, resolve_model_path
-
-    rank, world, device = init_distributed()
-    if settings.batch % world:
-        raise ConfigError(f"--batch {settings.batch} must be a multiple of the number of processes ({world})")
-    out = Path(out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    _barrier(world)
-    folder = resolve_model_path(teacher)
-    digest = checkpoint_digest(folder / "transformer")
-    pipe = load_pipeline(teacher)
-    pipe.transformer.requires_grad_(False)
-    spec = pool_spec(teacher, pipe, settings)
+def teacher_pool(pipe: QwenImagePipeline, model_path: Path, settings: DistillSettings, folder: Path, digest: str,
+                 ranks: Ranks, progress: bool) -> Pool:
+    """The teacher's trajectories: reused from ``folder`` when made for this teacher and spec."""
+    spec = pool_spec(model_path, pipe, settings)
     pool_digest = f"{digest[:16]}-{spec.digest()}"
-    pool = load_pool(out / "pool", pool_digest)
+    pool = load_pool(folder, pool_digest)
     if pool is None:
         log.info("teacher trajectories: %d prompts, %d edits, %d steps, guidance %.2f, %d process(es)",
-                 len(spec.prompts), len(spec.edits), spec.teacher_steps, spec.guidance, world)
-        pool = build_pool(pipe, spec, rank, world, progress)
-        if rank == 0:
-            save_pool(out / "pool", pool, pool_digest)
-    _barrier(world)
-    res = pipe.config.pipeline.output_resolution
-    table = segment_table(pool, tuple(settings.steps), (res // 16) ** 2, pipe.config.pipeline.scheduler)
+                 len(spec.prompts), len(spec.edits), spec.teacher_steps, spec.guidance, ranks.world)
+        pool = build_pool(pipe, spec, ranks.rank, ranks.world, progress)
+        if ranks.rank == 0:
+            save_pool(folder, pool, pool_digest)
+    _barrier(ranks.world)
+    return pool
 
-    student = pipe.transformer.to(device).train().requires_grad_(True)
+
+def open_student(pipe: QwenImagePipeline, settings: DistillSettings, ckpt: Path, digest: str, ranks: Ranks,
+                 restart: bool):
+    """(student, optimizer, first iteration, losses so far): the teacher's transformer trained in
+    place, resumed from ``ckpt`` unless ``restart``."""
+    student = pipe.transformer.to(ranks.device).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    ckpt = out / "checkpoint"
-    if restart and rank == 0:
+    if restart and ranks.rank == 0:
         for p in (ckpt.with_suffix(".safetensors"), ckpt.with_suffix(".json")):
             p.unlink(missing_ok=True)
-    _barrier(world)
+    _barrier(ranks.world)
     start, losses = load_checkpoint(ckpt, student, opt, settings, digest)
     if start:
         log.info("resuming from iteration %d/%d", start, settings.iters)
-    model = student
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    return student, opt, start, losses
 
-        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    cfg = student.config
+
+def train_step(model, student, opt, pool: Pool, table, settings: DistillSettings, it: int, ranks: Ranks) -> float:
+    """One iteration on this rank's rows of the global batch; the loss averaged over ranks."""
+    name, ids, segs = draw(pool, table, settings, it)
+    length = max(len(pool.groups[name].states[i]) for i in ids)
+    ids, segs = ids[ranks.rank::ranks.world], segs[ranks.rank::ranks.world]
+    x_in, states, sig, cond, inputs, target = batch_inputs(pool.groups[name], ids, segs, table, pool, student.config,
+                                                           ranks.device, length)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(it, settings.iters, settings.lr, settings.warmup)
+    pred = model(x_in, states, sig, cond, **inputs)
+    loss = (pred.float() - target).square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    return _global_mean(loss.detach(), ranks.world)
+
+
+def train_loop(student, opt, pool: Pool, table, settings: DistillSettings, run: tuple[Path, str], start: int,
+               losses: list[float], ranks: Ranks, progress: bool, stop_after: int | None) -> bool:
+    """Iterate from ``start``, checkpointing every ``checkpoint_every_s`` and at the end; returns
+    whether it ran to the end (False: stopped after ``stop_after`` iterations of this call)."""
+    ckpt, digest = run
+    model = student
+    if ranks.world > 1:
+        model = DistributedDataParallel(student, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     last = time.time()
-    bar = tqdm(total=settings.iters, initial=start, desc="distill", disable=not progress or rank > 0)
-    it = start
-    while it < settings.iters:
-        name, ids, segs = draw(pool, table, settings, it)
-        length = max(len(pool.groups[name].states[i]) for i in ids)
-        ids, segs = ids[rank::world], segs[rank::world]
-        x_in, states, sig, cond, inputs, target = batch_inputs(pool.groups[name], ids, segs, table, pool, cfg, device,
-                                                               length)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it, settings.iters, settings.lr, settings.warmup)
-        pred = model(x_in, states, sig, cond, **inputs)
-        loss = (pred.float() - target).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        losses.append(_global_mean(loss.detach(), world))
-        it += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if it % 100 == 0:
-            log.info("distill iteration %d/%d loss %.5f", it, settings.iters, float(np.mean(losses[-100:])))
-        done = it == settings.iters or (stop_after is not None and it - start >= stop_after)
-        if rank == 0 and (done or time.time() - last > settings.checkpoint_every_s):
-            save_checkpoint(ckpt, student, opt, it, losses, settings, digest)
-            last = time.time()
-        if stop_after is not None and it - start >= stop_after:
-            _barrier(world)
-            bar.close()
-            return None
-    bar.close()
-    _barrier(world)
-    if rank:
+    bar = tqdm(total=settings.iters, initial=start, desc="distill", disable=not progress or ranks.rank > 0)
+    it, stop = start, False
+    try:
+        while it < settings.iters and not stop:
+            losses.append(train_step(model, student, opt, pool, table, settings, it, ranks))
+            it += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if it % 100 == 0:
+                log.info("distill iteration %d/%d loss %.5f", it, settings.iters, float(np.mean(losses[-100:])))
+            stop = stop_after is not None and it - start >= stop_after
+            if ranks.rank == 0 and (it == settings.iters or stop or time.time() - last > settings.checkpoint_every_s):
+                save_checkpoint(ckpt, student, opt, it, losses, settings, digest)
+                last = time.time()
+    finally:
+        bar.close()
+    _barrier(ranks.world)
+    return not stop
+
+
+def distill(teacher: ModelSource, out: str | os.PathLike, settings: DistillSettings, *, progress: bool = True,
+            restart: bool = False, stop_after: int | None = None) -> Path | None:
+    """Run (or resume) a distillation; returns the student folder (rank 0) or None (other ranks).
+
+    ``teacher``: a checkpoint folder, ``demo`` or a ``LoadedModel`` (trained in place).
+    ``stop_after``: return after that many iterations of this call, checkpointed, without writing
+    the student (tests use it to simulate an interruption).
+    """
+    ranks = Ranks(*init_distributed())
+    if settings.batch % ranks.world:
+        raise ConfigError(f"--batch {settings.batch} must be a multiple of the number of processes ({ranks.world})")
+    out = Path(out)
+    if ranks.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(ranks.world)
+    model = open_model(teacher)
+    digest = checkpoint_digest(model.path / "transformer")
+    pipe = model.pipeline()
+    pipe.transformer.requires_grad_(False)
+    pool = teacher_pool(pipe, model.path, settings, out / "pool", digest, ranks, progress)
+    res = pipe.config.pipeline.output_resolution
+    table = segment_table(pool, tuple(settings.steps), (res // 16) ** 2, pipe.config.pipeline.scheduler)
+    student, opt, start, losses = open_student(pipe, settings, out / "checkpoint", digest, ranks, restart)
+    finished = train_loop(student, opt, pool, table, settings, (out / "checkpoint", digest), start, losses, ranks,
+                          progress, stop_after)
+    if not finished or ranks.rank:
         return None
     (out / "losses.json").write_text(json.dumps({"losses": losses}))
     provenance = {"teacher_transformer_sha256": digest, "teacher_steps": settings.teacher_steps,
                   "guidance": pool.guidance, "trained_steps": list(settings.steps), "iterations": settings.iters,
                   "batch": settings.batch, "pool": {k: len(g.points) for k, g in pool.groups.items()}}
-    return save_student(pipe, student.eval(), out / "student", settings.steps[0], folder, provenance)
+    return save_student(pipe, student.eval(), out / "student", settings.steps[0], model.path, provenance)
 
 
 def _global_mean(loss: torch.Tensor, world: int) -> float:
     if world > 1:
-        import torch.distributed as dist
-
         loss = loss.clone()
         dist.all_reduce(loss)
         loss /= world
@@ -317,8 +339,6 @@ def student_pipeline_config(pcfg, steps: int):
 
 
 def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path, provenance: dict) -> Path:
-    from qwen_image2_ref.model_folder import save_model
-
     config = dataclasses.replace(pipe.config, pipeline=student_pipeline_config(pipe.config.pipeline, steps))
     dtype = None
     for sub in ("transformer", "vae"):

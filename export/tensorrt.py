@@ -47,8 +47,8 @@ from qwen_image_edge.runtime.backends.tensorrt import (
     trt_major,
 )
 from qwen_image_edge.runtime.errors import BackendError, ConfigError, ManifestError
+from qwen_image_edge.runtime.graphs import Component, check_graph_names, graphs_of
 from qwen_image_edge.runtime.manifest import (
-    KV_CACHE_GRAPHS,
     MANIFEST_NAME,
     EngineSpec,
     GraphSpec,
@@ -60,8 +60,8 @@ from qwen_image_edge.runtime.manifest import (
 
 log = logging.getLogger(__name__)
 
-# the condition encoder + MMDiT (single graph and the condition-KV-cache pair)
-DEFAULT_PRECISION_GRAPHS = ("text_encoder", "vision_encoder", "transformer", *KV_CACHE_GRAPHS)
+# the condition encoder + MMDiT (single graph and the condition-KV-cache pair): not the VAE
+DEFAULT_PRECISION_GRAPHS = (*graphs_of(Component.TEXT_ENCODER), *graphs_of(Component.TRANSFORMER))
 TIMING_CACHE_NAME = "timing.cache"
 
 
@@ -177,6 +177,9 @@ def build_engines(export_dir: str | os.PathLike, *, graphs: Sequence[str] | None
                   timing_cache: str | os.PathLike | None = None, weight_streaming: bool = False,
                   workspace_gb: float | None = None, trt=None) -> dict[str, EngineSpec]:
     """Build an engine per graph for this GPU; returns the manifest entries written."""
+    if graphs:
+        check_graph_names(graphs, where="build graphs")
+    check_graph_names(precision_graphs, where="precision graphs")
     export_dir = Path(export_dir)
     manifest: Manifest = load_manifest(export_dir, verify_hashes=True)
     names = list(graphs) if graphs else list(manifest.graphs)

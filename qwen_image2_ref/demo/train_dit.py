@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.demo import data
-from qwen_image2_ref.demo.stage_io import load_groups, load_stage, save_groups
+from qwen_image2_ref.demo.parts import build_encoder, load_vae
+from qwen_image2_ref.demo.stage_io import load_groups, load_stage, save_groups, save_module
 from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
+from qwen_image2_ref.model_folder import save_model
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import pack_latents
 from qwen_image_edge.runtime import images as rimages
@@ -209,8 +211,6 @@ def smoothed(losses: list[float], every: int = 500) -> list[tuple[int, float]]:
 
 
 def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dict:
-    from qwen_image2_ref.demo.train import build_encoder, load_vae, save_state
-
     if stage == "data":
         vae = load_vae(out)
         encoder = build_encoder(out, config, args.seed)
@@ -225,7 +225,7 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
                                **({"batch": 4} if args.small_data else {}))
 
         def ckpt(model, losses):
-            save_state(out / "dit", model, config.transformer, losses=losses)
+            save_module(out / "dit", model, config.transformer, losses=losses)
 
         model, losses, stats = train_dit(config, groups, settings, args.seed, progress, ckpt)
         ckpt(model, losses)
@@ -238,9 +238,6 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
 
 
 def save_weights(out, config: ModelConfig, stats: dict, args):
-    from qwen_image2_ref.demo.train import build_encoder, load_vae
-    from qwen_image2_ref.model_folder import save_model
-
     vae = load_vae(out)
     vcfg = dataclasses.replace(vae.config, latents_mean=tuple(stats["latents_mean"]),
                                latents_std=tuple(stats["latents_std"]))
