@@ -9,6 +9,7 @@ RGBA kept for the VAE and composited on white for the vision encoder) and transf
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
+from PIL import Image, ImageOps, UnidentifiedImageError
 from qwen_image_edge.runtime.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray
 
@@ -34,29 +36,108 @@ def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
     return round(width / 32) * 32, round(height / 32) * 32
 
 
+# Modes every consumer here converts correctly (Pillow's own RGB/RGBA conversions of 8-bit data).
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA"})
+# Pillow's 16-bit greyscale modes (16-bit PNG, TIFF, PGM). Pillow's own conversion to "L" clips
+# them at 255 instead of scaling: every value above 255 (all but the darkest 0.4%) became white.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ARRAY_DTYPES = "uint8, uint16 (0..65535) or float16/32/64 (0..1)"
+
+
 def load_image(source: ImageLike) -> Image.Image:
-    """A PIL image from a path, a PIL image or a uint8 array [H, W], [H, W, 3] or [H, W, 4]."""
+    """An 8-bit PIL image from a path, a PIL image or an array [H, W], [H, W, 3] or [H, W, 4].
+
+    High bit depths are scaled to 8 bits, never clipped: 16-bit data (uint16 arrays, Pillow's
+    ``I;16*`` modes of 16-bit PNG/TIFF files, and mode ``I``, taken as 16-bit) by 255/65535, float
+    data (float arrays, mode ``F``) from [0, 1] (values outside are an InputError, not clipped). 16-bit
+    RGB(A) PNGs come out of Pillow already scaled (it keeps the high byte). An animated image (GIF,
+    APNG, WebP) gives its first frame, with a warning on the log. A path's EXIF orientation is
+    applied, as diffusers' ``load_image`` does, so a phone photo is not edited on its side.
+    """
     if isinstance(source, Image.Image):
-        return source
+        return _eight_bit(_first_frame(source, "image"), "image")
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or not (
-            source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4))
-        ):
-            raise InputError(
-                f"image array: expected uint8 [H, W], [H, W, 3] or [H, W, 4], got {source.dtype}{list(source.shape)}"
-            )
-        return Image.fromarray(source)
+        return Image.fromarray(_array_to_uint8(source))
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise InputError(f"image {path}: no such file")
         try:
             with Image.open(path) as img:
-                img.load()
-                return img.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                frame = _first_frame(img, f"image {path}")
+                frame.load()
+                frame = ImageOps.exif_transpose(frame)
+        except Image.DecompressionBombError as exc:
+            raise InputError(f"image {path}: too large to decode safely ({exc})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InputError(f"image {path}: not a readable image file ({exc})") from None
+        return _eight_bit(frame, f"image {path}")
     raise InputError(f"image: expected a path, a PIL image or a numpy array, got {type(source).__name__}")
+
+
+def _first_frame(img: Image.Image, where: str) -> Image.Image:
+    """Frame 0 of an animated image (a copy, the caller's position kept), with a warning; else ``img``."""
+    frames = getattr(img, "n_frames", 1)
+    if frames <= 1:
+        return img
+    log.warning("%s: animated (%d frames); using its first frame", where, frames)
+    position = img.tell()
+    img.seek(0)
+    first = img.copy()
+    img.seek(position)
+    return first
+
+
+def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """uint8 [H, W(, 3|4)] from uint8, uint16 or float data, by the rules of :func:`load_image`."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]  # [H, W]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
+        raise InputError(f"image array: expected [H, W], [H, W, 3] or [H, W, 4] with H, W > 0, "
+                         f"got {arr.dtype}{list(arr.shape)}")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return _scale_to_uint8(arr, 65535.0)
+    if arr.dtype.kind == "f":
+        return _float_to_uint8(arr, "image array")
+    raise InputError(f"image array: expected {_ARRAY_DTYPES}, got {arr.dtype}{list(arr.shape)}")
+
+
+def _scale_to_uint8(arr: np.ndarray, full_scale: float) -> np.ndarray:
+    # float64: every 16-bit value maps exactly; round to nearest as an 8-bit re-encoder would.
+    return np.rint(arr.astype(np.float64) * (255.0 / full_scale)).astype(np.uint8)
+
+
+def _float_to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise InputError(f"{where}: expected finite values in [0, 1], found NaN or Inf")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InputError(f"{where}: float pixels must lie in [0, 1] (scaled to 0..255), found {lo:g}..{hi:g}")
+    return _scale_to_uint8(arr, 1.0)
+
+
+def _eight_bit(img: Image.Image, where: str) -> Image.Image:
+    """``img`` itself when it is 8-bit in a mode the pipeline converts, else an 8-bit copy."""
+    mode = img.mode
+    if mode in _EIGHT_BIT_MODES:
+        return img
+    if img.width == 0 or img.height == 0:
+        raise InputError(f"{where}: empty image ({img.width}x{img.height})")
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        arr = np.asarray(img).astype(np.int64)  # [H, W]
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise InputError(f"{where}: mode {mode} taken as 16-bit needs values 0..65535, found {lo}..{hi}")
+        return Image.fromarray(_scale_to_uint8(arr, 65535.0), "L")
+    if mode == "F":
+        return Image.fromarray(_float_to_uint8(np.asarray(img), f"{where} (mode F)"), "L")
+    target = "RGBA" if "A" in mode or "a" in mode else "RGB"  # RGBa, La; CMYK, YCbCr, LAB, HSV, RGBX
+    try:
+        return img.convert(target)
+    except ValueError as exc:
+        raise InputError(f"{where}: mode {mode} cannot be converted to {target} ({exc})") from None
 
 
 def condition_size(image: Image.Image, output_resolution: int) -> tuple[int, int]:

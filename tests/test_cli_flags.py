@@ -79,11 +79,16 @@ def _cli(command, tiny_export, source, out, **kw) -> np.ndarray:
     return np.asarray(img)
 
 
+def _one(result) -> Image.Image:
+    """One prompt's image (the reference returned a list of one before both pipelines agreed on one image)."""
+    return result[0] if isinstance(result, list) else result
+
+
 def _api(command, runtime_pipe, reference, source, **kw) -> Image.Image:
     if command == "generate":
-        return reference.generate(PROMPT, progress=False, **kw)[0]
+        return _one(reference.generate(PROMPT, progress=False, **kw))
     if command == "edit":
-        return reference.edit([str(source)], PROMPT, progress=False, **kw)[0]
+        return _one(reference.edit([str(source)], PROMPT, progress=False, **kw))
     if command == "run":
         return runtime_pipe.generate(PROMPT, **kw)
     return runtime_pipe.edit([str(source)], PROMPT, **kw)

@@ -69,5 +69,5 @@ def test_edit_with_a_file_that_is_not_an_image(model, tmp_path, capsys):
 def test_missing_model_and_bad_output_path(tmp_path, capsys, model):
     assert main(["generate", "--model", str(tmp_path), "x", "-o", str(tmp_path / "y.png")]) == 2
     assert "model_index.json" in _one_error_line(capsys)
-    assert main(["generate", "--model", str(model), "x", "-o", str(tmp_path / "y.jpg")]) == 2
-    assert "expected a .png path" in _one_error_line(capsys)
+    assert main(["generate", "--model", str(model), "x", "-o", str(tmp_path / "y.gif")]) == 2
+    assert "expected a .png, .jpg/.jpeg or .webp path" in _one_error_line(capsys)

@@ -28,10 +28,26 @@ def test_ensure_export_reuses_a_verified_export(model, export_dir):
     assert (export_dir / "manifest.json").stat().st_mtime_ns == stamp
 
 
-def test_ensure_export_redoes_a_corrupt_export(model, tmp_path):
+def test_ensure_export_redoes_a_damaged_export_of_the_same_model(model, tmp_path):
+    from qwen_image_edge.runtime.manifest import load_manifest
+
+    out = ensure_export(model, tmp_path / "e", max_resolution=64)
+    graph = out / load_manifest(out).graph("vae_decoder").file
+    graph.write_bytes(graph.read_bytes()[:100])  # truncated: the manifest still names this model as its source
+    assert ensure_export(model, out, max_resolution=64) == out
+    load_manifest(out, verify_hashes=True)  # whole again
+
+
+def test_ensure_export_keeps_what_it_cannot_identify(model, tmp_path):
+    """A folder whose manifest names no source is not replaced without overwrite (it may be anything)."""
+    from qwen_image_edge.runtime.errors import ManifestError
+
     out = ensure_export(model, tmp_path / "e", max_resolution=64)
     (out / "manifest.json").write_text("{}")
-    assert ensure_export(model, out, max_resolution=64) == out
+    with pytest.raises(ManifestError, match="pass --overwrite"):
+        ensure_export(model, out, max_resolution=64)
+    assert (out / "manifest.json").read_text() == "{}"
+    assert ensure_export(model, out, max_resolution=64, overwrite=True) == out
     assert (out / "manifest.json").read_text() != "{}"
 
 

@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from qwen_image_edge.runtime.backends.base import check_feeds, check_outputs
-from qwen_image_edge.runtime.errors import BackendError
+from qwen_image_edge.runtime.errors import BackendError, InputError
 from qwen_image_edge.runtime.manifest import GraphSpec, Precision
 
 log = logging.getLogger(__name__)
@@ -32,6 +31,31 @@ def _ort():
             "install the 'runtime' extra (CPU) or 'runtime-gpu' (CUDA / TensorRT)"
         ) from None
     return onnxruntime
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as a container or taskset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_threads(threads) -> int | None:
+    """``threads`` as an int in 1..cores (None: the library's default), else an InputError.
+
+    More threads than cores only makes workers wait for each other; a huge count made onnxruntime
+    try to start that many threads (a hang), so it is refused with the core count instead.
+    """
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InputError(f"threads: expected a positive integer, got {threads!r}")
+    cores = available_cores()
+    if threads > cores:
+        raise InputError(f"threads {threads}: this machine has {cores} CPU cores available to this process; "
+                         f"expected 1..{cores}")
+    return int(threads)
 
 
 def available_providers() -> list[str]:
@@ -95,10 +119,8 @@ class OnnxRuntimeBackend:
         unknown = [p for p in providers if p not in available]
         if unknown:
             raise BackendError(f"onnxruntime providers {unknown} are not available; available: {available}")
-        if threads is not None and threads < 1:
-            raise BackendError(f"threads: expected >= 1, got {threads}")
         self.providers = list(providers)
-        self.threads = threads
+        self.threads = check_threads(threads)
 
     def open(self, spec: GraphSpec, path: Path) -> OnnxRuntimeSession:
         return OnnxRuntimeSession(spec, path, self.providers, self.threads)
