@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from qwen_image2_ref.demo.stage_io import load_stage, ragged_arrays, ragged_tensors, save_stage
 from qwen_image_edge.runtime import images as rimages
 from qwen_image_edge.runtime import schedule
 from qwen_image_edge.runtime.errors import ConfigError
@@ -173,8 +175,6 @@ def build_pool(pipe, spec: PoolSpec, rank: int = 0, world: int = 1, progress: bo
 def _gather(parts: list[Group], n_parts: int, rank: int, world: int) -> Group:
     """Concatenate the parts (batches) of every rank in global order: part k came from rank k % world."""
     if world > 1:
-        import torch.distributed as dist
-
         shares: list = [None] * world
         dist.all_gather_object(shares, parts)
         parts = [shares[k % world][k // world] for k in range(n_parts)]
@@ -187,8 +187,6 @@ def _gather(parts: list[Group], n_parts: int, rank: int, world: int) -> Group:
 # ------------------------------------------------------------------------------------------ files
 
 def save_pool(path: Path, pool: Pool, digest: str) -> None:
-    from qwen_image2_ref.demo.stage_io import ragged_tensors, save_stage
-
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {"digest": digest, "sigmas": [float(s) for s in pool.sigmas], "grid": [float(s) for s in pool.grid],
                   "guidance": pool.guidance, "groups": {}}
@@ -204,8 +202,6 @@ def save_pool(path: Path, pool: Pool, digest: str) -> None:
 
 def load_pool(path: Path, digest: str) -> Pool | None:
     """The saved pool, or None when there is none or it was made for another spec/teacher."""
-    from qwen_image2_ref.demo.stage_io import load_stage, ragged_arrays
-
     if not Path(path).with_suffix(".json").is_file():
         return None
     tensors, meta = load_stage(path)

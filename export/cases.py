@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from qwen_image_edge.export.graphs import (
@@ -121,8 +122,6 @@ def transformer_cases(model, spec: GraphSpec, export_dir: Path | None = None, ma
 
 def _ort_runner(export_dir: Path, manifest: Manifest):
     """``run(graph, args) -> first output``; one onnxruntime session per graph, opened on first use."""
-    import onnxruntime as ort
-
     sessions = {}
 
     def run(graph: str, args: tuple) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
 from qwen_image_edge.export.iospec import image_channels
 from qwen_image2_ref.config import ModelConfig
@@ -94,8 +95,6 @@ class VisionEncoderGraph(nn.Module):
 
 def _vision_block(block, x, cos, sin, mask):
     """One ``Qwen3VLVisionBlock`` on its own modules; attention masked to each image's patches."""
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
-
     attn = block.attn
     q, k, v = attn.qkv(block.norm1(x)).reshape(-1, 3, attn.num_heads, attn.head_dim).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # [N, H, hd]

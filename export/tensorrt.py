@@ -204,16 +204,22 @@ def build_engines(export_dir: str | os.PathLike, *, graphs: Sequence[str] | None
         plan, cache = build_engine(trt, export_dir / spec.file, spec, plans[g], modes[g], opt_level=opt_level,
                                    timing_cache=cache, workspace_gb=workspace_gb)
         _write_atomic(cache_path, cache)
-        path = out_dir / f"{g}.plan"
-        _write_atomic(path, plan)
-        entry = EngineSpec(
-            graph=g, file=path.relative_to(export_dir).as_posix(), sha256=sha256_file(path),
-            graph_sha256=spec.sha256, precision=modes[g].precision, tensorrt_version=version,
-            gpu_name=gpu.name, compute_capability=gpu.compute_capability, dim_ranges=plans[g],
-            strongly_typed=modes[g].strongly_typed, weight_streaming=weight_streaming,
-        )
+        entry = _save_engine(export_dir, out_dir / f"{g}.plan", plan, spec, plans[g], modes[g], gpu, version,
+                             weight_streaming)
         key = engine_key(gpu, version, g)
         _record(export_dir, key, entry)
         written[key] = entry
         log.info("%s: built %s (%.1f MB) in %.1f s", g, entry.file, len(plan) / 1e6, time.perf_counter() - start)
     return written
+
+
+def _save_engine(export_dir: Path, path: Path, plan: bytes, spec: GraphSpec, ranges: dict, mode: NetworkMode, gpu,
+                 version: str, weight_streaming: bool) -> EngineSpec:
+    """Write the plan atomically and describe it for the manifest's ``engines`` section."""
+    _write_atomic(path, plan)
+    return EngineSpec(
+        graph=spec.name, file=path.relative_to(export_dir).as_posix(), sha256=sha256_file(path),
+        graph_sha256=spec.sha256, precision=mode.precision, tensorrt_version=version,
+        gpu_name=gpu.name, compute_capability=gpu.compute_capability, dim_ranges=ranges,
+        strongly_typed=mode.strongly_typed, weight_streaming=weight_streaming,
+    )

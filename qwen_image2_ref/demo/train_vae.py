@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import VAEConfig
-from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo import data, judge
 from qwen_image2_ref.vae import QwenImageVAE, unpatchify
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,6 @@ def train_vae(config: VAEConfig, settings: VAESettings, seed: int, progress: boo
 @torch.no_grad()
 def evaluate_vae(vae: QwenImageVAE, n: int = 96, seed: int = 12345) -> dict[str, float]:
     """PSNR and the judge's readback of reconstructions of held-out single-object scenes."""
-    from qwen_image2_ref.demo import judge
-
     ds = data.make_dataset(n, seed, split="heldout", n_objects=1, glyph_prob=0.3)
     x = to_pixels(ds.images)
     y = torch.cat([vae.decode(vae.encode(x[i:i + 32])) for i in range(0, n, 32)])
