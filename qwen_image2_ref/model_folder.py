@@ -21,7 +21,14 @@ from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-from qwen_image2_ref.checkpoint import checkpoint_digest, load_into, meta_parameters, read_config, save_component
+from qwen_image2_ref.checkpoint import (
+    _read_json,
+    checkpoint_digest,
+    load_into,
+    meta_parameters,
+    read_config,
+    save_component,
+)
 from qwen_image2_ref.config import ModelConfig, PipelineConfig, TransformerConfig, VAEConfig
 from qwen_image2_ref.demo import SHIPPED_MODELS
 from qwen_image2_ref.encoder import ConditionEncoder, read_image_processor_config
@@ -90,11 +97,11 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 
 def read_pipeline_config(path: Path) -> PipelineConfig:
-    index = json.loads((path / MODEL_INDEX).read_text())
+    index = _read_json(path / MODEL_INDEX)  # a malformed file is a CheckpointError naming it
     sched_path = path / "scheduler" / SCHEDULER_CONFIG
     if not sched_path.is_file():
         raise CheckpointError(f"model {path}: expected scheduler/{SCHEDULER_CONFIG}, not found")
-    scheduler = SchedulerConfig.from_dict(json.loads(sched_path.read_text()))
+    scheduler = SchedulerConfig.from_dict(_read_json(sched_path))
     extra = index.get(EDGE_KEY) or {}
     sigmas = index.get("sample_sigmas")
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
