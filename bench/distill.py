@@ -166,7 +166,7 @@ def speed(args, teacher, guidance: float) -> dict:
     rt_t = timed(lambda i: rt_teacher.generate(prompts[i], negative_prompt=NEGATIVE_PROMPT, steps=40,
                                                guidance=guidance, seed=i), args.timing_n)
     rt_s = timed(lambda i: rt_student.generate(prompts[i], seed=i), args.timing_n)
-    steps = len(rt_student.manifest.schedule.get("sigmas") or []) or rt_student.manifest.schedule["num_steps"]
+    steps = rt_student.manifest.schedule.default_steps
     rows = [["path", "transformer calls/image", "s/image", "speed-up vs reference teacher"],
             ["reference teacher, 40 steps + guidance (torch)", "80", f"{ref:.3f}", "1.0x"],
             ["runtime teacher, 40 steps + guidance (onnxruntime)", "80", f"{rt_t:.3f}", f"{ref / rt_t:.1f}x"],

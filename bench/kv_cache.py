@@ -82,7 +82,7 @@ def _times(fn, repeats: int) -> list[float]:
 
 
 def open_sessions(out: Path, threads: int) -> tuple[dict, dict, int]:
-    """(sessions of the single graph and the pair, transformer config dict, VAE factor) of an export."""
+    """(sessions of the single graph and the pair, transformer config, VAE factor) of an export."""
     from qwen_image_edge.runtime import kv_cache
     from qwen_image_edge.runtime.backends import make_backend
     from qwen_image_edge.runtime.manifest import load_manifest
@@ -90,10 +90,10 @@ def open_sessions(out: Path, threads: int) -> tuple[dict, dict, int]:
     m = load_manifest(out, verify_hashes=False)
     be = make_backend("onnxruntime", providers=["CPUExecutionProvider"], threads=threads)
     sess = {g: be.open(m.graphs[g], out / m.graphs[g].file) for g in ("transformer", *kv_cache.KV_CACHE_GRAPHS)}
-    return sess, m.model["transformer"], int(m.image["vae_scale_factor"])
+    return sess, m.model.transformer, m.vae_scale_factor
 
 
-def per_step(sess: dict, t: dict, f: int, resolutions, repeats: int) -> list[dict]:
+def per_step(sess: dict, t, f: int, resolutions, repeats: int) -> list[dict]:
     """Single graph vs cached step (and the prefill once) on synthetic text-to-image inputs."""
     from qwen_image_edge.runtime import kv_cache
     from qwen_image_edge.runtime.layout import attention_mask, build_layout, rope_tables
@@ -104,11 +104,11 @@ def per_step(sess: dict, t: dict, f: int, resolutions, repeats: int) -> list[dic
         side = res // f
         for n_text in PROMPT_TOKENS:
             layout = build_layout(np.zeros(n_text, bool), np.ones((1, n_text), bool), [], (side, side))
-            cos, sin = rope_tables(layout.position_ids, t["axes_dims_rope"], t["rope_theta"])
-            latents = rng.standard_normal((1, side * side, t["in_channels"]), dtype=np.float32)
-            text = rng.standard_normal((1, n_text, t["context_dim"]), dtype=np.float32)
+            cos, sin = rope_tables(layout.position_ids, t.axes_dims_rope, t.rope_theta)
+            latents = rng.standard_normal((1, side * side, t.in_channels), dtype=np.float32)
+            text = rng.standard_normal((1, n_text, t.context_dim), dtype=np.float32)
             common = {"latents": latents, "timestep": np.full((1,), 0.5, np.float32)}
-            cond = {"text_states": text, "cond_latents": np.zeros((1, 0, t["in_channels"]), np.float32)}
+            cond = {"text_states": text, "cond_latents": np.zeros((1, 0, t.in_channels), np.float32)}
             single = {**common, **cond, "prefix_index": layout.prefix_index, "rope_cos": cos, "rope_sin": sin,
                       "attn_mask": attention_mask(layout.block_ids, layout.key_valid)}
             pre_feeds, step_feeds = kv_cache.pair_feeds(layout, cos, sin)
@@ -150,7 +150,7 @@ def full_width_sessions(root: Path, layers: int, max_resolution: int, threads: i
         done = export_graph(name, wrap(name, transformer), example_inputs(name, cfg),
                             graph_io(name, cfg, max_resolution), root)
         sess[name] = be.open(done.spec, root / done.spec.file)
-    return sess, dataclasses.asdict(cfg.transformer), cfg.vae.scale_factor_spatial
+    return sess, cfg.transformer, cfg.vae.scale_factor_spatial
 
 
 def print_per_step(rows: list[dict], resolutions) -> None:
@@ -188,16 +188,14 @@ def end_to_end(out: Path, threads: int, resolution: int) -> list[dict]:
     for tokens in (32, 256):
         prompt = _prompt(pipes["pair"], tokens)
         for steps in (4, 40):
-            row = dict(steps=steps, text=tokens, guidance=pipes["pair"].manifest.schedule["guidance_scale"])
+            row = dict(steps=steps, text=tokens, guidance=pipes["pair"].manifest.schedule.guidance_scale)
             for name, pipe in pipes.items():
                 kw = dict(width=resolution, height=resolution, steps=steps, seed=0, output="np")
                 pipe.generate(prompt, **dict(kw, steps=1))  # warm-up
-                start = time.perf_counter()
-                img = pipe.generate(prompt, **kw)
-                row[name] = time.perf_counter() - start
+                img, stats = pipe.generate(prompt, return_stats=True, **kw)  # this call's own timings
+                row[name] = stats.wall
                 row[f"{name}_img"] = img
-                graph = "transformer_step" if name == "pair" else "transformer"
-                row[f"{name}_tr"] = sum(pipe.last_times.stages[graph])
+                row[f"{name}_tr"] = stats.seconds("transformer_step" if name == "pair" else "transformer")
             row["max_px"] = float(np.abs(row.pop("pair_img") - row.pop("single_img")).max())
             rows.append(row)
     return rows

@@ -149,7 +149,7 @@ def end_to_end(dirs: dict[str, Path], n: int, threads: int, steps: int | None, g
     results = {}
     for precision, path in dirs.items():
         pipe = Pipeline.load(path, threads=threads, verify_hashes=False)
-        g = guidance if guidance is not None else float(pipe.manifest.schedule["guidance_scale"])
+        g = guidance if guidance is not None else pipe.manifest.schedule.guidance_scale
         images, latents, scores = [], [], []
         start = time.perf_counter()
         for i, (scene, caption) in enumerate(prompts):

@@ -31,7 +31,16 @@ except ImportError:  # not POSIX: killed exports' staging is not swept
 from qwen_image_edge.export.graphs import vision_tower
 from qwen_image_edge.export.iospec import condition_range, target_range
 from qwen_image_edge.runtime.errors import ManifestError
-from qwen_image_edge.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, sha256_file
+from qwen_image_edge.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, parse_section, sha256_file
+from qwen_image_edge.runtime.sections import (
+    ConditionRange,
+    ImageSection,
+    ModelSection,
+    PromptSection,
+    Provenance,
+    ScheduleSection,
+    TargetRange,
+)
 from qwen_image_edge.runtime.tokens import prompt_text
 
 log = logging.getLogger(__name__)
@@ -143,51 +152,55 @@ def copy_tokenizer(model_path: Path, staging: Path) -> dict[str, str]:
     return {"tokenizer": rel, "tokenizer_sha256": sha256_file(staging / rel)}
 
 
-def prompt_section(model, tokenizer_files: dict[str, str]) -> dict:
+def prompt_section(model, tokenizer_files: dict[str, str]) -> PromptSection:
     tok = model.encoder.tokenizer
     p = model.config.pipeline
-    return {
-        **tokenizer_files,
-        "template": prompt_text("{prompt}", 0, tok.system_prompt),
-        "system_prompt": tok.system_prompt,
-        "drop_rule": "after left padding, drop the first drop_idx tokens (the system turn)",
-        "drop_idx": tok.drop_idx,
-        "pad_token": tok.tokenizer.id_to_token(tok.pad_id),
-        "max_prompt_tokens": p.max_prompt_tokens,
-        "max_condition_images": p.max_condition_images,
-    }
+    return PromptSection(
+        tokenizer=tokenizer_files["tokenizer"],
+        tokenizer_sha256=tokenizer_files["tokenizer_sha256"],
+        template=prompt_text("{prompt}", 0, tok.system_prompt),
+        system_prompt=tok.system_prompt,
+        drop_rule="after left padding, drop the first drop_idx tokens (the system turn)",
+        drop_idx=tok.drop_idx,
+        pad_token=tok.tokenizer.id_to_token(tok.pad_id),
+        max_prompt_tokens=p.max_prompt_tokens,
+        max_condition_images=p.max_condition_images,
+    )
 
 
-def schedule_section(model) -> dict:
+def schedule_section(model) -> ScheduleSection:
     p = model.config.pipeline
-    return {
-        "scheduler": p.scheduler.to_dict(),
-        "num_steps": p.num_steps,
-        "sigmas": list(p.sample_sigmas) if p.sample_sigmas is not None else None,
-        "guidance_scale": p.guidance_scale,
-        "guidance_distilled": p.guidance_distilled,
-        "default_negative_prompt": p.default_negative_prompt,
-    }
+    return ScheduleSection(
+        scheduler=p.scheduler,
+        num_steps=p.num_steps,
+        sigmas=tuple(p.sample_sigmas) if p.sample_sigmas is not None else None,
+        guidance_scale=float(p.guidance_scale),
+        guidance_distilled=p.guidance_distilled,
+        default_negative_prompt=p.default_negative_prompt,
+    )
 
 
-def image_section(model, min_resolution: int, max_resolution: int, multiple: int) -> dict:
-    return {
-        "output_resolution": model.config.pipeline.output_resolution,
-        "min_resolution": min_resolution,
-        "max_resolution": max_resolution,
-        "multiple": multiple,
-        "vae_scale_factor": model.config.vae.scale_factor_spatial,
+def image_section(model, min_resolution: int, max_resolution: int, multiple: int) -> ImageSection:
+    cfg = model.config
+    condition = condition_range(cfg).to_dict()
+    target = target_range(cfg, max_resolution).to_dict()
+    return ImageSection(
+        output_resolution=cfg.pipeline.output_resolution,
+        min_resolution=min_resolution,
+        max_resolution=max_resolution,
+        multiple=multiple,
+        vae_scale_factor=cfg.vae.scale_factor_spatial,
         # condition images (editing): the aspect ratios and resized sizes the graphs were sized for
-        "condition": condition_range(model.config).to_dict(),
+        condition=parse_section(ConditionRange, condition, "image.condition", where="export"),
         # output sizes: squares up to max_resolution and every condition aspect at the output area
-        "target": target_range(model.config, max_resolution).to_dict(),
-        "latent_channels": model.config.vae.z_dim,
-        "vision": model.encoder.vision.to_dict(),
-        "vision_tower": dataclasses.asdict(vision_tower(model.encoder.model)),
+        target=parse_section(TargetRange, target, "image.target", where="export"),
+        latent_channels=cfg.vae.z_dim,
+        vision=model.encoder.vision,
+        vision_tower=vision_tower(model.encoder.model),
         # Editing: condition images go through vision_encoder, then the same text_encoder graph as
         # text prompts (its visual inputs are empty for text); vae_encoder gives condition latents.
-        "text_encoder_visual_inputs": "shared",
-    }
+        text_encoder_visual_inputs="shared",
+    )
 
 
 EXPORTERS = {
@@ -197,26 +210,33 @@ EXPORTERS = {
 }
 
 
-def provenance_section(model, lean: bool = False) -> dict:
+def provenance_section(model, lean: bool = False) -> Provenance:
     from qwen_image2_ref.checkpoint import checkpoint_digest
 
     digests = {c: checkpoint_digest(model.path / c) for c in ("transformer", "vae", "text_encoder")}
     index_file = Path(model.path) / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    return {
-        "source": {"path": str(model.path), "name": model.config.name, "checkpoint_sha256": digests},
-        "tool_versions": tool_versions(),
-        "exporter": EXPORTERS[bool(lean)],
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "calibration": None,
+    return Provenance(
+        source={"path": str(model.path), "name": model.config.name, "checkpoint_sha256": digests},
+        tool_versions=tool_versions(),
+        exporter=EXPORTERS[bool(lean)],
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        calibration=None,
         # a distilled student's folder says what it was distilled from (qwen_image_edge.distill.trainer)
-        "distillation": (index.get("qwen_image_edge") or {}).get("distilled_from"),
-    }
+        distillation=(index.get("qwen_image_edge") or {}).get("distilled_from"),
+    )
 
 
-def build_manifest(model, graphs: dict[str, GraphSpec], prompt: dict, image: dict, lean: bool = False) -> Manifest:
+def model_section(model) -> ModelSection:
+    """The ModelConfig as JSON, typed where the runtime reads it."""
+    config = json.loads(json.dumps(dataclasses.asdict(model.config)))  # tuples -> lists
+    return parse_section(ModelSection, config, "model", where="export")
+
+
+def build_manifest(model, graphs: dict[str, GraphSpec], prompt: PromptSection, image: ImageSection,
+                   lean: bool = False) -> Manifest:
     return Manifest(
-        model=json.loads(json.dumps(dataclasses.asdict(model.config))),  # tuples -> lists
+        model=model_section(model),
         prompt=prompt,
         schedule=schedule_section(model),
         image=image,

@@ -114,7 +114,7 @@ def export_quantized(model: LoadedModel, quantized, out: str | Path, graphs=None
         image = image_section(model, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
         manifest = build_manifest(model, specs, prompt, image)
         if quantized is not None:
-            provenance = {**manifest.provenance, "calibration": calibration_section(quantized)}
+            provenance = dataclasses.replace(manifest.provenance, calibration=calibration_section(quantized))
             manifest = dataclasses.replace(manifest, provenance=provenance)
         write_manifest(staging, manifest)
     log.info("export %s complete (%s transformer)", out, quantized.policy.precision.value if quantized else "fp32")

@@ -74,16 +74,15 @@ def _declared(manifest: Manifest, symbol: str) -> Range | None:
 def resolution_range(manifest: Manifest, req: BuildRanges) -> Range:
     """Pixel side range; defaults are the export's min resolution, longest side and output resolution."""
     img = manifest.image
-    max_side = int((img.get("target") or {}).get("max_side", img["max_resolution"]))
-    multiple = int(img["multiple"])
-    lo = req.min_res if req.min_res is not None else int(img["min_resolution"])
+    max_side, multiple = img.target.max_side, img.multiple
+    lo = req.min_res if req.min_res is not None else img.min_resolution
     hi = req.max_res if req.max_res is not None else max_side
-    opt = req.opt_res if req.opt_res is not None else min(max(int(img["output_resolution"]), lo), hi)
+    opt = req.opt_res if req.opt_res is not None else min(max(img.output_resolution, lo), hi)
     for flag, value in (("--min-res", lo), ("--opt-res", opt), ("--max-res", hi)):
         if value % multiple or value <= 0:
             raise ConfigError(f"{flag} {value}: expected a positive multiple of {multiple} pixels")
     _check_range("resolution (--min-res, --opt-res, --max-res)", (lo, opt, hi))
-    ex_lo, ex_hi = int(img["min_resolution"]), max_side
+    ex_lo, ex_hi = img.min_resolution, max_side
     if lo < ex_lo or hi > ex_hi:
         raise ConfigError(
             f"resolution {lo}..{hi} px: outside the exported range {ex_lo}..{ex_hi} px "
@@ -94,7 +93,7 @@ def resolution_range(manifest: Manifest, req: BuildRanges) -> Range:
 
 def wanted_ranges(manifest: Manifest, req: BuildRanges) -> dict[str, WantedRange]:
     """One consistent range per symbol of the export, from the request (see the module docstring)."""
-    f = int(manifest.image["vae_scale_factor"])
+    f = manifest.vae_scale_factor
     res = resolution_range(manifest, req)
     side = (res[0] // f, res[1] // f, res[2] // f)
     out: dict[str, WantedRange] = {"h": side, "w": side, "H": res, "W": res}
@@ -121,7 +120,7 @@ def wanted_ranges(manifest: Manifest, req: BuildRanges) -> dict[str, WantedRange
             if req.max_prompt_tokens < 1:
                 raise ConfigError(f"--max-prompt-tokens {req.max_prompt_tokens}: expected >= 1")
             # the export's allowance for template tokens on top of the prompt is kept
-            allowance = declared[2] - int(manifest.prompt["max_prompt_tokens"])
+            allowance = declared[2] - manifest.prompt.max_prompt_tokens
             hi = req.max_prompt_tokens + allowance
             declared = (declared[0], min(declared[1], hi), hi)
         out[sym] = declared

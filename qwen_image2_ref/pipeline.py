@@ -1,7 +1,9 @@
 """The torch reference sampling loop: text-to-image and edit.
 
-Everything that is not network math comes from ``runtime`` (noise, schedule, Euler step,
-guidance, layout, image rules, pixels -> PIL), so the runtime reproduces this loop image for image.
+Everything that is not network math comes from ``runtime`` (request resolution, condition-image
+checks, noise, schedule, Euler step, guidance, layout, image rules, pixels -> PIL), so the runtime
+reproduces this loop image for image. Same return convention as the runtime: for
+``output="pil"`` one image for a prompt string, a list for a list; ``"np"``/``"latent"`` batched.
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from qwen_image_edge.runtime import images as rimages
+from qwen_image_edge.runtime import schedule
+from qwen_image_edge.runtime.edit import condition_images
+from qwen_image_edge.runtime.errors import InputError
+from qwen_image_edge.runtime.layout import build_layout
+from qwen_image_edge.runtime.sampling import (
+    Request,
+    convert_pixels,
+    initial_noise,
+    one_or_list,
+    resolve_request,
+)
+from qwen_image_edge.runtime.sections import ScheduleSection
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.transformer import QwenImageTransformer, cache_inputs, check_inputs, layout_inputs
 from qwen_image2_ref.vae import QwenImageVAE, pack_latents, unpack_latents
-from qwen_image_edge.runtime import images as rimages
-from qwen_image_edge.runtime import schedule
-from qwen_image_edge.runtime.errors import InputError
-from qwen_image_edge.runtime.layout import build_layout
-from qwen_image_edge.runtime.sampling import Request, initial_noise, make_request, to_images
 
 log = logging.getLogger(__name__)
 
@@ -58,39 +68,33 @@ class QwenImagePipeline:
                  guidance: float | None = None, seed: int | None = None, latents: np.ndarray | None = None,
                  callback: Callable[[int, int, np.ndarray], None] | None = None, progress: bool = True,
                  output: str = "pil"):
-        """Text to image. Returns one PIL RGBA image per prompt (``output="latent"``: packed latents)."""
+        """Text to image: one PIL RGBA image for a prompt string, a list for a list of prompts
+        (``output="np"``: ``[B, H, W, 4]`` in [0, 1]; ``"latent"``: packed latents)."""
         res = self.config.pipeline.output_resolution
-        request = self._request(prompt, negative_prompt, width, height, steps, guidance, seed, (res, res))
-        return self._sample(request, [], [], latents, callback, progress, output)
+        request = self._request(prompt, negative_prompt, width, height, steps, guidance, seed, (res, res), output)
+        return one_or_list(self._sample(request, [], [], latents, callback, progress), prompt, output)
 
     @torch.inference_mode()
     def edit(self, images, instruction: str | Sequence[str], *, negative_prompt=None, width: int | None = None,
              height: int | None = None, steps: int | None = None, guidance: float | None = None,
              seed: int | None = None, latents: np.ndarray | None = None, callback=None, progress: bool = True,
              output: str = "pil"):
-        """Edit one or more condition images as the instruction says. Output size follows the last image."""
-        pil_images = [rimages.load_image(img) for img in (images if isinstance(images, (list, tuple)) else [images])]
-        limit = self.config.pipeline.max_condition_images
-        if not pil_images:
-            raise InputError("edit: expected at least one condition image, got none")
-        if len(pil_images) > limit:
-            raise InputError(f"edit: at most {limit} condition images are supported, got {len(pil_images)}")
-        res = self.config.pipeline.output_resolution
-        sizes = [rimages.calculate_dimensions(res * res, im.width / im.height) for im in pil_images]
-        request = self._request(instruction, negative_prompt, width, height, steps, guidance, seed, sizes[-1])
-        return self._sample(request, pil_images, sizes, latents, callback, progress, output)
+        """Edit one or more condition images as the instruction says. Output size follows the last image;
+        returns as :meth:`generate` does."""
+        pcfg = self.config.pipeline
+        pil_images, sizes = condition_images(images, pcfg.max_condition_images, pcfg.output_resolution)
+        request = self._request(instruction, negative_prompt, width, height, steps, guidance, seed, sizes[-1], output)
+        return one_or_list(self._sample(request, pil_images, sizes, latents, callback, progress), instruction, output)
 
     # ------------------------------------------------------------------ internals
 
-    def _request(self, prompt, negative_prompt, width, height, steps, guidance, seed, default_size) -> Request:
-        pcfg = self.config.pipeline
-        if steps is None:
-            steps = len(pcfg.sample_sigmas) if pcfg.sample_sigmas is not None else pcfg.num_steps
-        if guidance is None:
-            guidance = pcfg.guidance_scale
-        if negative_prompt is None and guidance > 1:
-            negative_prompt = pcfg.default_negative_prompt
-        return make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size)
+    def _request(self, prompt, negative_prompt, width, height, steps, guidance, seed, default_size, output) -> Request:
+        p = self.config.pipeline
+        # the sampling defaults as an export writes them (export.manifest_writer.schedule_section)
+        defaults = ScheduleSection(p.scheduler, p.num_steps, p.sample_sigmas, float(p.guidance_scale),
+                                   p.guidance_distilled, p.default_negative_prompt)
+        return resolve_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size=default_size,
+                               schedule=defaults, vae_factor=self.config.vae.scale_factor_spatial, output=output)
 
     def _encode(self, prompts, vl_images, cond_shapes, target_shape) -> Condition:
         return self._condition(*self.encoder.encode(list(prompts), vl_images or None), cond_shapes, target_shape)
@@ -124,22 +128,21 @@ class QwenImagePipeline:
         prefill_kw, cond.step_inputs = cache_inputs(cond.layout, self.transformer.config, self.device)
         cond.kv_cache = self.transformer.prefill(cond.text_states, cond_latents, **prefill_kw)
 
-    def _sample(self, request: Request, pil_images, sizes, latents, callback, progress, output):
+    def _sample(self, request: Request, pil_images, sizes, latents, callback, progress):
         batch = len(request.prompts)
         target_shape = request.latent_shape
-        cond_shapes = [(h // 16, w // 16) for w, h in sizes]
+        f = request.vae_factor
+        cond_shapes = [(h // f, w // f) for w, h in sizes]
         vl_images = [rimages.resize_rgba(im, w, h) for im, (w, h) in zip(pil_images, sizes)]
         positive = self._encode(request.prompts, vl_images, cond_shapes, target_shape)
         negative = None
         if request.use_guidance:
             negative = self._encode(request.negative_prompts, vl_images, cond_shapes, target_shape)
-        elif request.negative_prompts is not None:
-            log.warning("negative_prompt is ignored: guidance %.2f <= 1 disables it", request.guidance)
         cond_latents = self._condition_latents(pil_images, sizes, batch)
 
         channels = self.transformer.config.in_channels
         if latents is None:
-            latents = initial_noise(request.seed, batch, request.height, request.width, channels)
+            latents = initial_noise(request.seed, batch, request.height, request.width, channels, f)
         x = torch.from_numpy(np.asarray(latents, dtype=np.float32)).to(self.device, self.dtype)
         check_inputs(positive.layout, x, positive.text_states, cond_latents)
         if self.use_kv_cache and self.transformer.config.causal_condition:
@@ -153,18 +156,17 @@ class QwenImagePipeline:
             v = self._velocity(positive, x, cond_latents, sigmas[i])
             if negative is not None:
                 v_neg = self._velocity(negative, x, cond_latents, sigmas[i])
-                v = v_neg + request.guidance * (v - v_neg)
-            x = (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(self.dtype)
+                v = schedule.apply_guidance(v, v_neg, request.guidance)
+            # the update in float32, as diffusers' scheduler does it, then back to the model's dtype
+            x = schedule.euler_step(x.float(), v.float(), sigmas[i], sigmas[i + 1]).to(self.dtype)
             if callback is not None:
                 callback(i, request.steps, x.float().cpu().numpy())
-        if output == "latent":
+        if request.output == "latent":
             return x.float().cpu().numpy()
-        pixels = self.decode_pixels(x, request.height, request.width)
-        if output == "np":
-            return np.clip(pixels.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)  # [B, H, W, 4] in [0, 1]
-        return to_images(pixels)
+        return convert_pixels(self.decode_pixels(x, request.height, request.width), request.output)
 
     def decode_pixels(self, packed: torch.Tensor, height: int, width: int) -> np.ndarray:
         """Packed normalised latents -> float32 pixels ``[B, 4, H, W]`` in [-1, 1]."""
-        z = unpack_latents(packed, height // 16, width // 16)  # [B, C, h, w]
+        f = self.config.vae.scale_factor_spatial
+        z = unpack_latents(packed, height // f, width // f)  # [B, C, h, w]
         return self.vae.decode_normalized(z.to(self.dtype)).float().cpu().numpy()

@@ -14,12 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from PIL import Image
-
 from qwen_image_edge.runtime import images as rimages
-from qwen_image_edge.runtime.errors import InputError
+from qwen_image_edge.runtime.errors import InputError, ManifestError
 from qwen_image_edge.runtime.manifest import GraphSpec, Manifest
-
-VAE_TOKEN = 16  # pixels per latent token side
 
 
 def check_range(spec: GraphSpec, symbol: str, value: int, what: str, n_images: int) -> None:
@@ -32,16 +29,15 @@ def check_range(spec: GraphSpec, symbol: str, value: int, what: str, n_images: i
         )
 
 
-def load_condition_images(images, manifest: Manifest, output_resolution: int) -> tuple[list[Image.Image], list[tuple[int, int]]]:
-    """PIL images and their condition sizes (width, height), checked against the model and the export."""
+def condition_images(images, max_images: int, output_resolution: int) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+    """The checks every edit makes, before any model runs (the reference calls this too): one or
+    more readable, non-empty images, at most ``max_images``; returns them as PIL images with the
+    (width, height) each is resized to (about ``output_resolution**2`` pixels, aspect kept)."""
     items: Sequence = images if isinstance(images, (list, tuple)) else [images]
     if not items:
         raise InputError("edit: expected at least one condition image, got none")
-    limit = int(manifest.prompt.get("max_condition_images", len(items)))
-    if len(items) > limit:
-        raise InputError(f"edit: the model takes at most {limit} condition images, got {len(items)}")
-    sides = _side_range(manifest)
-    max_aspect = float((manifest.image.get("condition") or {}).get("max_aspect", 0)) or None
+    if len(items) > max_images:
+        raise InputError(f"edit: the model takes at most {max_images} condition images, got {len(items)}")
     pil, sizes = [], []
     for i, item in enumerate(items):
         try:
@@ -50,31 +46,37 @@ def load_condition_images(images, manifest: Manifest, output_resolution: int) ->
             raise InputError(f"condition image {i}: {exc}") from None
         if im.width < 1 or im.height < 1:
             raise InputError(f"condition image {i}: expected a non-empty image, got {im.width}x{im.height} pixels")
-        if max_aspect is not None and max(im.width / im.height, im.height / im.width) > max_aspect:
+        pil.append(im)
+        sizes.append(rimages.condition_size(im, output_resolution))
+    return pil, sizes
+
+
+def load_condition_images(images, manifest: Manifest, output_resolution: int) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+    """PIL images and their condition sizes (width, height), checked against the model and the export."""
+    pil, sizes = condition_images(images, manifest.prompt.max_condition_images, output_resolution)
+    lo, hi = _side_range(manifest)
+    max_aspect = manifest.image.condition.max_aspect
+    for i, (im, (w, h)) in enumerate(zip(pil, sizes)):
+        if max(im.width / im.height, im.height / im.width) > max_aspect:
             raise InputError(_aspect_message(i, im, max_aspect))
-        w, h = rimages.condition_size(im, output_resolution)
-        lo, hi = sides
         if not (lo <= w <= hi and lo <= h <= hi):
             raise InputError(
                 f"condition image {i} ({im.width}x{im.height}): resized to {w}x{h} (about {output_resolution}^2 "
                 f"pixels, aspect kept), a side outside the exported range {lo}..{hi}; use a less extreme "
                 "aspect ratio or re-export"
             )
-        pil.append(im)
-        sizes.append((w, h))
-    n_c = sum((w // VAE_TOKEN) * (h // VAE_TOKEN) for w, h in sizes)
-    check_range(manifest.graph("transformer"), "N_c", n_c, "condition latent tokens", len(items))
+    f = manifest.vae_scale_factor
+    n_c = sum((w // f) * (h // f) for w, h in sizes)
+    check_range(manifest.graph("transformer"), "N_c", n_c, "condition latent tokens", len(pil))
     return pil, sizes
 
 
 def _side_range(manifest: Manifest) -> tuple[int, int]:
-    """Pixel sides the ``vae_encoder`` graph takes (``Hc``/``Wc``; ``H``/``W`` in exports made
-    before condition ranges were sized by area, where they equal the target range)."""
+    """Pixel sides the ``vae_encoder`` graph takes (its ``Hc``/``Wc`` ranges)."""
     ranges = manifest.graph("vae_encoder").dim_ranges
-    for h, w in (("Hc", "Wc"), ("H", "W")):
-        if h in ranges and w in ranges:
-            return max(ranges[h][0], ranges[w][0]), min(ranges[h][2], ranges[w][2])
-    return int(manifest.image["min_resolution"]), int(manifest.image["max_resolution"])
+    if "Hc" not in ranges or "Wc" not in ranges:
+        raise ManifestError(f"graph 'vae_encoder': expected ranges for Hc and Wc, got {sorted(ranges)}; re-export")
+    return max(ranges["Hc"][0], ranges["Wc"][0]), min(ranges["Hc"][2], ranges["Wc"][2])
 
 
 def _aspect_message(i: int, im: Image.Image, max_aspect: float) -> str:

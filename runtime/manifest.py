@@ -7,12 +7,14 @@ declared range of every symbolic dim.
 
 Checks made by :func:`load_manifest`:
 
-- ``format_version`` is known; every field is present and typed;
+- ``format_version`` is this runtime's (an older export is refused with a request to re-export);
+  every field is present and typed (:mod:`qwen_image_edge.runtime.sections`), a problem is a
+  ManifestError naming the field's path (``schedule.guidance_scale``);
 - every named file resolves inside the export directory (no absolute paths, ``..`` or symlinks
   out of it) and exists;
-- each graph's inputs/outputs (names, dtypes, dims) equal those stored in its ONNX file. The
-  ONNX header is read with a small protobuf walker that seeks past initializers, so this costs
-  a few reads per graph and needs neither ``onnx`` nor ``onnxruntime``;
+- each graph's inputs/outputs (names, dtypes, dims) equal those stored in its ONNX file, read by
+  :mod:`qwen_image_edge.runtime.onnx_header` (a few reads per graph; neither ``onnx`` nor
+  ``onnxruntime``);
 - with ``verify_hashes=True`` (the default), the sha256 of every graph and data file. This
   streams every byte once: roughly 1 s per GB on one core (a full fp32 export is ~60 GB, a
   bf16/fp8 one 10-30 GB), so a runtime that trusts its disk may pass ``verify_hashes=False``
@@ -21,6 +23,7 @@ Checks made by :func:`load_manifest`:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -29,10 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen_image_edge.runtime import fields
 from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.fields import KEY, OPTIONAL, FieldError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES, KV_CACHE_GRAPHS  # noqa: F401  (the graph table's names)
+from qwen_image_edge.runtime.onnx_header import read_io
+from qwen_image_edge.runtime.sections import (
+    ImageSection,
+    ModelSection,
+    PromptSection,
+    Provenance,
+    ScheduleSection,
+)
 
-FORMAT_VERSION = 1
+# 2: typed sections; image.vision holds the VisionConfig fields; every field is required.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -55,11 +69,11 @@ class TensorSpec:
     dims: tuple[str | int, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+        return fields.to_json(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(str(d["name"]), str(d["dtype"]), tuple(d["dims"]))
+        return parse_section(cls, d, "tensor")
 
     def __str__(self) -> str:
         return f"{self.name}: {self.dtype}[{', '.join(str(x) for x in self.dims)}]"
@@ -75,7 +89,7 @@ class DataFile:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    name: str
+    name: str = field(metadata=KEY)  # its key in ``graphs``
     file: str
     sha256: str
     precision: Precision
@@ -85,28 +99,11 @@ class GraphSpec:
     external_data: tuple[DataFile, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "sha256": self.sha256,
-            "precision": self.precision.value,
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
-            "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()},
-            "external_data": [{"file": d.file, "sha256": d.sha256} for d in self.external_data],
-        }
+        return fields.to_json(self)
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> GraphSpec:
-        return cls(
-            name=name,
-            file=str(d["file"]),
-            sha256=str(d["sha256"]),
-            precision=Precision(d["precision"]),
-            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-            dim_ranges={k: tuple(int(x) for x in v) for k, v in d.get("dim_ranges", {}).items()},
-            external_data=tuple(DataFile(str(x["file"]), str(x["sha256"])) for x in d.get("external_data", [])),
-        )
+        return parse_section(cls, d, f"graphs.{name}", key=name)
 
 
 @dataclass(frozen=True)
@@ -139,49 +136,85 @@ class EngineSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EngineSpec:
-        major, minor = (int(x) for x in d["gpu"]["compute_capability"])
-        return cls(
-            graph=str(d["graph"]), file=str(d["file"]), sha256=str(d["sha256"]),
-            graph_sha256=str(d["graph_sha256"]), precision=Precision(d["precision"]),
-            tensorrt_version=str(d["tensorrt_version"]), gpu_name=str(d["gpu"]["name"]),
-            compute_capability=(major, minor),
-            dim_ranges={k: tuple(int(x) for x in v) for k, v in d["dim_ranges"].items()},
-            strongly_typed=bool(d.get("strongly_typed", True)), weight_streaming=bool(d.get("weight_streaming", False)),
-        )
+    def from_dict(cls, d: dict[str, Any], path: str = "engine") -> EngineSpec:
+        data = parse_section(_EngineJson, d, path)
+        return cls(data.graph, data.file, data.sha256, data.graph_sha256, data.precision, data.tensorrt_version,
+                   data.gpu.name, data.gpu.compute_capability, data.dim_ranges, data.strongly_typed,
+                   data.weight_streaming)
+
+
+@dataclass(frozen=True)
+class _Gpu:
+    name: str
+    compute_capability: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _EngineJson:
+    """EngineSpec as the manifest lays it out (the GPU nested)."""
+
+    graph: str
+    file: str
+    sha256: str
+    graph_sha256: str
+    precision: Precision
+    tensorrt_version: str
+    gpu: _Gpu
+    dim_ranges: dict[str, tuple[int, int, int]]
+    strongly_typed: bool
+    weight_streaming: bool
+
+
+def parse_section(cls, data, path: str, where: str = MANIFEST_NAME, key: str | None = None):
+    """``fields.from_json`` with its FieldError as a one-line ManifestError (``where: path: problem``)."""
+    try:
+        return fields.from_json(cls, data, path, key)
+    except FieldError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything the runtime needs to know about an export directory.
+    """Everything the runtime needs to know about an export directory, one typed section each.
 
-    ``model``: the ModelConfig as a dict (latents_mean/std for latent normalisation live in
-    ``model['vae']``); ``prompt``: tokenizer file, template, system prompt, drop rule, token limit;
-    ``schedule``: scheduler config dict, steps, fixed sigmas or None, guidance scale, whether
-    guidance was distilled in; ``image``: output resolution, exported min/max resolution, multiple;
+    ``model``: the reference's ModelConfig (what the runtime reads typed: transformer channels and
+    rope, VAE latent statistics and scale factor); ``prompt``: tokenizer file, template, system
+    prompt, drop rule, token limit; ``schedule``: scheduler config, steps, fixed sigmas or None,
+    guidance scale, whether guidance was distilled in; ``image``: output resolution, exported size
+    ranges, condition and target ranges, the VAE scale factor, vision preprocessing;
     ``provenance``: source checkpoint digests, tool versions, creation time, later summaries.
     """
 
-    model: dict[str, Any]
-    prompt: dict[str, Any]
-    schedule: dict[str, Any]
-    image: dict[str, Any]
+    model: ModelSection
+    prompt: PromptSection
+    schedule: ScheduleSection
+    image: ImageSection
     graphs: dict[str, GraphSpec]
-    provenance: dict[str, Any]
+    provenance: Provenance
     format_version: int = FORMAT_VERSION
-    engines: dict[str, EngineSpec] = field(default_factory=dict)  # optional; written by `build`
+    engines: dict[str, EngineSpec] = field(default_factory=dict, metadata=OPTIONAL)  # written by `build`
+
+    def __post_init__(self) -> None:
+        if self.image.vae_scale_factor != self.model.vae.scale_factor_spatial:
+            raise ManifestError(f"image.vae_scale_factor {self.image.vae_scale_factor} != "
+                                f"model.vae.scale_factor_spatial {self.model.vae.scale_factor_spatial}")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent token side."""
+        return self.image.vae_scale_factor
 
     def to_dict(self) -> dict[str, Any]:
         out = {
             "format_version": self.format_version,
-            "model": self.model,
-            "prompt": self.prompt,
-            "schedule": self.schedule,
-            "image": self.image,
+            "model": fields.to_json(self.model),
+            "prompt": fields.to_json(self.prompt),
+            "schedule": fields.to_json(self.schedule),
+            "image": fields.to_json(self.image),
             "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
-            "provenance": self.provenance,
+            "provenance": fields.to_json(self.provenance),
         }
-        if self.engines:  # absent until a build: exports stay byte-identical for older readers
+        if self.engines:  # absent until a build
             out["engines"] = {key: e.to_dict() for key, e in self.engines.items()}
         return out
 
@@ -192,27 +225,14 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ManifestError(
-                f"{where}: format_version {version!r} is not supported; this runtime reads version {FORMAT_VERSION}"
-            )
-        try:
-            graphs = {name: GraphSpec.from_dict(name, g) for name, g in d["graphs"].items()}
-            return cls(
-                model=dict(d["model"]),
-                prompt=dict(d["prompt"]),
-                schedule=dict(d["schedule"]),
-                image=dict(d["image"]),
-                graphs=graphs,
-                provenance=dict(d["provenance"]),
-                format_version=version,
-                engines={key: EngineSpec.from_dict(e) for key, e in d.get("engines", {}).items()},
-            )
-        except KeyError as exc:
-            raise ManifestError(f"{where}: missing field {exc.args[0]!r}") from None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise ManifestError(f"{where}: malformed field ({exc})") from None
+        _check_version(d.get("format_version"), where)
+        sections = {k: v for k, v in d.items() if k != "engines"}
+        manifest = parse_section(cls, sections, "", where)
+        engines = d.get("engines", {})
+        if not isinstance(engines, dict):
+            raise ManifestError(f"{where}: engines: expected an object, got {type(engines).__name__}")
+        parsed = {key: EngineSpec.from_dict(e, f"engines.{key}") for key, e in engines.items()}
+        return dataclasses.replace(manifest, engines=parsed) if parsed else manifest
 
     def graph(self, name: str) -> GraphSpec:
         if name not in self.graphs:
@@ -220,111 +240,23 @@ class Manifest:
         return self.graphs[name]
 
 
-# ----------------------------------------------------------------------------- ONNX header
-# A protobuf walker for ModelProto.graph.{input, output} (onnx.proto field numbers), so the
-# runtime can check a graph file's IO without onnx; initializers are skipped with seek().
-
-_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-                10: "float16", 11: "float64", 16: "bfloat16", 17: "float8e4m3fn"}
-
-
-def _varint(read) -> int | None:
-    shift = result = 0
-    while True:
-        b = read(1)
-        if not b:
-            return None
-        result |= (b[0] & 0x7F) << shift
-        if b[0] < 0x80:
-            return result
-        shift += 7
-
-
-def _fields(buf: bytes):
-    """(field number, wire type, value) of an in-memory message; value is bytes or int."""
-    pos, n = 0, len(buf)
-
-    def read(k):
-        nonlocal pos
-        out = buf[pos : pos + k]
-        pos += k
-        return out
-
-    while pos < n:
-        tag = _varint(read)
-        num, wire = tag >> 3, tag & 7
-        if wire == 0:
-            yield num, wire, _varint(read)
-        elif wire == 2:
-            yield num, wire, read(_varint(read))
-        else:
-            read({1: 8, 5: 4}[wire])
-
-
-def _value_info(buf: bytes) -> TensorSpec:
-    name, dtype, dims = "", "undefined", []
-    for num, _, val in _fields(buf):
-        if num == 1:
-            name = val.decode()
-        elif num == 2:  # TypeProto
-            for tnum, _, tval in _fields(val):
-                if tnum != 1:  # tensor_type
-                    continue
-                for f, _, v in _fields(tval):
-                    if f == 1:
-                        dtype = _ONNX_DTYPES.get(v, f"onnx-type-{v}")
-                    elif f == 2:  # shape
-                        for _, _, dim in _fields(v):
-                            parts = {k: x for k, _, x in _fields(dim)}
-                            dims.append(parts[2].decode() if 2 in parts else int(parts.get(1, -1)))
-    return TensorSpec(name, dtype, tuple(dims))
+def _check_version(version, where: str) -> None:
+    if version == FORMAT_VERSION:
+        return
+    if version is None:
+        raise ManifestError(f"{where}: format_version: required field missing (this runtime reads version "
+                            f"{FORMAT_VERSION}; re-export the model)")
+    if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:
+        raise ManifestError(f"{where}: format_version {version} is older than this runtime reads ({FORMAT_VERSION}); "
+                            "re-export the model with this version (qwen-image-edge export)")
+    raise ManifestError(f"{where}: format_version {version!r} is not supported; this runtime reads version "
+                        f"{FORMAT_VERSION} (a newer export needs a newer qwen-image-edge)")
 
 
 def read_onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Graph inputs and outputs declared in an ONNX file, read without loading its weights."""
-    try:
-        return _read_onnx_io(path)
-    except ManifestError:
-        raise
-    except (KeyError, IndexError, ValueError, TypeError, OSError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ManifestError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})") from None
-
-
-def _read_onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    inputs: list[TensorSpec] = []
-    outputs: list[TensorSpec] = []
-    with open(path, "rb") as fh:
-        while (tag := _varint(fh.read)) is not None:
-            num, wire = tag >> 3, tag & 7
-            if wire != 2:
-                if wire == 0:
-                    _varint(fh.read)
-                else:
-                    fh.seek({1: 8, 5: 4}.get(wire, 0), 1)
-                continue
-            size = _varint(fh.read)
-            if num != 7:  # not the graph
-                fh.seek(size, 1)
-                continue
-            end = fh.tell() + size
-            while fh.tell() < end:
-                gtag = _varint(fh.read)
-                gnum, gwire = gtag >> 3, gtag & 7
-                if gwire == 0:
-                    _varint(fh.read)
-                    continue
-                if gwire != 2:
-                    fh.seek({1: 8, 5: 4}[gwire], 1)
-                    continue
-                gsize = _varint(fh.read)
-                if gnum in (11, 12):
-                    (inputs if gnum == 11 else outputs).append(_value_info(fh.read(gsize)))
-                else:
-                    fh.seek(gsize, 1)
-            break
-    if not outputs:
-        raise ManifestError(f"{path}: not an ONNX model (no graph outputs found)")
-    return inputs, outputs
+    inputs, outputs = read_io(path)
+    return [TensorSpec(*t) for t in inputs], [TensorSpec(*t) for t in outputs]
 
 
 # ----------------------------------------------------------------------------- files
@@ -392,9 +324,7 @@ def load_manifest(export_dir: str | os.PathLike, verify_hashes: bool = True) -> 
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
     manifest = Manifest.from_dict(data, where=str(path))
-    tokenizer = manifest.prompt.get("tokenizer")
-    if tokenizer:
-        _existing(export_dir, tokenizer, "prompt tokenizer")
+    _existing(export_dir, manifest.prompt.tokenizer, "prompt tokenizer")
     for graph in manifest.graphs.values():
         onnx_path = _existing(export_dir, graph.file, f"graph {graph.name!r}")
         for d in graph.external_data:

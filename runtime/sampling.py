@@ -1,31 +1,44 @@
 """Numpy pieces of the sampling loop shared by the reference pipeline and the runtime:
-the seeded initial noise, output-size rules, request validation and pixels -> PIL.
+the seeded initial noise, output-size rules, request resolution and validation, pixels -> the
+caller's output form, and the return convention.
+
+Both pipelines' ``generate``/``edit`` return, for ``output="pil"``, one PIL image for a prompt
+given as a string and a list of images for a list of prompts; ``output="np"`` (``[B, H, W, C]``
+floats in [0, 1]) and ``output="latent"`` (packed ``[B, L, C]``) are always batched arrays.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-
 from qwen_image_edge.runtime.errors import InputError, ShapeError
 
-# A target latent grid must split into 2x2 groups (one encoder slot each): pixels in multiples of 32.
-SIZE_MULTIPLE = 32
+log = logging.getLogger(__name__)
+
+# Qwen-Image 2.x: 16 pixels per latent side. The pipelines pass their own (manifest or config);
+# this is only the default of :func:`initial_noise` for callers that sample for that family.
+DEFAULT_VAE_FACTOR = 16
+# A target latent grid must split into 2x2 groups (one encoder slot each): pixels in multiples of
+# 2 * the VAE factor (32); the CLI checks sizes with this before any model is loaded.
+SIZE_MULTIPLE = 2 * DEFAULT_VAE_FACTOR
 MIN_SIZE = 32
 MAX_SIZE = 4096
-VAE_FACTOR = 16
+OUTPUTS = ("pil", "np", "latent")
 
 
-def initial_noise(seed: int, batch: int, height: int, width: int, channels: int) -> np.ndarray:
-    """Packed ``[B, L, C]`` noise, ``L = (H/16)(W/16)`` row-major, as every consumer draws it."""
-    length = (height // VAE_FACTOR) * (width // VAE_FACTOR)
+def initial_noise(seed: int, batch: int, height: int, width: int, channels: int,
+                  vae_factor: int = DEFAULT_VAE_FACTOR) -> np.ndarray:
+    """Packed ``[B, L, C]`` noise, ``L = (H/f)(W/f)`` row-major, as every consumer draws it."""
+    length = (height // vae_factor) * (width // vae_factor)
     return np.random.default_rng(seed).standard_normal((batch, length, channels), dtype=np.float32)
 
 
-def resolve_size(width: int | None, height: int | None, default: tuple[int, int]) -> tuple[int, int]:
-    """Output size in pixels: defaults filled in; a multiple of 32 in ``[32, 4096]`` or an InputError.
+def resolve_size(width: int | None, height: int | None, default: tuple[int, int],
+                 multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """Output size in pixels: defaults filled in; a multiple of ``multiple`` in ``[32, 4096]`` or an InputError.
 
     Sizes are not rounded silently: a target latent grid must split into 2x2 groups (one encoder
     slot each), and an embedded caller should get exactly the size it asked for or an error.
@@ -37,11 +50,11 @@ def resolve_size(width: int | None, height: int | None, default: tuple[int, int]
             raise InputError(f"{name}: expected an integer number of pixels, got {value!r}")
         if not MIN_SIZE <= value <= MAX_SIZE:
             raise InputError(f"{name}: expected {MIN_SIZE}..{MAX_SIZE} pixels, got {value}")
-        if value % SIZE_MULTIPLE:
-            lower = value // SIZE_MULTIPLE * SIZE_MULTIPLE
+        if value % multiple:
+            lower = value // multiple * multiple
             raise InputError(
-                f"{name} {value}: expected a multiple of {SIZE_MULTIPLE} pixels (16 per latent token x 2x2 "
-                f"groups); try {lower} or {lower + SIZE_MULTIPLE}"
+                f"{name} {value}: expected a multiple of {multiple} pixels ({multiple // 2} per latent token x 2x2 "
+                f"groups); try {lower} or {lower + multiple}"
             )
         out.append(int(value))
     return out[0], out[1]
@@ -74,6 +87,8 @@ class Request:
     steps: int
     guidance: float
     seed: int
+    vae_factor: int  # pixels per latent side
+    output: str = "pil"  # one of OUTPUTS
 
     @property
     def use_guidance(self) -> bool:
@@ -81,7 +96,7 @@ class Request:
 
     @property
     def latent_shape(self) -> tuple[int, int]:
-        return self.height // VAE_FACTOR, self.width // VAE_FACTOR
+        return self.height // self.vae_factor, self.width // self.vae_factor
 
 
 def as_prompts(prompt, what: str = "prompt") -> tuple[str, ...]:
@@ -91,7 +106,8 @@ def as_prompts(prompt, what: str = "prompt") -> tuple[str, ...]:
     return prompts
 
 
-def make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size) -> Request:
+def make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size, *,
+                 vae_factor: int, output: str = "pil") -> Request:
     prompts = as_prompts(prompt)
     negatives = None
     if negative_prompt is not None:
@@ -100,18 +116,58 @@ def make_request(prompt, negative_prompt, width, height, steps, guidance, seed, 
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise InputError(f"negative_prompt: expected 1 or {len(prompts)} prompts, got {len(negatives)}")
-    w, h = resolve_size(width, height, default_size)
+    if output not in OUTPUTS:
+        raise InputError(f"output: expected one of {list(OUTPUTS)}, got {output!r}")
+    w, h = resolve_size(width, height, default_size, multiple=2 * vae_factor)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed: expected a non-negative integer, got {seed!r}")
-    return Request(prompts, negatives, w, h, check_steps(steps), check_guidance(guidance), int(seed))
+    return Request(prompts, negatives, w, h, check_steps(steps), check_guidance(guidance), int(seed), vae_factor,
+                   output)
+
+
+def resolve_request(prompt, negative_prompt, width, height, steps, guidance, seed, *, default_size: tuple[int, int],
+                    schedule, vae_factor: int, output: str = "pil") -> Request:
+    """A request with the model's defaults filled in (both pipelines call this).
+
+    ``schedule`` (a :class:`~qwen_image_edge.runtime.sections.ScheduleSection`) gives the default
+    steps (its fixed sigmas' count, else ``num_steps``), guidance, and the negative prompt used when
+    guidance > 1 and the caller gives none.
+    """
+    if steps is None:
+        steps = schedule.default_steps
+    if guidance is None:
+        guidance = schedule.guidance_scale
+    if negative_prompt is None and isinstance(guidance, (int, float)) and guidance > 1:
+        negative_prompt = schedule.default_negative_prompt
+    request = make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size,
+                           vae_factor=vae_factor, output=output)
+    if request.negative_prompts is not None and not request.use_guidance:
+        log.warning("negative_prompt is ignored: guidance %.2f <= 1 disables it", request.guidance)
+    if schedule.guidance_distilled and request.use_guidance:
+        log.warning("this model has guidance distilled in; negative_prompt/guidance double-apply it")
+    return request
+
+
+def to_unit(pixels: np.ndarray) -> np.ndarray:
+    """``[B, C, H, W]`` in [-1, 1] -> ``[B, H, W, C]`` float32 in [0, 1] (clamped)."""
+    if pixels.ndim != 4 or pixels.shape[1] not in (3, 4):
+        raise ShapeError(f"decoded pixels: expected [B, 4, H, W], got {list(pixels.shape)}")
+    return np.clip(pixels.astype(np.float32).transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
+
+
+def convert_pixels(pixels: np.ndarray, output: str):
+    """Decoded pixels in the form ``output`` asks for: ``"np"`` -> :func:`to_unit`, ``"pil"`` -> :func:`to_images`."""
+    return to_unit(pixels) if output == "np" else to_images(pixels)
+
+
+def one_or_list(result, prompt, output: str):
+    """The return convention: one PIL image for a prompt given as a string, else what was made."""
+    return result[0] if isinstance(prompt, str) and output == "pil" else result
 
 
 def to_images(pixels: np.ndarray) -> list[Image.Image]:
     """``[B, 4, H, W]`` in [-1, 1] -> RGBA PIL images (diffusers' postprocess: round, not floor)."""
-    if pixels.ndim != 4 or pixels.shape[1] not in (3, 4):
-        raise ShapeError(f"decoded pixels: expected [B, 4, H, W], got {list(pixels.shape)}")
-    arr = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0.0, 1.0)
-    arr = np.round(arr.transpose(0, 2, 3, 1) * 255).astype(np.uint8)  # [B, H, W, 4]
+    arr = np.round(to_unit(pixels) * 255).astype(np.uint8)  # [B, H, W, 4]
     return [Image.fromarray(a) for a in arr]

@@ -1,4 +1,4 @@
-"""Flow-matching sigma schedules and the Euler step, in numpy.
+"""Flow-matching sigma schedules (numpy), the Euler step and guidance (numpy or torch).
 
 Shared by the reference pipeline and the runtime so the two cannot drift. The numbers follow
 diffusers' ``FlowMatchEulerDiscreteScheduler`` as the Qwen-Image pipelines drive it: base sigmas
@@ -143,15 +143,22 @@ def timesteps_from_sigmas(sigmas: np.ndarray, config: SchedulerConfig) -> np.nda
     return (np.asarray(sigmas[:-1], dtype=np.float32) * np.float32(config.num_train_timesteps)).astype(np.float32)
 
 
-def euler_step(latents: np.ndarray, velocity: np.ndarray, sigma: float, sigma_next: float) -> np.ndarray:
-    """One flow-matching Euler step ``x + (sigma_next - sigma) * v``, computed in float32."""
-    dt = np.float32(sigma_next) - np.float32(sigma)
-    return (latents.astype(np.float32) + dt * velocity.astype(np.float32)).astype(latents.dtype)
+def euler_step(latents, velocity, sigma: float, sigma_next: float):
+    """One flow-matching Euler step ``x + (sigma_next - sigma) * v``.
+
+    ``dt`` is rounded to float32 as diffusers computes it; the update runs in the arrays' own dtype,
+    so pass float32 to update in float32. Written for numpy arrays and torch tensors alike (a Python
+    float scalar keeps either library's dtype): the reference calls it on its tensors, so there is
+    one formula, not a torch twin to keep equal.
+    """
+    dt = float(np.float32(sigma_next) - np.float32(sigma))
+    return latents + dt * velocity
 
 
-def apply_guidance(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
-    """Plain classifier-free guidance as Qwen-Image 2.x uses it (no norm rescale)."""
-    return uncond + np.float32(scale) * (cond - uncond)
+def apply_guidance(cond, uncond, scale: float):
+    """Plain classifier-free guidance as Qwen-Image 2.x uses it (no norm rescale); numpy or torch,
+    computed in the arrays' dtype with the scale rounded to float32."""
+    return uncond + float(np.float32(scale)) * (cond - uncond)
 
 
 def _check_steps(num_steps: int) -> None:

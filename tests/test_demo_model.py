@@ -49,7 +49,7 @@ def test_weights_folder_layout_and_size():
 
 
 def test_demo_generates_rgba_128(pipe):
-    image = pipe.generate("a red circle on the left on a white background", steps=8, seed=0, progress=False)[0]
+    image = pipe.generate("a red circle on the left on a white background", steps=8, seed=0, progress=False)
     assert image.size == (128, 128) and image.mode == "RGBA"
     arr = np.asarray(image)
     assert arr[..., :3].std() > 10, "expected a scene, got a flat image"

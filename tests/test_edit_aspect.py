@@ -7,6 +7,7 @@ the output's longest side (which refused every 4:3 and 3:2 photo before).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_default_export_at_1024_accepts_photo_ratios(tiny_1024_export):
 
 
 def condition_range_of(manifest) -> dict:
-    return manifest.image["condition"]
+    return dataclasses.asdict(manifest.image.condition)
 
 
 def test_edit_at_1024_runs_at_4_to_1(tiny_1024_export):
@@ -112,5 +113,5 @@ def test_edit_at_1024_runs_at_4_to_1(tiny_1024_export):
 
 def test_condition_range_matches_the_manifest_and_the_model(tiny_1024_export):
     m = load_manifest(tiny_1024_export)
-    model_cfg = load_model(m.provenance["source"]["path"]).config
-    assert m.image["condition"] == condition_range(model_cfg).to_dict()
+    model_cfg = load_model(m.provenance.source["path"]).config
+    assert dataclasses.asdict(m.image.condition) == condition_range(model_cfg).to_dict()

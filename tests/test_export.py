@@ -53,10 +53,10 @@ def test_export_directory_and_manifest(tiny, exported):
         # every symbolic dim of the IOSpec is symbolic in the file: nothing was baked in by tracing
         assert read_onnx_io(out / spec.file) == (list(io.inputs), list(io.outputs))
     p = manifest.prompt
-    assert p["max_prompt_tokens"] == cfg.pipeline.max_prompt_tokens and p["drop_idx"] > 0
-    assert "{prompt}" in p["template"] and manifest.schedule["num_steps"] == cfg.pipeline.num_steps
-    assert set(manifest.provenance["source"]["checkpoint_sha256"]) == {"transformer", "vae", "text_encoder"}
-    assert manifest.model["vae"]["latents_mean"] == list(cfg.vae.latents_mean)
+    assert p.max_prompt_tokens == cfg.pipeline.max_prompt_tokens and p.drop_idx > 0
+    assert "{prompt}" in p.template and manifest.schedule.num_steps == cfg.pipeline.num_steps
+    assert set(manifest.provenance.source["checkpoint_sha256"]) == {"transformer", "vae", "text_encoder"}
+    assert manifest.model.vae.latents_mean == tuple(cfg.vae.latents_mean)
     load_manifest(out, verify_hashes=True)
 
 

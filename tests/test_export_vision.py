@@ -15,8 +15,8 @@ import torch
 
 from qwen_image_edge.export.graphs import vision_tower
 from qwen_image_edge.export.validate import validate
-from qwen_image_edge.runtime.manifest import load_manifest
-from qwen_image_edge.runtime.vision import position_taps, rope_tables, segment_mask, visual_index
+from qwen_image_edge.runtime.manifest import FORMAT_VERSION, load_manifest
+from qwen_image_edge.runtime.vision import VisionTower, position_taps, rope_tables, segment_mask, visual_index
 
 GRIDS = [[(1, 4, 4)], [(1, 4, 6), (1, 2, 4)], [(1, 6, 2), (1, 8, 8)]]
 
@@ -83,10 +83,9 @@ def test_manifest_records_the_edit_graphs(exported):
     assert [t.name for t in vis.outputs] == ["visual_embeds", "deepstack_embeds"]
     assert manifest.graph("text_encoder").dim_ranges["N_vis"][0] == 0  # text-only prompts use the same graph
     cfg = model.encoder.model.config.vision_config
-    assert manifest.image["vision_tower"] == {
-        "merge_size": cfg.spatial_merge_size, "head_dim": cfg.hidden_size // cfg.num_heads,
-        "rope_theta": 10000.0, "grid_side": 8}
-    assert json.loads((export_dir / "manifest.json").read_text())["format_version"] == 1
+    assert manifest.image.vision_tower == VisionTower(
+        merge_size=cfg.spatial_merge_size, head_dim=cfg.hidden_size // cfg.num_heads, rope_theta=10000.0, grid_side=8)
+    assert json.loads((export_dir / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
 
 
 def test_visual_inputs_reach_the_output(exported):

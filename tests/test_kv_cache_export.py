@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from qwen_image_edge.runtime.errors import ManifestError
 from qwen_image_edge.runtime.manifest import KV_CACHE_GRAPHS, load_manifest
 from qwen_image_edge.runtime.pipeline import Pipeline
+from qwen_image_edge.runtime.stats import GenerationStats
 
 STEPS = 3
 RNG = np.random.default_rng(0)
@@ -58,7 +58,6 @@ def _rel(ref, got) -> float:
 ])
 def test_pair_equals_the_single_graph_in_onnxruntime(exported, batch, text, target, cond, pad):
     import onnxruntime as ort
-
     from qwen_image_edge.export.graphs import pair_inputs, transformer_inputs
 
     model, out = exported
@@ -123,9 +122,10 @@ def test_runtime_with_the_pair_equals_without_and_the_reference(pipes, reference
     assert cached.uses_kv_cache and "transformer" not in cached.sessions
     assert not single.uses_kv_cache and not set(KV_CACHE_GRAPHS) & set(single.sessions)
     kw = dict(steps=STEPS, seed=4, output="np", **kw)
-    ours = cached.generate(prompt, **kw)
-    assert len(cached.last_times.stages["transformer_prefill"]) == (2 if "guidance" in kw else 1)
-    assert len(cached.last_times.stages["transformer_step"]) == STEPS * (2 if "guidance" in kw else 1)
+    ours, stats = cached.generate(prompt, return_stats=True, **kw)
+    assert stats.calls("transformer_prefill") == (2 if "guidance" in kw else 1)
+    assert stats.calls("transformer_step") == STEPS * (2 if "guidance" in kw else 1)
+    assert stats.calls("transformer") == 0
     plain = single.generate(prompt, **kw)
     # the graphs agree to ~1e-7 relative (above); pixels after 3 steps and the VAE to ~1e-6
     np.testing.assert_allclose(ours, plain, rtol=0, atol=2e-6)
@@ -218,9 +218,10 @@ def test_tensorrt_builds_the_pair_and_keeps_the_cache_on_the_device(exported, tm
 
 def _cache_shapes(pipe, kw):
     """The two caches' shapes (prompt and negative prompt), from the layouts the runtime builds."""
-    t = pipe.manifest.model["transformer"]
+    t = pipe.manifest.model.transformer
     shapes = []
     for prompt in ("a red circle", kw["negative_prompt"]):
-        cond = pipe._encode([prompt], (kw["height"] // 16, kw["width"] // 16))
-        shapes.append((t["num_layers"], 2, 1, cond.layout.prefix_len, t["num_heads"], t["head_dim"]))
+        f = pipe.manifest.vae_scale_factor
+        cond = pipe._encode([prompt], (kw["height"] // f, kw["width"] // f), GenerationStats())
+        shapes.append((t.num_layers, 2, 1, cond.layout.prefix_len, t.num_heads, t.head_dim))
     return shapes

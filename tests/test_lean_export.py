@@ -103,8 +103,8 @@ def test_lean_export_is_an_ordinary_export(bf16, exports):
     """Manifest with hashed external data, initializer names = checkpoint keys, validate passes."""
     (plain_out, _), (out, manifest) = exports
     load_manifest(out, verify_hashes=True)
-    assert "dynamo exporter under FakeTensorMode" in manifest.provenance["exporter"]
-    assert "TorchScript" in load_manifest(plain_out, verify_hashes=False).provenance["exporter"]
+    assert "dynamo exporter under FakeTensorMode" in manifest.provenance.exporter
+    assert "TorchScript" in load_manifest(plain_out, verify_hashes=False).provenance.exporter
     spec = manifest.graph("transformer")
     assert [d.file for d in spec.external_data] == ["transformer/model.onnx.data"]  # bf16 -> fp32: streamed
     model = onnx.load(str(out / spec.file), load_external_data=False)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from qwen_image2_ref.model_folder import load_model, load_pipeline
 from qwen_image_edge.runtime.errors import CheckpointError, InputError
 from qwen_image_edge.runtime.sampling import initial_noise
+
+from qwen_image2_ref.model_folder import load_model, load_pipeline
 from tests.tiny_model import load_peer_pipeline
 
 TOL = 1e-5
@@ -84,7 +84,7 @@ def test_edit_parity_one_image(ours, peer):
 
 def test_edit_size_follows_the_image(ours):
     # 128x64 at a 64^2 area: sqrt(4096 * 2) = 90.5 -> 96 wide, 45.3 -> 32 high (multiples of 32)
-    (img,) = ours.edit([_rgba(3, 128, 64)], "make it blue", steps=1, seed=0, progress=False)
+    img = ours.edit([_rgba(3, 128, 64)], "make it blue", steps=1, seed=0, progress=False)
     assert img.size == (96, 32)
 
 
@@ -107,9 +107,9 @@ def test_prompt_and_image_change_the_output(ours):
 
 
 def test_pil_output_and_seed(ours):
-    (img,) = ours.generate("a red circle", width=64, height=32, steps=2, seed=0, progress=False)
+    img = ours.generate("a red circle", width=64, height=32, steps=2, seed=0, progress=False)
     assert img.mode == "RGBA" and img.size == (64, 32)
-    (again,) = ours.generate("a red circle", width=64, height=32, steps=2, seed=0, progress=False)
+    (again,) = ours.generate(["a red circle"], width=64, height=32, steps=2, seed=0, progress=False)  # a list -> a list
     assert np.array_equal(np.asarray(img), np.asarray(again))
 
 

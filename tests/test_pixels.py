@@ -69,7 +69,7 @@ def _close_in_uint8(ours: Image.Image, theirs: np.ndarray) -> None:
 def test_generate_pixels_match_diffusers(peer, reference, runtime_pipe):
     kw = dict(width=96, height=64, steps=2, seed=5, negative_prompt="blurry", guidance=3.0)
     theirs = _peer_pil(peer, "a red circle", 5, 96, 64, negative_prompt="blurry", true_cfg_scale=3.0)
-    _close_in_uint8(reference.generate("a red circle", progress=False, **kw)[0], theirs)
+    _close_in_uint8(reference.generate("a red circle", progress=False, **kw), theirs)
     _close_in_uint8(runtime_pipe.generate("a red circle", **kw), theirs)
 
 
@@ -77,5 +77,5 @@ def test_edit_pixels_match_diffusers(peer, reference, runtime_pipe):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 4), dtype=np.uint8))
     kw = dict(width=64, height=64, steps=2, seed=7)
     theirs = _peer_pil(peer, "make it blue", 7, 64, 64, image=[image])
-    _close_in_uint8(reference.edit([image], "make it blue", progress=False, **kw)[0], theirs)
+    _close_in_uint8(reference.edit([image], "make it blue", progress=False, **kw), theirs)
     _close_in_uint8(runtime_pipe.edit([image], "make it blue", **kw), theirs)

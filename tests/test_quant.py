@@ -404,7 +404,7 @@ def test_int8_graph_fuses_to_integer_matmuls(int8, tmp_path) -> None:
 def test_manifest_records_policy_and_calibration(int8, channel_ranges) -> None:
     q, path, _ = int8
     manifest = load_manifest(path)
-    calib = manifest.provenance["calibration"]
+    calib = manifest.provenance.calibration
     assert calib["precision"] == "int8"
     assert QuantPolicy.from_dict(calib["policy"]) == q.policy
     assert calib["layers"] == list(q.layers)

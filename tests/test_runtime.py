@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from qwen_image_edge.runtime.errors import BackendError, InputError, ManifestError, NumericalError
 from qwen_image_edge.runtime.pipeline import Pipeline
 
@@ -91,6 +90,32 @@ def test_thread_safety(runtime_pipe):
     assert not errors
     for i in range(4):
         np.testing.assert_array_equal(results[i], sequential[i])
+
+
+def test_each_call_keeps_its_own_stats(runtime_pipe):
+    """Two overlapping calls (a barrier holds both inside their loops) each count only their own
+    transformer calls: no timing state is shared on the pipeline."""
+    barrier = threading.Barrier(2, timeout=60)
+    stats: dict[int, object] = {}
+
+    def work(steps):
+        def meet(i, n, x):
+            if i == 0:
+                barrier.wait()
+
+        _, stats[steps] = runtime_pipe.generate("a red circle", width=64, height=64, steps=steps, guidance=1.0, seed=0,
+                                                output="latent", callback=meet, return_stats=True)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    graph = "transformer_step" if runtime_pipe.uses_kv_cache else "transformer"
+    for steps, s in stats.items():
+        assert s.calls(graph) == steps and s.calls("update") == steps and s.calls("text_encoder") == 1
+        assert s.calls("vae_decoder") == 0 and 0 < s.seconds(graph) <= s.wall  # output="latent" skips the VAE
+    assert not hasattr(runtime_pipe, "last_times")
 
 
 @pytest.mark.parametrize("kwargs, match", [

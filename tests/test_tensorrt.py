@@ -46,7 +46,7 @@ def test_profile_ranges_follow_the_request_and_stay_consistent(exported):
     # by hand: f = 16, so h in (4, 6, 8); the export's template allowance on top of the prompt
     # tokens; N_c as exported, not narrowed by --max-res: two condition images of the largest
     # area at the tiny model's 64 px output resolution (3:2 -> 96x64 px, 24 tokens each)
-    allowance = m.graphs["transformer"].dim_ranges["L_enc"][2] - m.prompt["max_prompt_tokens"]
+    allowance = m.graphs["transformer"].dim_ranges["L_enc"][2] - m.prompt.max_prompt_tokens
     l_enc = 100 + allowance
     assert tr["N_t"] == (16, 36, 64)
     assert tr["B"] == (1, 2, 2)
