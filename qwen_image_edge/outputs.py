@@ -92,7 +92,7 @@ def save_image(image, path: Path, *, params: dict | None = None, background: tup
         options.update(lossless=True, exact=True, quality=100)
     elif fmt == "JPEG":
         image = flatten(image, background)
-        options.update(quality=JPEG_QUALITY)
+        options.update(quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: small coloured shapes keep their edges
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp)
     try:
