@@ -36,10 +36,13 @@ KEY = {"key": True}
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-class FieldError(Exception):
+class FieldError(ManifestError):
+    """A field's problem; ``path`` is relative to the object being read (the reader prefixes it).
+    A section's own invariant checks raise it naming their field."""
+
     def __init__(self, path: str, message: str):
         super().__init__(f"{path}: {message}")
-        self.path = path
+        self.path, self.message = path, message
 
 
 def _join(path: str, name: str) -> str:
@@ -156,7 +159,9 @@ def from_json(cls: type, data, path: str = "", key: str | None = None):
         raise FieldError(path or "(top level)", f"unknown fields {unknown}; expected only {sorted(known)}")
     try:
         return cls(**kwargs)
-    except (ConfigError, InputError, ManifestError, ValueError) as exc:  # the section's own invariants
+    except FieldError as exc:  # an invariant of the section, naming its field
+        raise FieldError(_join(path, exc.path), exc.message) from None
+    except (ConfigError, InputError, ManifestError, ValueError) as exc:  # e.g. SchedulerConfig's own checks
         raise FieldError(path or "(top level)", str(exc)) from None
 
 

@@ -196,8 +196,8 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if self.image.vae_scale_factor != self.model.vae.scale_factor_spatial:
-            raise ManifestError(f"image.vae_scale_factor {self.image.vae_scale_factor} != "
-                                f"model.vae.scale_factor_spatial {self.model.vae.scale_factor_spatial}")
+            raise FieldError("image.vae_scale_factor", f"{self.image.vae_scale_factor}, but "
+                                                       f"model.vae.scale_factor_spatial is {self.model.vae.scale_factor_spatial}")
 
     @property
     def vae_scale_factor(self) -> int:

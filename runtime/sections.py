@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen_image_edge.runtime.errors import ManifestError
-from qwen_image_edge.runtime.fields import EXTRA
+from qwen_image_edge.runtime.fields import EXTRA, FieldError
 from qwen_image_edge.runtime.images import VisionConfig
+from qwen_image_edge.runtime.sampling import MAX_SIZE
 from qwen_image_edge.runtime.schedule import SchedulerConfig
 from qwen_image_edge.runtime.vision import VisionTower
 
@@ -36,8 +36,9 @@ class TransformerSection:
 
     def __post_init__(self) -> None:
         if sum(self.axes_dims_rope) != self.head_dim:
-            raise ManifestError(f"axes_dims_rope {list(self.axes_dims_rope)} sum to {sum(self.axes_dims_rope)}, "
-                                f"expected head_dim {self.head_dim}")
+            raise FieldError("axes_dims_rope", f"{list(self.axes_dims_rope)} sum to {sum(self.axes_dims_rope)}, "
+                                               f"expected head_dim {self.head_dim}")
+        _positive(self, ("in_channels", "num_layers", "num_heads", "head_dim", "context_dim"))
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,12 @@ class VaeSection:
     extra: dict[str, Any] = field(default_factory=dict, metadata=EXTRA)
 
     def __post_init__(self) -> None:
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ManifestError(f"latents_mean/latents_std: expected {self.z_dim} values each (z_dim), "
-                                f"got {len(self.latents_mean)} and {len(self.latents_std)}")
-        if min(self.latents_std, default=1.0) <= 0:
-            raise ManifestError("latents_std: expected every value > 0")
-        if self.scale_factor_spatial < 1:
-            raise ManifestError(f"scale_factor_spatial: expected >= 1, got {self.scale_factor_spatial}")
+        _positive(self, ("z_dim", "scale_factor_spatial"))
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(self, name)) != self.z_dim:
+                raise FieldError(name, f"expected {self.z_dim} values (z_dim), got {len(getattr(self, name))}")
+        if min(self.latents_std) <= 0:
+            raise FieldError("latents_std", f"expected every value > 0, got {min(self.latents_std)}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,13 @@ class ConditionRange:
     max_latent_tokens: int
     max_patches: int
 
+    def __post_init__(self) -> None:
+        if not self.max_aspect >= 1.0:
+            raise FieldError("max_aspect", f"expected a ratio >= 1 (longest side / shortest), got {self.max_aspect}")
+        _positive(self, ("min_side", "max_side", "max_latent_tokens", "max_patches"))
+        if self.min_side > self.max_side:
+            raise FieldError("min_side", f"{self.min_side} is above max_side {self.max_side}")
+
 
 @dataclass(frozen=True)
 class TargetRange:
@@ -122,6 +129,9 @@ class TargetRange:
 
     max_side: int  # pixels
     max_tokens: int  # N_t
+
+    def __post_init__(self) -> None:
+        _positive(self, ("max_side", "max_tokens"))
 
 
 @dataclass(frozen=True)
@@ -139,9 +149,21 @@ class ImageSection:
     text_encoder_visual_inputs: str
 
     def __post_init__(self) -> None:
-        if self.vae_scale_factor < 1 or self.multiple % self.vae_scale_factor:
-            raise ManifestError(f"vae_scale_factor {self.vae_scale_factor}: expected >= 1 and to divide "
-                                f"multiple {self.multiple}")
+        _positive(self, ("vae_scale_factor", "multiple", "latent_channels"))
+        if self.multiple % self.vae_scale_factor:
+            raise FieldError("multiple", f"expected a multiple of vae_scale_factor {self.vae_scale_factor}, "
+                                         f"got {self.multiple}")
+        # the sizes this runtime makes: multiples of `multiple` up to sampling.MAX_SIZE pixels a side
+        for name in ("min_resolution", "output_resolution", "max_resolution"):
+            value = getattr(self, name)
+            if not self.multiple <= value <= MAX_SIZE or value % self.multiple:
+                raise FieldError(name, f"expected a multiple of {self.multiple} in {self.multiple}..{MAX_SIZE} "
+                                       f"pixels, got {value}")
+        if self.min_resolution > min(self.output_resolution, self.max_resolution):
+            raise FieldError("min_resolution", f"{self.min_resolution} is above output_resolution "
+                                               f"{self.output_resolution} or max_resolution {self.max_resolution}")
+        if self.target.max_side < self.max_resolution:
+            raise FieldError("target.max_side", f"{self.target.max_side} is below max_resolution {self.max_resolution}")
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -157,3 +179,9 @@ class Provenance:
     created: str  # ISO 8601, UTC
     calibration: dict[str, Any] | None
     distillation: dict[str, Any] | None
+
+
+def _positive(section, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise FieldError(name, f"expected >= 1, got {getattr(section, name)}")

@@ -218,15 +218,7 @@ def tiny(tiny_export):
     return tiny_export
 
 
-# Range checks of the manifest's image section belong to runtime/sections.py (typed manifest, issue 21):
-# until they land, an absurd declared range loads (and a negative output resolution is reported as a
-# --width problem the user never set). Strict: the mark must go once the checks exist.
-NEEDS_MANIFEST_RANGES = pytest.mark.xfail(strict=True, reason="manifest image ranges are not range-checked yet")
-MARKS = {"manifest-absurd-max-resolution": NEEDS_MANIFEST_RANGES, "manifest-negative-resolution": NEEDS_MANIFEST_RANGES}
-
-
-@pytest.mark.parametrize(("case", "build", "match"),
-                         [pytest.param(*c, id=c[0], marks=MARKS.get(c[0], ())) for c in CASES])
+@pytest.mark.parametrize(("case", "build", "match"), [pytest.param(*c, id=c[0]) for c in CASES])
 def test_bad_input_is_one_line_and_writes_nothing(case, build, match, tiny, tmp_path, capsys, monkeypatch):
     import qwen_image2_ref.demo as demo_pkg
 

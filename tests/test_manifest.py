@@ -176,9 +176,15 @@ def test_each_required_field_mistyped_is_named(export_dir, path, annotation):
     ("prompt.drop_idx", 1.5, "prompt.drop_idx: expected an integer, got 1.5"),
     ("schedule.guidance_distilled", 0, "schedule.guidance_distilled: expected true or false, got 0"),
     ("model.transformer.axes_dims_rope", [2, 6], "model.transformer.axes_dims_rope: expected a list of 3 items, got 2"),
-    ("model.vae.latents_std", [1, 1, 1], "model.vae: latents_mean/latents_std: expected 4 values each"),
+    ("model.vae.latents_std", [1, 1, 1], "model.vae.latents_std: expected 4 values"),
+    ("model.vae.latents_std", [1, 1, 0, 1], r"model.vae.latents_std: expected every value > 0, got 0.0"),
+    ("image.max_resolution", 10**9, "image.max_resolution: expected a multiple of 32 in 32..4096 pixels"),
+    ("image.output_resolution", -64, "image.output_resolution: expected a multiple of 32"),
+    ("image.min_resolution", 96, "image.min_resolution: 96 is above output_resolution 64"),
+    ("image.condition.max_aspect", 0.5, "image.condition.max_aspect: expected a ratio >= 1"),
+    ("image.target.max_tokens", 0, "image.target.max_tokens: expected >= 1, got 0"),
     ("graphs.g.precision", "int4", r"graphs.g.precision: expected one of \['fp32'"),
-    ("image.vae_scale_factor", 8, "image.vae_scale_factor 8 != model.vae.scale_factor_spatial 16"),
+    ("image.vae_scale_factor", 8, "image.vae_scale_factor: 8, but model.vae.scale_factor_spatial is 16"),
 ])
 def test_mistyped_or_inconsistent_field(export_dir, path, value, message):
     def put(d):
