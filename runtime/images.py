@@ -133,7 +133,7 @@ def _eight_bit(img: Image.Image, where: str) -> Image.Image:
         return Image.fromarray(_scale_to_uint8(arr, 65535.0), "L")
     if mode == "F":
         return Image.fromarray(_float_to_uint8(np.asarray(img), f"{where} (mode F)"), "L")
-    target = "RGBA" if "A" in mode or "a" in mode else "RGB"  # RGBa, La; CMYK, YCbCr, LAB, HSV, RGBX
+    target = "RGBA" if mode in ("RGBa", "La") else "RGB"  # premultiplied alpha; CMYK, YCbCr, LAB, HSV, RGBX
     try:
         return img.convert(target)
     except ValueError as exc:

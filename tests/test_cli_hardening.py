@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from qwen_image_edge.runtime.metadata import FIELDS, read_parameters
 
 from qwen_image_edge.cli import main
-from qwen_image_edge.runtime.metadata import FIELDS, read_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
