@@ -76,7 +76,7 @@ def edit_scores(pipe, edits: list[data.EditExample], steps: int, guidance: float
     out = []
     for i, ex in enumerate(edits):
         im = pipe.edit(data.render(ex.source), ex.instruction, negative_prompt=neg, steps=steps, guidance=guidance,
-                       seed=seed + i, progress=False)[0]
+                       seed=seed + i, progress=False)  # one instruction string: one image
         out.append(judge.score(judge.judge(np.asarray(im)), ex.target, ex))
     return out
 
