@@ -288,6 +288,8 @@ class Pipeline:
         return self._run("transformer", feeds, stats, step)["velocity"]
 
     def _sample(self, request: Request, callback, latents, stats: GenerationStats, images: _Images | None = None):
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback: expected a callable(step, steps, latents), got {type(callback).__name__}")
         batch = len(request.prompts)
         h, w = request.latent_shape
         channels = self.manifest.model.transformer.in_channels

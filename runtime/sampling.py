@@ -26,6 +26,9 @@ DEFAULT_VAE_FACTOR = 16
 SIZE_MULTIPLE = 2 * DEFAULT_VAE_FACTOR
 MIN_SIZE = 32
 MAX_SIZE = 4096
+# The flow-matching schedulers train on 1000 timesteps (num_train_timesteps): more steps only subdivide
+# a grid the model never saw, and each costs one or two transformer calls (a typo of 10000 ran for hours).
+MAX_STEPS = 1000
 OUTPUTS = ("pil", "np", "latent")
 
 
@@ -63,6 +66,8 @@ def resolve_size(width: int | None, height: int | None, default: tuple[int, int]
 def check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise InputError(f"steps: expected a positive integer, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise InputError(f"steps: expected 1..{MAX_STEPS} (the schedulers' 1000 training timesteps), got {steps}")
     return int(steps)
 
 
@@ -100,7 +105,10 @@ class Request:
 
 
 def as_prompts(prompt, what: str = "prompt") -> tuple[str, ...]:
-    prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt) if prompt is not None else ()
+    try:
+        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt) if prompt is not None else ()
+    except TypeError:  # not iterable: a number, an object
+        prompts = ()
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"{what}: expected a string or a non-empty list of strings, got {prompt!r}")
     return prompts

@@ -210,6 +210,18 @@ def test_thread_cap_names_the_cores(monkeypatch):
             ortb.check_threads(bad)
 
 
+def test_steps_bound_is_one_number():
+    """--help's bound (argparse only, no numpy at parse time) is the library's check_steps bound."""
+    from qwen_image_edge.cli_args import MAX_STEPS as HELP_BOUND
+    from qwen_image_edge.runtime.errors import InputError
+    from qwen_image_edge.runtime.sampling import MAX_STEPS, check_steps
+
+    assert HELP_BOUND == MAX_STEPS == 1000
+    assert check_steps(MAX_STEPS) == MAX_STEPS
+    with pytest.raises(InputError, match="steps: expected 1..1000"):
+        check_steps(MAX_STEPS + 1)
+
+
 def test_no_verify_says_what_it_gives_up(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
