@@ -212,9 +212,10 @@ def test_thread_cap_names_the_cores(monkeypatch):
 
 def test_steps_bound_is_one_number():
     """--help's bound (argparse only, no numpy at parse time) is the library's check_steps bound."""
-    from qwen_image_edge.cli_args import MAX_STEPS as HELP_BOUND
     from qwen_image_edge.runtime.errors import InputError
     from qwen_image_edge.runtime.sampling import MAX_STEPS, check_steps
+
+    from qwen_image_edge.cli_args import MAX_STEPS as HELP_BOUND
 
     assert HELP_BOUND == MAX_STEPS == 1000
     assert check_steps(MAX_STEPS) == MAX_STEPS
