@@ -372,3 +372,43 @@ def test_modelopt_install_hint_is_hidden():
     assert "QUIET 0" in proc.stdout
     if "LOUD 0" in proc.stdout:
         pytest.skip("this modelopt / transformers pair does not print the hint at all")
+
+
+# ------------------------------------------------------------------------------- demo language
+
+
+def test_the_written_language_names_every_word_class():
+    """`demo --help` (static text, built without numpy) and the README list every colour, shape,
+    position, background and glyph of the demo data; a word added to data.py must be added there."""
+    import re
+
+    from qwen_image2_ref.demo import data
+    from qwen_image2_ref.demo.language import LANGUAGE
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### The demo model's prompt language"):]
+    section = section[: section.index("\n## ")]
+    for text in (LANGUAGE, section):
+        for word in (*data.COLORS, *data.SHAPES, *data.POSITIONS, *data.BACKGROUNDS, *data.GLYPHS):
+            assert re.search(rf"\b{re.escape(word)}\b", text), word
+        for kind in data.EDIT_KINDS:  # each edit kind has an example instruction
+            example = data.INSTRUCTIONS[kind][0].split(" {")[0]
+            assert example in text, kind
+
+
+def test_demo_captions_pass_and_other_prompts_are_flagged():
+    """Captions and instructions the demo data writes (seeds other than the vocabulary's) raise no
+    vocabulary warning; captions none at all; words from elsewhere, or a missing background, do."""
+    from qwen_image2_ref.demo import data
+    from qwen_image2_ref.demo.language import prompt_warnings
+
+    rng = np.random.default_rng(2024)
+    for _ in range(300):
+        scene = data.sample_scene(rng, *data.SIZES[int(rng.integers(3))], split="any")
+        caption = data.caption(scene, rng)
+        assert prompt_warnings(caption) == [], caption
+        instruction = data.sample_edit(rng, split="any").instruction
+        assert not [n for n in prompt_warnings(instruction) if "vocabulary" in n], instruction
+    assert any("'cat'" in n for n in prompt_warnings("a cat on a white background"))
+    assert any("'Red' (write 'red')" in n for n in prompt_warnings("a Red circle on a white background"))
+    assert any("no background" in n for n in prompt_warnings("a red circle on the left"))
