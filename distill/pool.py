@@ -124,13 +124,23 @@ def build_pool(pipe, spec: PoolSpec, rank: int = 0, world: int = 1, progress: bo
     """Sample the teacher on this rank's share of the prompts (and edits); gather when ``world > 1``."""
     pcfg = pipe.config.pipeline
     res = pcfg.output_resolution
-    channels = pipe.transformer.config.in_channels
     grid, points = teacher_grid(spec.student_steps, spec.teacher_steps, (res // 16) ** 2, pcfg.scheduler)
-    use_neg = spec.guidance > 1
-    neg_prompt = pcfg.default_negative_prompt if pcfg.default_negative_prompt is not None else " "
-    target = (res // 16, res // 16)
-    groups: dict[str, Group] = {}
+    groups = {"t2i": _text_group(pipe, spec, grid, points, rank, world, progress)}
+    if spec.edits:
+        groups["edit"] = _edit_group(pipe, spec, grid, points, rank, world, progress)
+    return Pool(groups, points, grid, spec.guidance)
 
+
+def _negative_prompt(pipe) -> str:
+    pcfg = pipe.config.pipeline
+    return pcfg.default_negative_prompt if pcfg.default_negative_prompt is not None else " "
+
+
+def _text_group(pipe, spec: PoolSpec, grid, points, rank: int, world: int, progress: bool) -> Group:
+    """Teacher trajectories of the text-to-image prompts, gathered over ranks."""
+    res = pipe.config.pipeline.output_resolution
+    channels = pipe.transformer.config.in_channels
+    neg_prompt, target = _negative_prompt(pipe), (res // 16, res // 16)
     # Whole batches per rank: padding to a batch's longest prompt moves the image's rope positions,
     # so a sample's trajectory depends on its batch; fixed global batches make it independent of
     # the number of processes.
@@ -143,33 +153,37 @@ def build_pool(pipe, spec: PoolSpec, rank: int = 0, world: int = 1, progress: bo
         with torch.no_grad():
             s, m, pad = pipe.encoder.encode(prompts)
             pos = pipe._condition(s, m, pad, [], target)
-            neg = pipe._encode([neg_prompt] * len(ids), [], [], target) if use_neg else None
+            neg = pipe._encode([neg_prompt] * len(ids), [], [], target) if spec.guidance > 1 else None
             empty = torch.zeros(len(ids), 0, channels, device=pipe.device, dtype=pipe.dtype)
             out.append(teacher_run(pipe, pos, neg, empty, noise, grid, spec.guidance, points))
         states.append(_trim(s, m))
-    groups["t2i"] = _gather([Group(o, st, target) for o, st in zip(out, states)], len(batches), rank, world)
+    return _gather([Group(o, st, target) for o, st in zip(out, states)], len(batches), rank, world)
 
-    if spec.edits:
-        n_e = len(spec.edits)
-        parts, prefix = [], None
-        for i in tqdm(range(rank, n_e, world), desc="teacher edits", disable=not progress or rank > 0):
-            image, instruction = spec.edits[i]
-            pil = rimages.load_image(image)
-            size = rimages.calculate_dimensions(res * res, pil.width / pil.height)
-            if size != (res, res):
-                raise ConfigError(f"distillation edits: condition images must be square ({res}x{res} after resize)")
-            vl = [rimages.resize_rgba(pil, res, res)]
-            noise = initial_noise(spec.seed + 100_000 + i, 1, res, res, channels)
-            with torch.no_grad():
-                s, m, pad = pipe.encoder.encode([instruction], vl)
-                pos = pipe._condition(s, m, pad, [target], target)
-                neg = pipe._encode([neg_prompt], vl, [target], target) if use_neg else None
-                cond = pipe._condition_latents([pil], [(res, res)], 1)
-                traj = teacher_run(pipe, pos, neg, cond, noise, grid, spec.guidance, points)
-            prefix = image_slot_prefix(pad[0].cpu().numpy() if torch.is_tensor(pad) else pad[0], prefix)
-            parts.append(Group(traj, _trim(s, m), target, cond.float().cpu(), prefix))
-        groups["edit"] = _gather(parts, n_e, rank, world)
-    return Pool(groups, points, grid, spec.guidance)
+
+def _edit_group(pipe, spec: PoolSpec, grid, points, rank: int, world: int, progress: bool) -> Group:
+    """Teacher trajectories of the edit examples (one square condition image each), gathered over ranks."""
+    res = pipe.config.pipeline.output_resolution
+    channels = pipe.transformer.config.in_channels
+    neg_prompt, target = _negative_prompt(pipe), (res // 16, res // 16)
+    n_e = len(spec.edits)
+    parts, prefix = [], None
+    for i in tqdm(range(rank, n_e, world), desc="teacher edits", disable=not progress or rank > 0):
+        image, instruction = spec.edits[i]
+        pil = rimages.load_image(image)
+        size = rimages.calculate_dimensions(res * res, pil.width / pil.height)
+        if size != (res, res):
+            raise ConfigError(f"distillation edits: condition images must be square ({res}x{res} after resize)")
+        vl = [rimages.resize_rgba(pil, res, res)]
+        noise = initial_noise(spec.seed + 100_000 + i, 1, res, res, channels)
+        with torch.no_grad():
+            s, m, pad = pipe.encoder.encode([instruction], vl)
+            pos = pipe._condition(s, m, pad, [target], target)
+            neg = pipe._encode([neg_prompt], vl, [target], target) if spec.guidance > 1 else None
+            cond = pipe._condition_latents([pil], [(res, res)], 1)
+            traj = teacher_run(pipe, pos, neg, cond, noise, grid, spec.guidance, points)
+        prefix = image_slot_prefix(pad[0].cpu().numpy() if torch.is_tensor(pad) else pad[0], prefix)
+        parts.append(Group(traj, _trim(s, m), target, cond.float().cpu(), prefix))
+    return _gather(parts, n_e, rank, world)
 
 
 def _gather(parts: list[Group], n_parts: int, rank: int, world: int) -> Group:

@@ -171,28 +171,14 @@ def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettin
         g = groups[names[rng.choice(len(names), p=p)]]
         idx = rng.integers(len(g.latents), size=settings.batch)
         drop = rng.random(settings.batch) < DROPOUT
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, total, settings.lr, settings.warmup)
-        loss = flow_loss(model, g, idx, drop, gen, config.transformer)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(settings.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        losses.append(loss.item())
+        lr = lr_at(step, total, settings.lr, settings.warmup)
+        losses.append(_dit_step(model, ema, opt, lr, flow_loss(model, g, idx, drop, gen, config.transformer),
+                                min(settings.ema, (1 + step) / (10 + step))))
         step += 1
-        elapsed = time.time() - t0
         if settings.minutes is not None:
-            if step == 30:
-                per_step = elapsed / 30
-                total = max(step, min(settings.steps, int(settings.minutes * 60 / per_step)))
-                bar.total = total
-                log.info("dit: %.2f s/step -> %d steps", per_step, total)
-            if elapsed > settings.minutes * 60 * 1.1:
-                log.warning("dit: stopping at step %d/%d, over the time budget", step, total)
+            total, over = _time_budget(settings, step, total, time.time() - t0)
+            bar.total = total
+            if over:
                 break
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -204,6 +190,32 @@ def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettin
             last_ckpt = time.time()
     bar.close()
     return ema.eval(), losses, {"steps": step, "seconds": round(time.time() - t0, 1)}
+
+
+def _dit_step(model, ema, opt, lr: float, loss: torch.Tensor, decay: float) -> float:
+    """One optimiser step at ``lr`` on ``loss``, then the EMA update; returns the loss."""
+    for pg in opt.param_groups:
+        pg["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+    return loss.item()
+
+
+def _time_budget(settings, step: int, total: int, elapsed: float) -> tuple[int, bool]:
+    """(step total, over budget): the total is set from the speed of the first 30 steps."""
+    if step == 30:
+        per_step = elapsed / 30
+        total = max(step, min(settings.steps, int(settings.minutes * 60 / per_step)))
+        log.info("dit: %.2f s/step -> %d steps", per_step, total)
+    over = elapsed > settings.minutes * 60 * 1.1
+    if over:
+        log.warning("dit: stopping at step %d/%d, over the time budget", step, total)
+    return total, over
 
 
 def smoothed(losses: list[float], every: int = 500) -> list[tuple[int, float]]:
