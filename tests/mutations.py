@@ -210,6 +210,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "torch.set_num_threads(1)",
         (F + "test_threads_reach_torch",),
     ),
+    Mutation(
+        "cli-metadata-first-seed", "cli", "qwen_image_edge/cli.py",
+        "--num-images: every PNG records the first image's seed",
+        "task=task, prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed,",
+        "task=task, prompt=prompt, negative_prompt=args.negative_prompt, seed=first,",
+        ("tests/test_cli_hardening.py::test_num_images",),
+    ),
+    Mutation(
+        "cli-jpeg-background-ignored", "cli", "qwen_image_edge/outputs.py",
+        "JPEG outputs are flattened onto white whatever --background says",
+        "image = flatten(image, background)",
+        "image = flatten(image, (255, 255, 255))",
+        ("tests/test_cli_hardening.py::test_jpeg_flattens_alpha_onto_the_background",),
+    ),
+    Mutation(
+        "runtime-16bit-clipped", "runtime", "runtime/images.py",
+        "16-bit greyscale images are clipped to 8 bits instead of scaled (Pillow's own convert)",
+        'return Image.fromarray(_scale_to_uint8(arr, 65535.0), "L")',
+        'return img.convert("L")',
+        ("tests/test_images_hardening.py::test_sixteen_bit_grey_png_is_scaled_not_clipped",),
+    ),
     # ------------------------------------------------- TensorRT backend and build, against the strict stand-in
     Mutation(
         "trt-free-without-sync-close", "runtime", "runtime/backends/tensorrt.py",
