@@ -57,7 +57,8 @@ def vocabulary() -> frozenset[str]:
 
 
 def prompt_warnings(prompt: str) -> list[str]:
-    """Why the demo model may not follow ``prompt`` (empty when nothing is wrong), one line each."""
+    """Why the demo model may not follow the text-to-image ``prompt`` (empty when nothing is wrong), one
+    line each. (Edit instructions are a different language: no background phrase, maybe no shape.)"""
     from qwen_image2_ref.demo import data
 
     known = vocabulary()
