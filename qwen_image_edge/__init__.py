@@ -17,7 +17,7 @@ from __future__ import annotations
 
 _ERRORS = ("QwenImageEdgeError", "ConfigError", "ShapeError", "InputError", "CheckpointError", "ManifestError",
            "BackendError", "NumericalError")
-__all__ = ["Pipeline", "Manifest", "load_manifest", *_ERRORS]
+__all__ = ["Pipeline", "GenerationStats", "Manifest", "load_manifest", *_ERRORS]
 
 
 def __getattr__(name: str):

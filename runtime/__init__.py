@@ -18,7 +18,7 @@ from qwen_image_edge.runtime.errors import (
     ShapeError,
 )
 
-__all__ = ["Pipeline", "Manifest", "load_manifest", "QwenImageEdgeError", "ConfigError", "ShapeError", "InputError",
+__all__ = ["Pipeline", "GenerationStats", "Manifest", "load_manifest", "QwenImageEdgeError", "ConfigError", "ShapeError", "InputError",
            "CheckpointError", "ManifestError", "BackendError", "NumericalError"]
 
 
@@ -27,6 +27,10 @@ def __getattr__(name: str):
         from qwen_image_edge.runtime.pipeline import Pipeline
 
         return Pipeline
+    if name == "GenerationStats":
+        from qwen_image_edge.runtime.stats import GenerationStats
+
+        return GenerationStats
     if name in ("Manifest", "load_manifest"):
         from qwen_image_edge.runtime import manifest
 
