@@ -27,11 +27,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
+from qwen_image_edge.distill.pool import (
+    Group,
+    Pool,
+    PoolSpec,
+    build_pool,
+    load_pool,
+    save_pool,
+    student_sigmas,
+)
+from qwen_image_edge.runtime import schedule
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.layout import padded_batch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
-from qwen_image_edge.distill.pool import Group, Pool, PoolSpec, build_pool, load_pool, save_pool, student_sigmas
 from qwen_image2_ref.checkpoint import checkpoint_digest
 from qwen_image2_ref.demo import data
 from qwen_image2_ref.demo.stage_io import load_stage, save_stage
@@ -39,9 +50,6 @@ from qwen_image2_ref.demo.train_vae import lr_at
 from qwen_image2_ref.model_folder import ModelSource, open_model, save_model
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import layout_inputs
-from qwen_image_edge.runtime import schedule
-from qwen_image_edge.runtime.errors import ConfigError
-from qwen_image_edge.runtime.layout import padded_batch
 
 log = logging.getLogger(__name__)
 
