@@ -328,6 +328,26 @@ def test_demo_refuses_an_export_of_another_model(tiny_export, tmp_path, capsys, 
     assert Path(source["path"]) == other
 
 
+def test_a_failed_demo_export_leaves_no_empty_folders(tiny_export, tmp_path, capsys, monkeypatch):
+    """`demo --export-dir a/b/export` creates a/ and a/b/ for the export; when the export fails (here on
+    purpose; a full disk in life) they go again, and no image is written."""
+    from qwen_image_edge.export import onnx_export
+    from qwen_image_edge.runtime.errors import ConfigError
+
+    import qwen_image2_ref.demo as demo_pkg
+
+    def failing(*args, **kwargs):
+        raise ConfigError("export failed on purpose")
+
+    monkeypatch.setattr(demo_pkg, "WEIGHTS_DIR", tiny_export[0])
+    monkeypatch.setattr(onnx_export, "export_model", failing)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["demo", "--export-dir", str(tmp_path / "a" / "b" / "export"), "-o", str(out / "d.png")]) == 2
+    assert "export failed on purpose" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list(out.iterdir()) == []
+
+
 def test_demo_warns_about_prompts_outside_its_language(tiny_export, tmp_path, caplog, monkeypatch):
     from qwen_image_edge.export import demo as demo_export
 
