@@ -22,6 +22,7 @@ from qwen_image_edge.runtime.layout import build_layout
 from qwen_image_edge.runtime.sampling import (
     Request,
     convert_pixels,
+    diffusers_aliases,
     initial_noise,
     one_or_list,
     resolve_request,
@@ -67,9 +68,11 @@ class QwenImagePipeline:
                  width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int | None = None, latents: np.ndarray | None = None,
                  callback: Callable[[int, int, np.ndarray], None] | None = None, progress: bool = True,
-                 output: str = "pil"):
+                 output: str = "pil", **diffusers_names):
         """Text to image: one PIL RGBA image for a prompt string, a list for a list of prompts
-        (``output="np"``: ``[B, H, W, 4]`` in [0, 1]; ``"latent"``: packed latents)."""
+        (``output="np"``: ``[B, H, W, 4]`` in [0, 1]; ``"latent"``: packed latents). diffusers'
+        ``num_inference_steps`` / ``guidance_scale`` are accepted for ``steps`` / ``guidance``."""
+        steps, guidance = diffusers_aliases("generate", diffusers_names, steps=steps, guidance=guidance)
         res = self.config.pipeline.output_resolution
         request = self._request(prompt, negative_prompt, width, height, steps, guidance, seed, (res, res), output)
         return one_or_list(self._sample(request, [], [], latents, callback, progress), prompt, output)
@@ -78,9 +81,10 @@ class QwenImagePipeline:
     def edit(self, images, instruction: str | Sequence[str], *, negative_prompt=None, width: int | None = None,
              height: int | None = None, steps: int | None = None, guidance: float | None = None,
              seed: int | None = None, latents: np.ndarray | None = None, callback=None, progress: bool = True,
-             output: str = "pil"):
+             output: str = "pil", **diffusers_names):
         """Edit one or more condition images as the instruction says. Output size follows the last image;
         returns as :meth:`generate` does."""
+        steps, guidance = diffusers_aliases("edit", diffusers_names, steps=steps, guidance=guidance)
         pcfg = self.config.pipeline
         pil_images, sizes = condition_images(images, pcfg.max_condition_images, pcfg.output_resolution)
         request = self._request(instruction, negative_prompt, width, height, steps, guidance, seed, sizes[-1], output)

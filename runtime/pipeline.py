@@ -39,6 +39,7 @@ from qwen_image_edge.runtime.manifest import (
 from qwen_image_edge.runtime.sampling import (
     Request,
     convert_pixels,
+    diffusers_aliases,
     initial_noise,
     one_or_list,
     resolve_request,
@@ -141,9 +142,11 @@ class Pipeline:
                  width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, seed: int | None = None,
                  callback: Callable[[int, int, np.ndarray], None] | None = None, latents: np.ndarray | None = None,
-                 output: str = "pil", return_stats: bool = False):
+                 output: str = "pil", return_stats: bool = False, **diffusers_names):
         """Text to image. One prompt string gives one PIL image, a list of prompts a list
-        (``output="np"``/``"latent"``: batched arrays); ``return_stats=True``: ``(that, GenerationStats)``."""
+        (``output="np"``/``"latent"``: batched arrays); ``return_stats=True``: ``(that, GenerationStats)``.
+        diffusers' ``num_inference_steps`` / ``guidance_scale`` are accepted for ``steps`` / ``guidance``."""
+        steps, guidance = diffusers_aliases("generate", diffusers_names, steps=steps, guidance=guidance)
         stats, start = GenerationStats(), time.perf_counter()
         res = self.manifest.image.output_resolution
         request = self._request(prompt, negative_prompt, width, height, steps, guidance, seed, (res, res), output)
@@ -155,7 +158,7 @@ class Pipeline:
              width: int | None = None, height: int | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int | None = None,
              callback: Callable[[int, int, np.ndarray], None] | None = None, latents: np.ndarray | None = None,
-             output: str = "pil", return_stats: bool = False):
+             output: str = "pil", return_stats: bool = False, **diffusers_names):
         """Edit one or more condition images (paths, PIL images or uint8 arrays) as the instruction says.
 
         Each image is resized to about ``output_resolution**2`` pixels (multiples of 32, its aspect
@@ -164,6 +167,7 @@ class Pipeline:
         resized side outside the exported range (an extreme aspect ratio), more images than the
         model takes or than the exported token ranges hold. Returns as :meth:`generate` does.
         """
+        steps, guidance = diffusers_aliases("edit", diffusers_names, steps=steps, guidance=guidance)
         missing = [g for g in EDIT_GRAPHS if g not in self.manifest.graphs]
         te_inputs = [t.name for t in self.manifest.graph("text_encoder").inputs]
         if missing or not set(VISUAL_INPUTS) <= set(te_inputs):

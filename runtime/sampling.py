@@ -32,6 +32,34 @@ MAX_STEPS = 1000
 OUTPUTS = ("pil", "np", "latent")
 
 
+# diffusers' keyword names that users type by habit -> ours (accepted as aliases)
+DIFFUSERS_ALIASES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
+
+
+def diffusers_aliases(where: str, extra: dict, **ours):
+    """``ours`` (steps=..., guidance=...) with diffusers' names in ``extra`` folded in.
+
+    ``num_inference_steps`` / ``guidance_scale`` are aliases; naming both spellings is an error.
+    ``generator`` is refused with the name to use instead: the runtime draws its noise with numpy
+    from ``seed``, so a torch.Generator has no meaning here. Any other keyword is an InputError
+    listing the accepted ones (Python's TypeError would not say what to write instead).
+    """
+    for name, value in extra.items():
+        if name in DIFFUSERS_ALIASES:
+            target = DIFFUSERS_ALIASES[name]
+            if ours.get(target) is not None:
+                raise InputError(f"{where}: got both {target}= and diffusers' {name}=; pass one")
+            ours[target] = value
+        elif name == "generator":
+            raise InputError(f"{where}: generator= is diffusers' torch.Generator; pass seed=<int> instead "
+                             "(the noise is numpy.random.default_rng(seed).standard_normal)")
+        else:
+            raise InputError(f"{where}: unknown keyword {name!r}; expected prompt/images, negative_prompt, width, "
+                             "height, steps (num_inference_steps), guidance (guidance_scale), seed, callback, "
+                             "latents, output")
+    return tuple(ours.values())
+
+
 def initial_noise(seed: int, batch: int, height: int, width: int, channels: int,
                   vae_factor: int = DEFAULT_VAE_FACTOR) -> np.ndarray:
     """Packed ``[B, L, C]`` noise, ``L = (H/f)(W/f)`` row-major, as every consumer draws it."""

@@ -97,3 +97,25 @@ def test_pixels_and_return_convention():
     assert one_or_list(images, "a", "pil") is images[0]
     assert one_or_list(images, ["a", "b"], "pil") is images
     assert one_or_list(unit, "a", "np") is unit  # arrays stay batched
+
+
+def test_diffusers_keyword_names(runtime_pipe, reference):
+    """num_inference_steps / guidance_scale are aliases of steps / guidance in both pipelines (same
+    image), generator= is refused naming seed=, both spellings at once and unknown names are
+    InputErrors that say what to write."""
+    for pipe in (runtime_pipe, reference):
+        kw = {"progress": False} if pipe is reference else {}
+        ours = pipe.generate("a red circle", steps=2, guidance=3.0, seed=4, output="latent", negative_prompt="blurry",
+                             **kw)
+        theirs = pipe.generate("a red circle", num_inference_steps=2, guidance_scale=3.0, seed=4, output="latent",
+                               negative_prompt="blurry", **kw)
+        np.testing.assert_array_equal(ours, theirs)
+        other = pipe.generate("a red circle", num_inference_steps=2, guidance_scale=1.0, seed=4, output="latent",
+                              negative_prompt="blurry", **kw)
+        assert not np.array_equal(ours, other)  # the alias reaches the sampler (no guidance at 1)
+        with pytest.raises(InputError, match=r"generator= is diffusers' torch.Generator; pass seed=<int>"):
+            pipe.generate("a red circle", generator=object(), **kw)
+        with pytest.raises(InputError, match=r"got both steps= and diffusers' num_inference_steps="):
+            pipe.generate("a red circle", steps=2, num_inference_steps=3, **kw)
+        with pytest.raises(InputError, match=r"unknown keyword 'sampler'; expected .*steps \(num_inference_steps\)"):
+            pipe.generate("a red circle", sampler="euler", **kw)
