@@ -35,7 +35,11 @@ from typing import Any
 from qwen_image_edge.runtime import fields
 from qwen_image_edge.runtime.errors import ManifestError
 from qwen_image_edge.runtime.fields import KEY, OPTIONAL, FieldError
-from qwen_image_edge.runtime.graphs import GRAPH_NAMES, KV_CACHE_GRAPHS  # noqa: F401  (the graph table's names)
+from qwen_image_edge.runtime.graphs import (  # noqa: F401  (GRAPH_NAMES, KV_CACHE_GRAPHS: the graph table's names)
+    GRAPH_NAMES,
+    KV_CACHE_GRAPHS,
+    check_graph_names,
+)
 from qwen_image_edge.runtime.onnx_header import read_io
 from qwen_image_edge.runtime.sections import (
     ImageSection,
@@ -195,6 +199,7 @@ class Manifest:
     engines: dict[str, EngineSpec] = field(default_factory=dict, metadata=OPTIONAL)  # written by `build`
 
     def __post_init__(self) -> None:
+        check_graph_names(self.graphs, where=f"{MANIFEST_NAME}: graphs", error=ManifestError)
         if self.image.vae_scale_factor != self.model.vae.scale_factor_spatial:
             raise FieldError("image.vae_scale_factor", f"{self.image.vae_scale_factor}, but "
                                                        f"model.vae.scale_factor_spatial is {self.model.vae.scale_factor_spatial}")

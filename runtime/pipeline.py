@@ -28,6 +28,7 @@ from qwen_image_edge.runtime import schedule
 from qwen_image_edge.runtime.backends import make_backend
 from qwen_image_edge.runtime.edit import check_range, load_condition_images
 from qwen_image_edge.runtime.errors import InputError, ManifestError, NumericalError
+from qwen_image_edge.runtime.graphs import EDIT_GRAPHS
 from qwen_image_edge.runtime.layout import JointLayout, attention_mask, build_layout, rope_tables
 from qwen_image_edge.runtime.manifest import (
     KV_CACHE_GRAPHS,
@@ -51,7 +52,6 @@ from qwen_image_edge.runtime.vision import vision_feeds, visual_index
 log = logging.getLogger(__name__)
 
 REQUIRED_GRAPHS = ("text_encoder", "transformer", "vae_decoder")
-EDIT_GRAPHS = ("vision_encoder", "vae_encoder")
 VISUAL_INPUTS = ("visual_embeds", "deepstack_embeds", "visual_index")
 
 

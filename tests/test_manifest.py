@@ -84,14 +84,14 @@ def _sections(tokenizer_sha256: str) -> dict:
 
 def _export_dir(root: Path) -> Path:
     d = root / "exp"
-    _onnx(d / "g" / "model.onnx")
-    (d / "g" / "model.onnx.data").write_bytes(b"\0" * 8)  # an external data file, so its fields are checked too
+    _onnx(d / "vae_decoder" / "model.onnx")
+    (d / "vae_decoder" / "model.onnx.data").write_bytes(b"\0" * 8)  # an external data file, so its fields are checked too
     (d / "tokenizer").mkdir()
     (d / "tokenizer" / "tokenizer.json").write_text("{}")
-    spec = GraphSpec("g", "g/model.onnx", sha256_file(d / "g" / "model.onnx"), Precision.FP32, INPUTS, OUTPUTS,
+    spec = GraphSpec("vae_decoder", "vae_decoder/model.onnx", sha256_file(d / "vae_decoder" / "model.onnx"), Precision.FP32, INPUTS, OUTPUTS,
                      dim_ranges={"B": (1, 2, 4), "L": (1, 8, 64)},
-                     external_data=(DataFile("g/model.onnx.data", sha256_file(d / "g" / "model.onnx.data")),))
-    m = Manifest(graphs={"g": spec}, **_sections(sha256_file(d / "tokenizer" / "tokenizer.json")))
+                     external_data=(DataFile("vae_decoder/model.onnx.data", sha256_file(d / "vae_decoder" / "model.onnx.data")),))
+    m = Manifest(graphs={"vae_decoder": spec}, **_sections(sha256_file(d / "tokenizer" / "tokenizer.json")))
     (d / MANIFEST_NAME).write_text(m.to_json())
     return d
 
@@ -111,7 +111,7 @@ def test_round_trip(export_dir):
     m = load_manifest(export_dir)
     assert Manifest.from_dict(json.loads(m.to_json())) == m
     assert json.loads(m.to_json()) == json.loads((export_dir / MANIFEST_NAME).read_text())
-    g = m.graph("g")
+    g = m.graph("vae_decoder")
     assert g.inputs == INPUTS and g.outputs == OUTPUTS and g.precision is Precision.FP32
     assert g.dim_ranges["L"] == (1, 8, 64) and m.format_version == FORMAT_VERSION
     # typed where the runtime reads; the rest of the model config kept as written
@@ -183,7 +183,7 @@ def test_each_required_field_mistyped_is_named(export_dir, path, annotation):
     ("image.min_resolution", 96, "image.min_resolution: 96 is above output_resolution 64"),
     ("image.condition.max_aspect", 0.5, "image.condition.max_aspect: expected a ratio >= 1"),
     ("image.target.max_tokens", 0, "image.target.max_tokens: expected >= 1, got 0"),
-    ("graphs.g.precision", "int4", r"graphs.g.precision: expected one of \['fp32'"),
+    ("graphs.vae_decoder.precision", "int4", r"graphs.vae_decoder.precision: expected one of \['fp32'"),
     ("image.vae_scale_factor", 8, "image.vae_scale_factor: 8, but model.vae.scale_factor_spatial is 16"),
 ])
 def test_mistyped_or_inconsistent_field(export_dir, path, value, message):
@@ -202,8 +202,8 @@ def test_unknown_field_is_refused(export_dir):
 
 
 def test_onnx_header_reader_matches_onnx(export_dir):
-    inputs, outputs = read_onnx_io(export_dir / "g" / "model.onnx")
-    model = onnx.load(str(export_dir / "g" / "model.onnx"))
+    inputs, outputs = read_onnx_io(export_dir / "vae_decoder" / "model.onnx")
+    model = onnx.load(str(export_dir / "vae_decoder" / "model.onnx"))
     assert [t.name for t in inputs] == [i.name for i in model.graph.input]
     assert list(inputs) == list(INPUTS) and list(outputs) == list(OUTPUTS)
 
@@ -223,50 +223,50 @@ def test_missing_manifest(tmp_path):
 
 
 def test_missing_file(export_dir):
-    os.remove(export_dir / "g" / "model.onnx")
-    with pytest.raises(ManifestError, match=r"graph 'g': file 'g/model.onnx' not found"):
+    os.remove(export_dir / "vae_decoder" / "model.onnx")
+    with pytest.raises(ManifestError, match=r"graph 'vae_decoder': file 'vae_decoder/model.onnx' not found"):
         load_manifest(export_dir)
 
 
 def test_hash_mismatch(export_dir):
-    path = export_dir / "g" / "model.onnx"
+    path = export_dir / "vae_decoder" / "model.onnx"
     model = onnx.load(str(path))
     model.graph.initializer[0].raw_data = np.full((4, 4), 7, np.float32).tobytes()
     onnx.save(model, str(path))
     load_manifest(export_dir, verify_hashes=False)  # on-demand hashing: the IO still matches
-    with pytest.raises(ManifestError, match=r"graph 'g': file 'g/model.onnx' has sha256 .* manifest expects"):
+    with pytest.raises(ManifestError, match=r"graph 'vae_decoder': file 'vae_decoder/model.onnx' has sha256 .* manifest expects"):
         load_manifest(export_dir)
 
 
 def test_io_name_mismatch(export_dir):
-    path = export_dir / "g" / "model.onnx"
+    path = export_dir / "vae_decoder" / "model.onnx"
     _onnx(path, input_name="latents")
-    _edit(export_dir, lambda d: d["graphs"]["g"].update(sha256=sha256_file(path)))
-    with pytest.raises(ManifestError, match=r"graph 'g' \(g/model.onnx\): inputs are \['latents', 'mask'\], manifest declares \['x', 'mask'\]"):
+    _edit(export_dir, lambda d: d["graphs"]["vae_decoder"].update(sha256=sha256_file(path)))
+    with pytest.raises(ManifestError, match=r"graph 'vae_decoder' \(vae_decoder/model.onnx\): inputs are \['latents', 'mask'\], manifest declares \['x', 'mask'\]"):
         load_manifest(export_dir)
 
 
 def test_io_dim_mismatch(export_dir):
-    _edit(export_dir, lambda d: d["graphs"]["g"]["inputs"][0].update(dims=["B", 5]))
-    with pytest.raises(ManifestError, match=r"graph 'g' .*input x: float32\[B, 4\], manifest declares x: float32\[B, 5\]"):
+    _edit(export_dir, lambda d: d["graphs"]["vae_decoder"]["inputs"][0].update(dims=["B", 5]))
+    with pytest.raises(ManifestError, match=r"graph 'vae_decoder' .*input x: float32\[B, 4\], manifest declares x: float32\[B, 5\]"):
         load_manifest(export_dir)
 
 
-@pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd", "g/../../outside.onnx"])
+@pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd", "vae_decoder/../../outside.onnx"])
 def test_path_escaping_export_dir(export_dir, bad):
-    _edit(export_dir, lambda d: d["graphs"]["g"].update(file=bad))
+    _edit(export_dir, lambda d: d["graphs"]["vae_decoder"].update(file=bad))
     with pytest.raises(ManifestError, match="must be relative and inside"):
         load_manifest(export_dir)
 
 
 def test_symlink_escaping_export_dir(export_dir, tmp_path):
     outside = tmp_path / "outside.onnx"
-    shutil.copyfile(export_dir / "g" / "model.onnx", outside)
-    (export_dir / "g" / "link.onnx").symlink_to(outside)
-    _edit(export_dir, lambda d: d["graphs"]["g"].update(file="g/link.onnx"))
-    with pytest.raises(ManifestError, match=r"path 'g/link.onnx' resolves to .*outside the export directory"):
+    shutil.copyfile(export_dir / "vae_decoder" / "model.onnx", outside)
+    (export_dir / "vae_decoder" / "link.onnx").symlink_to(outside)
+    _edit(export_dir, lambda d: d["graphs"]["vae_decoder"].update(file="vae_decoder/link.onnx"))
+    with pytest.raises(ManifestError, match=r"path 'vae_decoder/link.onnx' resolves to .*outside the export directory"):
         load_manifest(export_dir)
-    assert resolve_path(export_dir, "g/model.onnx") == (export_dir / "g" / "model.onnx").resolve()
+    assert resolve_path(export_dir, "vae_decoder/model.onnx") == (export_dir / "vae_decoder" / "model.onnx").resolve()
 
 
 def test_unknown_graph(export_dir):
@@ -288,3 +288,9 @@ def test_manifest_module_is_torch_and_onnx_free():
         "import qwen_image_edge.runtime.manifest\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_a_graph_the_runtime_does_not_know_is_refused(export_dir):
+    _edit(export_dir, lambda d: d["graphs"].update(vae_encoderx=d["graphs"]["vae_decoder"]))
+    with pytest.raises(ManifestError, match=r"manifest.json: graphs \['vae_encoderx'\]: unknown; expected some of"):
+        load_manifest(export_dir, verify_hashes=False)
