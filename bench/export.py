@@ -47,6 +47,7 @@ def _peak_gib() -> float:
 
 def _child(args) -> None:
     import torch
+
     from qwen_image_edge.export.registry import example_inputs, graph_io, graph_module
     from qwen_image_edge.export.trace import export_graph
 
@@ -185,6 +186,7 @@ ENCODER_8B_2L = dict(vocab_size=151936, hidden_size=4096, num_layers=2, num_head
 
 def _child_export(model: str, graph: str, lean: str, keep: str | None = None, *, threads: int) -> None:
     import torch
+
     from qwen_image_edge.export.onnx_export import export_model
 
     torch.set_num_threads(threads)
@@ -201,11 +203,11 @@ def _child_compare(model: str, graph: str, a: str, b: str, *, threads: int) -> N
     """Run two exports of ``graph`` (one session at a time) at two shapes; max relative L2 between them."""
     import numpy as np
     import onnxruntime as ort
+
+    from qwen_image2_ref.model_folder import load_lazy_model
     from qwen_image_edge.export.graphs import text_encoder_inputs, transformer_inputs
     from qwen_image_edge.export.registry import example_inputs
     from qwen_image_edge.runtime.manifest import load_manifest
-
-    from qwen_image2_ref.model_folder import load_lazy_model
 
     cfg = load_lazy_model(model).config
     if graph == "transformer":
@@ -227,12 +229,12 @@ def _child_compare(model: str, graph: str, a: str, b: str, *, threads: int) -> N
 def _child_trace(layers: int, threads: int) -> None:
     """The full-width transformer graph traced under fake tensors, no checkpoint, no weights."""
     import torch
-    from qwen_image_edge.export.graphs import TransformerGraph
-    from qwen_image_edge.export.lean import trace_without_weights
-    from qwen_image_edge.export.registry import example_inputs, graph_io
 
     from qwen_image2_ref.config import QWEN_IMAGE_21, TransformerConfig
     from qwen_image2_ref.transformer import QwenImageTransformer
+    from qwen_image_edge.export.graphs import TransformerGraph
+    from qwen_image_edge.export.lean import trace_without_weights
+    from qwen_image_edge.export.registry import example_inputs, graph_io
 
     torch.set_num_threads(threads)
     cfg = dataclasses.replace(QWEN_IMAGE_21, transformer=TransformerConfig(num_layers=layers))

@@ -134,10 +134,10 @@ def full_width_sessions(root: Path, layers: int, max_resolution: int, threads: i
     as the single graph and the pair only: what the cache buys at the real width."""
     import torch
 
-    from qwen_image_edge.export.registry import example_inputs, graph_io, wrap
-    from qwen_image_edge.export.trace import export_graph
     from qwen_image2_ref.config import QWEN_IMAGE_21
     from qwen_image2_ref.transformer import QwenImageTransformer
+    from qwen_image_edge.export.registry import example_inputs, graph_io, wrap
+    from qwen_image_edge.export.trace import export_graph
     from qwen_image_edge.runtime.backends import make_backend
 
     cfg = dataclasses.replace(QWEN_IMAGE_21, transformer=dataclasses.replace(QWEN_IMAGE_21.transformer,

@@ -44,9 +44,9 @@ def graph_sizes(export_dir: Path) -> dict[str, int]:
 def projected_int8_ratio(policy_precision: str = "int8") -> tuple[float, int]:
     """INT8 / fp32 bytes of the full-size Qwen-Image-2.1 transformer under the default policy (meta device:
     quantized weights 1 byte, everything else 4; scales ignored) and its number of quantized layers."""
-    from qwen_image_edge.calib.policy import QuantPolicy
     from qwen_image2_ref.config import QWEN_IMAGE_21
     from qwen_image2_ref.transformer import QwenImageTransformer
+    from qwen_image_edge.calib.policy import QuantPolicy
 
     with torch.device("meta"):
         t = QwenImageTransformer(QWEN_IMAGE_21.transformer)
@@ -80,13 +80,13 @@ def feeds_of(args: tuple) -> dict[str, np.ndarray]:
 
 def wide_latency(width: int, layers: int, tokens: int, threads: int, repeats: int, work: Path) -> dict:
     """fp32 vs int8 (and fp8) transformer step at a realistic width with random weights."""
+    from qwen_image2_ref.config import QWEN_IMAGE_21
+    from qwen_image2_ref.transformer import QwenImageTransformer
     from qwen_image_edge.calib.collect import RangeRecorder
     from qwen_image_edge.calib.policy import QuantPolicy
     from qwen_image_edge.calib.quantize import quantize_module
     from qwen_image_edge.export.graphs import transformer_inputs
     from qwen_image_edge.export.quantized import export_fp32_graph, export_quantized_transformer
-    from qwen_image2_ref.config import QWEN_IMAGE_21
-    from qwen_image2_ref.transformer import QwenImageTransformer
 
     heads = width // 128
     cfg = dataclasses.replace(QWEN_IMAGE_21, transformer=dataclasses.replace(
@@ -192,11 +192,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    from qwen_image2_ref.model_folder import load_model
     from qwen_image_edge.calib.collect import CalibrationSettings
     from qwen_image_edge.calib.quantize import quantize_model
     from qwen_image_edge.export.graphs import transformer_inputs
     from qwen_image_edge.export.quantized import export_quantized
-    from qwen_image2_ref.model_folder import load_model
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-quant-"))
     dirs = {prec: work / prec for prec in PRECISIONS}

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm.auto import tqdm
+
 from qwen_image_edge.calib.policy import QuantPolicy, Reduction
 from qwen_image_edge.runtime.errors import ConfigError, InputError
 from qwen_image_edge.runtime.sampling import initial_noise
-from torch import nn
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

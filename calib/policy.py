@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.manifest import Precision
-from torch import nn
 
 QUANTIZABLE_PRECISIONS = (Precision.INT8, Precision.FP8)
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_image_edge.runtime.errors import ConfigError
-
 from qwen_image2_ref.demo import STUDENT_DIR, WEIGHTS_DIR
+from qwen_image_edge.runtime.errors import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPT_SETS = {"general": DATA_DIR / "general_prompts.txt", "demo": DATA_DIR / "demo_captions.txt"}

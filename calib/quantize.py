@@ -28,6 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
+from qwen_image2_ref.model_folder import LoadedModel, ModelSource, open_model
+from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image_edge.calib.collect import (
     CalibrationSettings,
     RangeRecorder,
@@ -40,10 +44,6 @@ from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
 from qwen_image_edge.export.quantized import export_quantized
 from qwen_image_edge.runtime.errors import ConfigError, InputError
 from qwen_image_edge.runtime.manifest import Precision
-from torch import nn
-
-from qwen_image2_ref.model_folder import LoadedModel, ModelSource, open_model
-from qwen_image2_ref.pipeline import QwenImagePipeline
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from qwen_image_edge.distill.trainer import DistillSettings, distill
     from qwen_image_edge.runtime.errors import ConfigError
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.demo.stage_io import load_stage, ragged_arrays, ragged_tensors, save_stage
 from qwen_image_edge.runtime import images as rimages
 from qwen_image_edge.runtime import schedule
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.layout import image_slot_prefix
 from qwen_image_edge.runtime.sampling import initial_noise
-from tqdm.auto import tqdm
-
-from qwen_image2_ref.demo.stage_io import load_stage, ragged_arrays, ragged_tensors, save_stage
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.checkpoint import checkpoint_digest
+from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo.stage_io import load_stage, save_stage
+from qwen_image2_ref.demo.train_vae import lr_at
+from qwen_image2_ref.model_folder import ModelSource, open_model, save_model
+from qwen_image2_ref.pipeline import QwenImagePipeline
+from qwen_image2_ref.transformer import layout_inputs
 from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
 from qwen_image_edge.distill.pool import (
     Group,
@@ -40,16 +50,6 @@ from qwen_image_edge.distill.pool import (
 from qwen_image_edge.runtime import schedule
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.layout import padded_batch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
-
-from qwen_image2_ref.checkpoint import checkpoint_digest
-from qwen_image2_ref.demo import data
-from qwen_image2_ref.demo.stage_io import load_stage, save_stage
-from qwen_image2_ref.demo.train_vae import lr_at
-from qwen_image2_ref.model_folder import ModelSource, open_model, save_model
-from qwen_image2_ref.pipeline import QwenImagePipeline
-from qwen_image2_ref.transformer import layout_inputs
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from qwen_image_edge.export.graphs import (
     TransformerGraph,
     VAEDecoderGraph,

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from qwen_image_edge.runtime.errors import CheckpointError, ConfigError
 
 from qwen_image2_ref.checkpoint import find_weight_files
+from qwen_image_edge.runtime.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

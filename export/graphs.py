@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from qwen_image_edge.export.iospec import image_channels
-from qwen_image_edge.runtime.errors import ConfigError
-from qwen_image_edge.runtime.layout import build_layout
-from qwen_image_edge.runtime.vision import VisionTower, vision_feeds
 from torch import nn
 from torch.nn import functional as F
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
@@ -23,6 +19,10 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import QwenImageVAE
+from qwen_image_edge.export.iospec import image_channels
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.layout import build_layout
+from qwen_image_edge.runtime.vision import VisionTower, vision_feeds
 
 
 class TextEncoderGraph(nn.Module):

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen_image2_ref.config import ModelConfig
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.images import CONDITION_MAX_ASPECT, condition_sizes
 from qwen_image_edge.runtime.manifest import TensorSpec
-
-from qwen_image2_ref.config import ModelConfig
 
 # Template tokens around a prompt: ChatML system + user + assistant headers, plus vision markers.
 TEMPLATE_TOKEN_ALLOWANCE = 64

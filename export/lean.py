@@ -31,6 +31,11 @@ from pathlib import Path
 import onnx
 import torch
 from onnx import numpy_helper
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.model_folder import LoadedModel, ModelSource, resolve_model_path
 from qwen_image_edge.export.cleanup import cleanup_graph
 from qwen_image_edge.export.external_data import (
     WeightSource,
@@ -50,11 +55,6 @@ from qwen_image_edge.export.registry import entry, graph_module
 from qwen_image_edge.export.trace import DATA_NAME, ONNX_NAME, ExportedGraph, export_graph
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.manifest import DataFile, GraphSpec, Precision, sha256_file
-from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from tqdm.auto import tqdm
-
-from qwen_image2_ref.model_folder import LoadedModel, ModelSource, resolve_model_path
 
 log = logging.getLogger(__name__)
 

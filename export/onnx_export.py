@@ -13,6 +13,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.model_folder import ModelSource, open_model
 from qwen_image_edge.export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, check_max_resolution
 from qwen_image_edge.export.lean import choose_lean, export_graph_lean, preflight
 from qwen_image_edge.export.manifest_writer import (
@@ -28,9 +31,6 @@ from qwen_image_edge.export.trace import DEFAULT_OPSET, PROTOBUF_LIMIT, Exported
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES, check_graph_names
 from qwen_image_edge.runtime.manifest import GraphSpec, Manifest, load_manifest
-from tqdm.auto import tqdm
-
-from qwen_image2_ref.model_folder import ModelSource, open_model
 
 log = logging.getLogger(__name__)
 

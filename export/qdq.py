@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.manifest import Precision
 

@@ -15,6 +15,9 @@ import logging
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.model_folder import LoadedModel
 from qwen_image_edge.export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, check_max_resolution
 from qwen_image_edge.export.manifest_writer import (
     build_manifest,
@@ -38,9 +41,6 @@ from qwen_image_edge.export.trace import (
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES, Component, check_graph_names, graphs_of
 from qwen_image_edge.runtime.manifest import GraphSpec, Manifest, load_manifest
-from tqdm.auto import tqdm
-
-from qwen_image2_ref.model_folder import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
+from qwen_image2_ref.config import ModelConfig
+from qwen_image2_ref.model_folder import LoadedModel
 from qwen_image_edge.export import cases, graphs, iospec
 from qwen_image_edge.export.iospec import GraphIO, check_max_resolution
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.graphs import GRAPHS, Component, GraphInfo, graph_info
 from qwen_image_edge.runtime.manifest import GraphSpec, Manifest
-from torch import nn
-
-from qwen_image2_ref.config import ModelConfig
-from qwen_image2_ref.model_folder import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 import torch
+
 from qwen_image_edge.export.cleanup import cleanup_graph
 from qwen_image_edge.export.iospec import GraphIO
 from qwen_image_edge.runtime.manifest import DataFile, GraphSpec, Precision, sha256_file

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.model_folder import ModelSource, open_model
 from qwen_image_edge.export.manifest_writer import write_text_atomic
 from qwen_image_edge.export.registry import validation_cases
 from qwen_image_edge.runtime.errors import ManifestError
 from qwen_image_edge.runtime.graphs import check_graph_names
 from qwen_image_edge.runtime.manifest import Manifest, Precision, TensorSpec, check_io, load_manifest
-from tqdm.auto import tqdm
-
-from qwen_image2_ref.model_folder import ModelSource, open_model
 
 log = logging.getLogger(__name__)
 

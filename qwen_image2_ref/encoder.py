@@ -22,7 +22,13 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from qwen_image2_ref.config import EncoderConfig
 from qwen_image_edge.runtime.errors import CheckpointError, ConfigError
 from qwen_image_edge.runtime.images import VisionConfig, load_image, vision_patches
-from qwen_image_edge.runtime.tokens import MAX_PROMPT_TOKENS, SYSTEM_PROMPT, PromptTokenizer, TokenBatch, prompt_index
+from qwen_image_edge.runtime.tokens import (
+    MAX_PROMPT_TOKENS,
+    SYSTEM_PROMPT,
+    PromptTokenizer,
+    TokenBatch,
+    prompt_index,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from qwen_image_edge.runtime.errors import CheckpointError
-from qwen_image_edge.runtime.graphs import Component
-from qwen_image_edge.runtime.images import VisionConfig
-from qwen_image_edge.runtime.schedule import SchedulerConfig
-from qwen_image_edge.runtime.tokens import PromptTokenizer
 from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.initialization import no_init_weights
@@ -40,6 +35,11 @@ from qwen_image2_ref.encoder import ConditionEncoder, read_image_processor_confi
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import QwenImageTransformer
 from qwen_image2_ref.vae import QwenImageVAE
+from qwen_image_edge.runtime.errors import CheckpointError
+from qwen_image_edge.runtime.graphs import Component
+from qwen_image_edge.runtime.images import VisionConfig
+from qwen_image_edge.runtime.schedule import SchedulerConfig
+from qwen_image_edge.runtime.tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from qwen_image2_ref.config import ModelConfig
+from qwen_image2_ref.transformer import QwenImageTransformer, cache_inputs, check_inputs, layout_inputs
+from qwen_image2_ref.vae import QwenImageVAE, pack_latents, unpack_latents
 from qwen_image_edge.runtime import images as rimages
 from qwen_image_edge.runtime import schedule
 from qwen_image_edge.runtime.edit import condition_images
@@ -28,11 +33,6 @@ from qwen_image_edge.runtime.sampling import (
     resolve_request,
 )
 from qwen_image_edge.runtime.sections import ScheduleSection
-from tqdm.auto import tqdm
-
-from qwen_image2_ref.config import ModelConfig
-from qwen_image2_ref.transformer import QwenImageTransformer, cache_inputs, check_inputs, layout_inputs
-from qwen_image2_ref.vae import QwenImageVAE, pack_latents, unpack_latents
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from PIL import Image
+
 from qwen_image_edge.runtime import images as rimages
 from qwen_image_edge.runtime.errors import InputError, ManifestError
 from qwen_image_edge.runtime.manifest import GraphSpec, Manifest

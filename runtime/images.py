@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from qwen_image_edge.runtime.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from qwen_image_edge.runtime.layout import JointLayout, attention_mask
 from qwen_image_edge.runtime.manifest import KV_CACHE_GRAPHS, Manifest
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
 from qwen_image_edge.runtime.errors import InputError
 
 JSON_KEY = "qwen-image-edge"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from qwen_image_edge.runtime import images as rimages
 from qwen_image_edge.runtime import kv_cache as kv
 from qwen_image_edge.runtime import schedule

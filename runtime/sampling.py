@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
 from qwen_image_edge.runtime.errors import InputError, ShapeError
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from qwen_image_edge.runtime.errors import ConfigError, InputError
 
 # diffusers FlowMatchEulerDiscreteScheduler options that the Qwen-Image pipelines leave off.

@@ -19,8 +19,8 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tiny_model_dir, tmp_path_factory):
     """``(model folder, export dir)``: every graph of the tiny model, sizes up to 128 px."""
-    from qwen_image_edge.export.onnx_export import export_model
     from qwen_image2_ref.model_folder import load_model
+    from qwen_image_edge.export.onnx_export import export_model
 
     out = tmp_path_factory.mktemp("tiny-export") / "export"
     export_model(load_model(tiny_model_dir), out, max_resolution=128)

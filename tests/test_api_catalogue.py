@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
 from qwen_image_edge.runtime.errors import BackendError, InputError, ManifestError, QwenImageEdgeError
 
 OK = dict(steps=1, seed=0, width=32, height=32)

@@ -9,11 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from qwen_image_edge.calib.collect import CalibrationSettings, RangeRecorder, StepRanges, reduce_ranges, run_calibration
-from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
-from qwen_image_edge.calib.prompts import PROMPT_SETS, load_prompts
 from qwen_image2_ref.config import TINY
 from qwen_image2_ref.transformer import QwenImageTransformer
+from qwen_image_edge.calib.collect import (
+    CalibrationSettings,
+    RangeRecorder,
+    StepRanges,
+    reduce_ranges,
+    run_calibration,
+)
+from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
+from qwen_image_edge.calib.prompts import PROMPT_SETS, load_prompts
 from qwen_image_edge.runtime.errors import ConfigError, InputError
 from qwen_image_edge.runtime.manifest import Precision
 

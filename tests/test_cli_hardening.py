@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from qwen_image_edge.runtime.metadata import FIELDS, read_parameters
 
 from qwen_image_edge.cli import main
+from qwen_image_edge.runtime.metadata import FIELDS, read_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
@@ -212,10 +212,9 @@ def test_thread_cap_names_the_cores(monkeypatch):
 
 def test_steps_bound_is_one_number():
     """--help's bound (argparse only, no numpy at parse time) is the library's check_steps bound."""
+    from qwen_image_edge.cli_args import MAX_STEPS as HELP_BOUND
     from qwen_image_edge.runtime.errors import InputError
     from qwen_image_edge.runtime.sampling import MAX_STEPS, check_steps
-
-    from qwen_image_edge.cli_args import MAX_STEPS as HELP_BOUND
 
     assert HELP_BOUND == MAX_STEPS == 1000
     assert check_steps(MAX_STEPS) == MAX_STEPS
@@ -331,10 +330,9 @@ def test_demo_refuses_an_export_of_another_model(tiny_export, tmp_path, capsys, 
 def test_a_failed_demo_export_leaves_no_empty_folders(tiny_export, tmp_path, capsys, monkeypatch):
     """`demo --export-dir a/b/export` creates a/ and a/b/ for the export; when the export fails (here on
     purpose; a full disk in life) they go again, and no image is written."""
+    import qwen_image2_ref.demo as demo_pkg
     from qwen_image_edge.export import onnx_export
     from qwen_image_edge.runtime.errors import ConfigError
-
-    import qwen_image2_ref.demo as demo_pkg
 
     def failing(*args, **kwargs):
         raise ConfigError("export failed on purpose")

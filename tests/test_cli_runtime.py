@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import qwen_image2_ref.demo as demo_pkg
-from qwen_image_edge.export.demo import ensure_export
 from qwen_image_edge.cli import main
+from qwen_image_edge.export.demo import ensure_export
 
 
 @pytest.fixture(scope="module")

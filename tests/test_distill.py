@@ -62,8 +62,8 @@ def test_student_lands_nearer_the_many_step_teacher_than_the_few_step_teacher(ti
     With the target mis-scaled (seed 0): x0.8 0.55, x1.25 0.67, x0.5 1.29, x2 1.92, sign flipped
     2.65, divided by -s0 instead of s1 - s0 1.07. The bar 0.45 is 1.5x the measured ratio and below
     every mutant; float summation order moves the ratio by far less (fp32, 30 Adam steps)."""
-    from qwen_image_edge.distill.trainer import pool_spec
     from qwen_image2_ref.model_folder import load_pipeline
+    from qwen_image_edge.distill.trainer import pool_spec
     from qwen_image_edge.runtime.sampling import initial_noise
 
     torch.set_num_threads(1)
@@ -125,8 +125,8 @@ def test_checkpoint_of_another_run_is_refused(single, tiny_model_dir, tmp_path):
 
 
 def test_teacher_grid_holds_every_student_sigma(single):
-    from qwen_image_edge.distill.pool import load_pool, student_sigmas, teacher_grid
     from qwen_image2_ref.config import DEMO
+    from qwen_image_edge.distill.pool import load_pool, student_sigmas, teacher_grid
 
     sched = DEMO.pipeline.scheduler
     grid, points = teacher_grid((4, 8), 40, 64, sched)
@@ -158,8 +158,8 @@ def schedule_of(pcfg, n_tokens):
 
 def test_teacher_run_is_the_pipeline_loop(tiny_model_dir):
     """distill's recording loop on the default grid ends where pipe.generate ends (same noise)."""
-    from qwen_image_edge.distill.pool import teacher_run
     from qwen_image2_ref.model_folder import load_pipeline
+    from qwen_image_edge.distill.pool import teacher_run
     from qwen_image_edge.runtime import schedule
     from qwen_image_edge.runtime.sampling import initial_noise
 

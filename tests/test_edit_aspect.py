@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwen_image2_ref.model_folder import load_model
 from qwen_image_edge.export.iospec import condition_range
 from qwen_image_edge.export.onnx_export import export_model
 from qwen_image_edge.export.trt_profiles import BuildRanges, graph_ranges, wanted_ranges
-from qwen_image2_ref.model_folder import load_model
 from qwen_image_edge.runtime.edit import load_condition_images
 from qwen_image_edge.runtime.errors import InputError
 from qwen_image_edge.runtime.images import calculate_dimensions, condition_size, condition_sizes

@@ -16,10 +16,10 @@ import onnxruntime as ort
 import pytest
 
 import qwen_image_edge.export.onnx_export as onnx_export
+from qwen_image2_ref.model_folder import load_model
 from qwen_image_edge.export.onnx_export import export_graph, export_model
 from qwen_image_edge.export.registry import example_inputs, graph_io, graph_module
 from qwen_image_edge.export.trace import save_graph, trace_to_onnx
-from qwen_image2_ref.model_folder import load_model
 from qwen_image_edge.runtime.errors import ConfigError, ManifestError
 from qwen_image_edge.runtime.manifest import GRAPH_NAMES, MANIFEST_NAME, load_manifest, read_onnx_io
 from tests.tiny_model import build_tiny_model
@@ -201,9 +201,9 @@ def test_patchified_vae_declares_its_pixel_channels(tmp_path):
 
     import torch
 
-    from qwen_image_edge.export.graphs import VAEDecoderGraph
     from qwen_image2_ref.config import DEMO
     from qwen_image2_ref.vae import QwenImageVAE
+    from qwen_image_edge.export.graphs import VAEDecoderGraph
 
     cfg = dataclasses.replace(DEMO, vae=dataclasses.replace(DEMO.vae, base_dim=8, decoder_base_dim=8))
     io = graph_io("vae_decoder", cfg, 64)

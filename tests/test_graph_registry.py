@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from qwen_image2_ref.model_folder import LoadedModel, load_lazy_model, load_model, open_model
 from qwen_image_edge.export import lean, registry
 from qwen_image_edge.export.onnx_export import export_model
 from qwen_image_edge.export.quantized import TRANSFORMER_GRAPHS, export_quantized
@@ -26,9 +29,6 @@ from qwen_image_edge.runtime.graphs import (
     check_graph_names,
     graph_info,
 )
-from torch import nn
-
-from qwen_image2_ref.model_folder import LoadedModel, load_lazy_model, load_model, open_model
 
 REPO = Path(__file__).parents[1]
 UNKNOWN = "vae_encoderx"  # one typo away from the graph an unknown name used to fall through to

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from qwen_image_edge.runtime.errors import InputError
 from qwen_image_edge.runtime.images import load_image, vae_input, vision_rgb
 

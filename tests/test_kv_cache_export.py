@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from qwen_image_edge.runtime.errors import ManifestError
 from qwen_image_edge.runtime.manifest import KV_CACHE_GRAPHS, load_manifest
 from qwen_image_edge.runtime.pipeline import Pipeline
@@ -58,6 +59,7 @@ def _rel(ref, got) -> float:
 ])
 def test_pair_equals_the_single_graph_in_onnxruntime(exported, batch, text, target, cond, pad):
     import onnxruntime as ort
+
     from qwen_image_edge.export.graphs import pair_inputs, transformer_inputs
 
     model, out = exported

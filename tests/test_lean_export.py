@@ -21,10 +21,6 @@ import pytest
 import torch
 
 import qwen_image_edge.export.lean as lean
-from qwen_image_edge.export.graphs import transformer_inputs
-from qwen_image_edge.export.onnx_export import export_model
-from qwen_image_edge.export.registry import graph_module
-from qwen_image_edge.export.validate import validate, validation_cases
 from qwen_image2_ref.checkpoint import (
     DIFFUSERS_WEIGHTS_NAME,
     TRANSFORMERS_WEIGHTS_NAME,
@@ -35,6 +31,10 @@ from qwen_image2_ref.checkpoint import (
 from qwen_image2_ref.config import TransformerConfig
 from qwen_image2_ref.model_folder import load_model
 from qwen_image2_ref.transformer import QwenImageTransformer
+from qwen_image_edge.export.graphs import transformer_inputs
+from qwen_image_edge.export.onnx_export import export_model
+from qwen_image_edge.export.registry import graph_module
+from qwen_image_edge.export.validate import validate, validation_cases
 from qwen_image_edge.runtime.errors import CheckpointError
 from qwen_image_edge.runtime.manifest import GRAPH_NAMES, load_manifest
 from tests.tiny_model import build_tiny_model

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from qwen_image_edge.runtime.edit import condition_images
 from qwen_image_edge.runtime.errors import InputError
 from qwen_image_edge.runtime.images import condition_size

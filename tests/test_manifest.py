@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from qwen_image_edge.runtime import fields
 from qwen_image_edge.runtime.errors import ManifestError
 from qwen_image_edge.runtime.images import VisionConfig

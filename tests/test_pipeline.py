@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen_image_edge.runtime.errors import CheckpointError, InputError
-from qwen_image_edge.runtime.sampling import initial_noise
 
 from qwen_image2_ref.model_folder import load_model, load_pipeline
+from qwen_image_edge.runtime.errors import CheckpointError, InputError
+from qwen_image_edge.runtime.sampling import initial_noise
 from tests.tiny_model import load_peer_pipeline
 
 TOL = 1e-5

@@ -16,12 +16,12 @@ pytest.importorskip("modelopt.torch.quantization")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from qwen_image2_ref.model_folder import load_model  # noqa: E402
+from qwen_image2_ref.pipeline import QwenImagePipeline  # noqa: E402
 from qwen_image_edge.calib.collect import CalibrationSettings  # noqa: E402
 from qwen_image_edge.calib.policy import QuantPolicy  # noqa: E402
 from qwen_image_edge.calib.quantize import quantize_model, quantize_transformer  # noqa: E402
 from qwen_image_edge.export.quantized import export_quantized  # noqa: E402
-from qwen_image2_ref.model_folder import load_model  # noqa: E402
-from qwen_image2_ref.pipeline import QwenImagePipeline  # noqa: E402
 from qwen_image_edge.runtime.errors import ConfigError, InputError  # noqa: E402
 from qwen_image_edge.runtime.manifest import Precision, load_manifest  # noqa: E402
 from qwen_image_edge.runtime.sampling import initial_noise  # noqa: E402

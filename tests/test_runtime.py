@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from qwen_image_edge.runtime.errors import BackendError, InputError, ManifestError, NumericalError
 from qwen_image_edge.runtime.pipeline import Pipeline
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from qwen_image_edge.runtime.errors import InputError, ManifestError
 from qwen_image_edge.runtime.pipeline import Pipeline
-
 from tests.test_runtime import DEMO_PSNR_DB, TOL, psnr
 
 STEPS = 3

@@ -16,13 +16,20 @@ import pytest
 from qwen_image_edge.export.trt_profiles import BuildRanges, graph_ranges, input_profiles, wanted_ranges
 from qwen_image_edge.runtime.backends import cuda, make_backend
 from qwen_image_edge.runtime.errors import BackendError, ConfigError, ShapeError
-from qwen_image_edge.runtime.manifest import MANIFEST_NAME, EngineSpec, Manifest, Precision, load_manifest, sha256_file
+from qwen_image_edge.runtime.manifest import (
+    MANIFEST_NAME,
+    EngineSpec,
+    Manifest,
+    Precision,
+    load_manifest,
+    sha256_file,
+)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from qwen_image_edge.export.onnx_export import export_model
     from qwen_image2_ref.model_folder import load_model
+    from qwen_image_edge.export.onnx_export import export_model
     from tests.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("trt")

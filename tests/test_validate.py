@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from qwen_image2_ref.model_folder import load_model
+from qwen_image_edge.cli import main
 from qwen_image_edge.export.graphs import transformer_inputs
 from qwen_image_edge.export.onnx_export import export_model
 from qwen_image_edge.export.validate import REPORT_NAME, THRESHOLDS, compare, validate, validation_cases
-from qwen_image2_ref.model_folder import load_model
-from qwen_image_edge.cli import main
 from qwen_image_edge.runtime.manifest import GRAPH_NAMES, MANIFEST_NAME, Precision, load_manifest, sha256_file
 from tests.tiny_model import build_tiny_model
 

@@ -39,8 +39,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from qwen_image_edge.runtime.manifest import read_onnx_io
 
+from qwen_image_edge.runtime.manifest import read_onnx_io
 from tests.cuda_standin import CUDART, GPU, MisuseError, _need, _overlap  # noqa: F401 (GPU, MisuseError: API)
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")

@@ -8,8 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-from qwen_image_edge.runtime.images import VisionConfig
-from qwen_image_edge.runtime.tokens import PromptTokenizer
 from transformers import Qwen2Tokenizer
 
 from qwen_image2_ref.config import ModelConfig, VAEConfig
@@ -17,6 +15,8 @@ from qwen_image2_ref.demo import vocab
 from qwen_image2_ref.demo.stage_io import load_stage
 from qwen_image2_ref.encoder import ConditionEncoder
 from qwen_image2_ref.vae import QwenImageVAE
+from qwen_image_edge.runtime.images import VisionConfig
+from qwen_image_edge.runtime.tokens import PromptTokenizer
 
 MIN_PIXELS = 32 * 32
 

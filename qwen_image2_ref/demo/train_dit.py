@@ -21,8 +21,6 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from qwen_image_edge.runtime import images as rimages
-from qwen_image_edge.runtime.layout import image_slot_prefix, padded_batch
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import ModelConfig
@@ -33,6 +31,8 @@ from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
 from qwen_image2_ref.model_folder import save_model
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import pack_latents
+from qwen_image_edge.runtime import images as rimages
+from qwen_image_edge.runtime.layout import image_slot_prefix, padded_batch
 
 log = logging.getLogger(__name__)
 

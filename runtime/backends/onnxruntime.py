@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from qwen_image_edge.runtime.backends.base import check_feeds, check_outputs
 from qwen_image_edge.runtime.errors import BackendError, InputError
 from qwen_image_edge.runtime.manifest import GraphSpec, Precision
