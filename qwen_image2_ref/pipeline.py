@@ -22,7 +22,7 @@ from qwen_image2_ref.vae import QwenImageVAE, pack_latents, unpack_latents
 from qwen_image_edge.runtime import images as rimages
 from qwen_image_edge.runtime import schedule
 from qwen_image_edge.runtime.edit import condition_images
-from qwen_image_edge.runtime.errors import InputError
+from qwen_image_edge.runtime.errors import InputError, NumericalError
 from qwen_image_edge.runtime.layout import build_layout
 from qwen_image_edge.runtime.sampling import (
     Request,
@@ -157,9 +157,9 @@ class QwenImagePipeline:
         pcfg = self.config.pipeline
         sigmas = schedule.make_sigmas(request.steps, x.shape[1], pcfg.scheduler, fixed_sigmas=pcfg.sample_sigmas)
         for i in tqdm(range(request.steps), desc="denoising", disable=not progress, leave=False):
-            v = self._velocity(positive, x, cond_latents, sigmas[i])
+            v = _finite(self._velocity(positive, x, cond_latents, sigmas[i]), "transformer output 'velocity'", i)
             if negative is not None:
-                v_neg = self._velocity(negative, x, cond_latents, sigmas[i])
+                v_neg = _finite(self._velocity(negative, x, cond_latents, sigmas[i]), "transformer output 'velocity'", i)
                 v = schedule.apply_guidance(v, v_neg, request.guidance)
             # the update in float32, as diffusers' scheduler does it, then back to the model's dtype
             x = schedule.euler_step(x.float(), v.float(), sigmas[i], sigmas[i + 1]).to(self.dtype)
@@ -173,4 +173,13 @@ class QwenImagePipeline:
         """Packed normalised latents -> float32 pixels ``[B, 4, H, W]`` in [-1, 1]."""
         f = self.config.vae.scale_factor_spatial
         z = unpack_latents(packed, height // f, width // f)  # [B, C, h, w]
-        return self.vae.decode_normalized(z.to(self.dtype)).float().cpu().numpy()
+        return _finite(self.vae.decode_normalized(z.to(self.dtype)), "vae_decoder output 'image'").float().cpu().numpy()
+
+
+def _finite(t: torch.Tensor, what: str, step: int | None = None) -> torch.Tensor:
+    """``t``, or a NumericalError naming the output and the step, as the runtime stops: a NaN would
+    otherwise reach the pixels and come out as an all-black image."""
+    if not bool(torch.isfinite(t).all()):
+        where = f" at step {step}" if step is not None else ""
+        raise NumericalError(f"{what}: NaN or Inf{where}; refusing to continue")
+    return t

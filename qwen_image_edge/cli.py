@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import re
@@ -40,9 +41,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = re.sub(r"\s*\n\s*", " ", str(exc)).strip()  # one line, also when it quotes a library's text
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in _FILESYSTEM_FULL:  # anything else is a bug or a fault to see whole
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: error: {exc.strerror}{where}; nothing was kept (a failed export or image write "
+              "removes what it staged): free some space or write elsewhere", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+# a full disk, a full quota, or a filesystem that turned read-only during the work: expected, one line
+_FILESYSTEM_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _threads(args: argparse.Namespace, torch_too: bool = True) -> None:

@@ -240,10 +240,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, output_default: str | None = 
     p.add_argument("--negative-prompt", default=None, help="enables guidance together with --guidance > 1")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 32 (default: the model's)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", "--num-inference-steps", type=int, default=None,
                    help=f"denoising steps, 1..{MAX_STEPS} (default: the model's; {MAX_STEPS} is the schedulers' "
-                   "training grid of timesteps)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+                   "training grid of timesteps); --num-inference-steps is diffusers' name for it")
+    p.add_argument("--guidance", "--guidance-scale", type=float, default=None,
+                   help="guidance scale (default: the model's); --guidance-scale is diffusers' name for it")
     p.add_argument("--seed", type=int, default=None,
                    help="noise seed, >= 0 (default: random, printed on stderr and stored in the image); "
                    "image i of --num-images uses seed + i")

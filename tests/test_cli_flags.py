@@ -182,3 +182,19 @@ def test_api_keywords(command, runtime_pipe, reference, source, calls):
     assert call(guidance=1.0)[1] == FLAGS["steps"]  # no guidance: one call per step
     assert call(steps=3)[1] == 6
     assert call(width=32, height=64)[2] == (32, 64)
+
+
+@pytest.mark.parametrize("command", ["generate", "run"])
+def test_diffusers_flag_names(command, tiny_export, source, tmp_path):
+    """--num-inference-steps / --guidance-scale (diffusers' names, typed by habit) are --steps / --guidance."""
+    model, export = (str(p) for p in tiny_export)
+    head = ["generate", "--model", model] if command == "generate" else ["run", "--export", export, "--threads", "1"]
+    flags = ["--negative-prompt", "blurry", "--seed", "3", "--width", "32", "--height", "32"]
+    assert main([*head, PROMPT, "-o", str(tmp_path / "ours.png"), *flags, "--steps", "2", "--guidance", "4"]) == 0
+    assert main([*head, PROMPT, "-o", str(tmp_path / "theirs.png"), *flags,
+                 "--num-inference-steps", "2", "--guidance-scale", "4"]) == 0
+    assert main([*head, PROMPT, "-o", str(tmp_path / "other.png"), *flags,
+                 "--num-inference-steps", "1", "--guidance-scale", "4"]) == 0
+    ours, theirs, other = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("ours", "theirs", "other"))
+    np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(ours, other)

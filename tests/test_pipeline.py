@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from qwen_image2_ref.model_folder import load_model, load_pipeline
-from qwen_image_edge.runtime.errors import CheckpointError, InputError
+from qwen_image_edge.runtime.errors import CheckpointError, InputError, NumericalError
 from qwen_image_edge.runtime.sampling import initial_noise
 from tests.tiny_model import load_peer_pipeline
 
@@ -189,3 +189,16 @@ def test_kv_cache_option_gives_the_same_images(ours, peer):
                    width=64, num_inference_steps=STEPS, latents=noise, output_type="np", use_kv_cache=True,
                    output_resolution=64).images
     assert np.abs(cached - ref).max() <= TOL
+
+
+def test_nan_stops_the_reference_and_names_the_step(ours, monkeypatch):
+    """As the runtime does: a NaN in the velocity stops at its step, one in the decoded pixels stops
+    before any image is made (it used to come out as an all-black PNG)."""
+    bad = np.zeros((1, 16, 64), np.float32)
+    bad[0, 3, 5] = np.nan
+    with pytest.raises(NumericalError, match=r"transformer output 'velocity': NaN or Inf at step 0; refusing"):
+        ours.generate("a red circle", width=64, height=64, steps=2, latents=bad, progress=False)
+    real = ours.vae.decode_normalized
+    monkeypatch.setattr(ours.vae, "decode_normalized", lambda z: real(z) * torch.tensor(float("inf")))
+    with pytest.raises(NumericalError, match=r"vae_decoder output 'image': NaN or Inf; refusing"):
+        ours.generate("a red circle", width=64, height=64, steps=1, seed=0, progress=False)
