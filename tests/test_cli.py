@@ -264,7 +264,7 @@ def readme_block(marker: str) -> str:
 
 def test_ci_runs_exactly_the_readme_commands() -> None:
     setup, test = readme_block("ci:setup"), readme_block("ci:test")
-    assert test == ".venv/bin/python -m pytest -q"
+    assert test == ".venv/bin/python -m pytest -q && .venv/bin/python -m pytest -q -m mutation"
     assert setup.startswith("python -m venv .venv && .venv/bin/pip install torch==2.13.0 -e '.[dev]' && ")
     ci = REPO / ".ci" / "run"
     assert os.access(ci, os.X_OK)

@@ -55,3 +55,8 @@ def workspace():
 def test_mutation_is_caught(workspace, mutation) -> None:
     caught, test, out = workspace.run(mutation)
     assert caught, f"{mutation.id} ({mutation.file}: {mutation.what}) was not caught by {mutation.tests}:\n{out}"
+
+
+def test_readme_states_the_list_size() -> None:
+    text = (mutate.ROOT / "README.md").read_text()
+    assert f"`tests/mutations.py` lists {len(MUTATIONS)} small realistic bugs" in text
