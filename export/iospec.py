@@ -28,6 +28,7 @@ from qwen_image2_ref.config import ModelConfig
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.images import CONDITION_MAX_ASPECT, condition_sizes
 from qwen_image_edge.runtime.manifest import TensorSpec
+from qwen_image_edge.runtime.sections import ConditionRange, TargetRange
 
 # Template tokens around a prompt: ChatML system + user + assistant headers, plus vision markers.
 TEMPLATE_TOKEN_ALLOWANCE = 64
@@ -72,20 +73,6 @@ def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(dims))
 
 
-@dataclass(frozen=True)
-class ConditionRange:
-    """What one condition image can be after the runtime resizes it (``qwen_image_edge.runtime.images.condition_size``)."""
-
-    max_aspect: float
-    min_side: int  # pixels
-    max_side: int
-    max_latent_tokens: int  # (w / 16) (h / 16) of the largest-area size
-    max_patches: int  # vision patches of the largest-area size
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
 def condition_range(cfg: ModelConfig, max_aspect: float = CONDITION_MAX_ASPECT) -> ConditionRange:
     """Sides and token counts over every size a condition image of aspect ``1:max_aspect`` to
     ``max_aspect:1`` is resized to. Rounding to multiples of 32 can add area: at 128 px a 5:4
@@ -101,20 +88,10 @@ def condition_range(cfg: ModelConfig, max_aspect: float = CONDITION_MAX_ASPECT) 
     )
 
 
-@dataclass(frozen=True)
-class TargetRange:
+def target_range(cfg: ModelConfig, max_resolution: int) -> TargetRange:
     """Output sizes an export takes: squares up to ``max_resolution``, and every aspect ratio that a
     condition image may have at about ``output_resolution**2`` pixels (an edit's output follows
     its last image by default), so each limit is a longest side *and* a token count."""
-
-    max_side: int  # pixels
-    max_tokens: int  # N_t
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def target_range(cfg: ModelConfig, max_resolution: int) -> TargetRange:
     cond = condition_range(cfg)
     return TargetRange(max(max_resolution, cond.max_side),
                        max(_latent_tokens(max_resolution, cfg.vae.scale_factor_spatial), cond.max_latent_tokens))
@@ -265,13 +242,7 @@ def vae_decoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
         "vae_decoder",
         inputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "h", "w"),),  # denormalised
         outputs=(_t("image", "float32", "B", image_channels(cfg.vae.out_channels, cfg), "H", "W"),),  # RGBA
-        dim_ranges={
-            "B": (1, 1, MAX_BATCH),
-            "h": (lo, opt, hi),
-            "w": (lo, opt, hi),
-            "H": (lo * f, opt * f, hi * f),
-            "W": (lo * f, opt * f, hi * f),
-        },
+        dim_ranges=_vae_ranges(lo, opt, hi, f),
     )
 
 
@@ -285,14 +256,14 @@ def vae_encoder_io(cfg: ModelConfig, max_resolution: int) -> GraphIO:
         "vae_encoder",
         inputs=(_t("image", "float32", "B", image_channels(cfg.vae.in_channels, cfg), "Hc", "Wc"),),
         outputs=(_t("latents", "float32", "B", cfg.vae.z_dim, "hc", "wc"),),  # posterior mode, unnormalised
-        dim_ranges={
-            "B": (1, 1, MAX_BATCH),
-            "hc": (lo, opt, hi),
-            "wc": (lo, opt, hi),
-            "Hc": (lo * f, opt * f, hi * f),
-            "Wc": (lo * f, opt * f, hi * f),
-        },
+        dim_ranges=_vae_ranges(lo, opt, hi, f, suffix="c"),
     )
+
+
+def _vae_ranges(lo: int, opt: int, hi: int, f: int, suffix: str = "") -> dict[str, tuple[int, int, int]]:
+    """Batch, latent sides ``h, w`` and pixel sides ``H = f h, W = f w`` (``suffix`` "c": a condition image)."""
+    side, pixels = (lo, opt, hi), (lo * f, opt * f, hi * f)
+    return {"B": (1, 1, MAX_BATCH), "h" + suffix: side, "w" + suffix: side, "H" + suffix: pixels, "W" + suffix: pixels}
 
 
 def check_max_resolution(max_resolution: int) -> int:

@@ -33,13 +33,11 @@ from qwen_image_edge.export.iospec import condition_range, target_range
 from qwen_image_edge.runtime.errors import ManifestError
 from qwen_image_edge.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, parse_section, sha256_file
 from qwen_image_edge.runtime.sections import (
-    ConditionRange,
     ImageSection,
     ModelSection,
     PromptSection,
     Provenance,
     ScheduleSection,
-    TargetRange,
 )
 from qwen_image_edge.runtime.tokens import prompt_text
 
@@ -182,8 +180,7 @@ def schedule_section(model) -> ScheduleSection:
 
 def image_section(model, min_resolution: int, max_resolution: int, multiple: int) -> ImageSection:
     cfg = model.config
-    condition = condition_range(cfg).to_dict()
-    target = target_range(cfg, max_resolution).to_dict()
+    condition, target = condition_range(cfg), target_range(cfg, max_resolution)
     return ImageSection(
         output_resolution=cfg.pipeline.output_resolution,
         min_resolution=min_resolution,
@@ -191,9 +188,9 @@ def image_section(model, min_resolution: int, max_resolution: int, multiple: int
         multiple=multiple,
         vae_scale_factor=cfg.vae.scale_factor_spatial,
         # condition images (editing): the aspect ratios and resized sizes the graphs were sized for
-        condition=parse_section(ConditionRange, condition, "image.condition", where="export"),
+        condition=condition,
         # output sizes: squares up to max_resolution and every condition aspect at the output area
-        target=parse_section(TargetRange, target, "image.target", where="export"),
+        target=target,
         latent_channels=cfg.vae.z_dim,
         vision=model.encoder.vision,
         vision_tower=vision_tower(model.encoder.model),

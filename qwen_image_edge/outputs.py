@@ -35,17 +35,9 @@ def check_output(path: Path, max_pixels: int) -> None:
     missing, read-only or (nearly) full folder. ``max_pixels``: the largest image it may receive."""
     if path.suffix.lower() not in FORMATS:
         raise InputError(f"output {path}: expected a .png, .jpg/.jpeg or .webp path, got {path.suffix or 'no suffix'!r}")
-    if path.is_dir():
-        raise InputError(f"output {path}: is a directory; expected an image file path")
-    folder = path.parent
-    if not folder.is_dir():
-        raise InputError(f"output {path}: folder {folder} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as exc:
-        raise InputError(f"output {path}: cannot write in folder {folder} ({_reason(exc)})") from None
+    check_writable_file(path, "output")
     need = max_pixels * WORST_BYTES_PER_PIXEL + SLACK_BYTES
+    folder = path.parent
     free = _free_bytes(folder)
     if free is not None and free < need:
         raise InputError(f"output {path}: folder {folder} has {free:,} bytes free; the image may need up to {need:,}")

@@ -114,4 +114,4 @@ def test_edit_at_1024_runs_at_4_to_1(tiny_1024_export):
 def test_condition_range_matches_the_manifest_and_the_model(tiny_1024_export):
     m = load_manifest(tiny_1024_export)
     model_cfg = load_model(m.provenance.source["path"]).config
-    assert dataclasses.asdict(m.image.condition) == condition_range(model_cfg).to_dict()
+    assert m.image.condition == condition_range(model_cfg)
