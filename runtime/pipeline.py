@@ -102,6 +102,12 @@ class Pipeline:
         ``transformer_step``) when the export has it, the single ``transformer`` graph otherwise;
         False forces the single graph (benchmarks); True requires the pair. Only one of the two
         transformer forms is opened.
+
+        ``verify_hashes=False`` (the CLI's ``--no-verify``) skips the sha256 of every graph, its
+        external data and the tokenizer: a faster start, but a truncated, swapped or tampered file is
+        then no longer caught here and may run, giving a wrong image or an onnxruntime/TensorRT error
+        instead of a ManifestError. The manifest's structure and the graphs' declared inputs and
+        outputs are still checked.
         """
         export_dir = Path(export_dir)
         manifest = load_manifest(export_dir, verify_hashes=verify_hashes)
