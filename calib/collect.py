@@ -63,8 +63,8 @@ class RangeRecorder:
 
     def _hook(self, name: str):
         def hook(module, args):
-            x = args[0].detach().float()
-            amax = x.abs().flatten(0, -2).amax(dim=0)  # [C]; both guidance branches fold into one max
+            # abs-max is exact in any dtype (no rounding), then kept in fp32 on the model's device
+            amax = args[0].detach().abs().flatten(0, -2).amax(dim=0).float()  # [C]; guidance branches fold in
             per_step = self._batch.setdefault(name, {})
             prev = per_step.get(self.step)
             per_step[self.step] = amax if prev is None else torch.maximum(prev, amax)
@@ -99,8 +99,8 @@ class RangeRecorder:
             if not self._max[n]:
                 raise InputError(f"calibration: layer {n!r} was never run, so it has no activation range")
             out[n] = StepRanges(
-                np.stack([self._max[n][s].numpy() for s in steps]),
-                np.stack([self._sum[n][s].numpy() for s in steps]),
+                np.stack([self._max[n][s].cpu().numpy() for s in steps]),  # fp32 whatever the model's dtype
+                np.stack([self._sum[n][s].cpu().numpy() for s in steps]),
                 count,
             )
         return out

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwen_image2_ref.model_folder import LoadedModel, ModelSource, open_model
+from qwen_image2_ref.devices import resolve_placement
+from qwen_image2_ref.model_folder import DeviceArg, DtypeArg, LoadedModel, ModelSource, open_model
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image_edge.calib.collect import (
     CalibrationSettings,
@@ -42,7 +43,7 @@ from qwen_image_edge.calib.collect import (
 from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
 from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
 from qwen_image_edge.export.quantized import export_quantized
-from qwen_image_edge.runtime.errors import ConfigError, InputError
+from qwen_image_edge.runtime.errors import ConfigError, InputError, NumericalError
 from qwen_image_edge.runtime.manifest import Precision
 
 log = logging.getLogger(__name__)
@@ -91,23 +92,37 @@ def _set_input_ranges(module: nn.Module, layers: Sequence[str], ranges: dict, po
         iq = module.get_submodule(name).input_quantizer
         r = torch.from_numpy(np.ascontiguousarray(reduce_ranges(ranges[name], policy), dtype=np.float32))
         pqs = getattr(iq, "pre_quant_scale", None)
+        if pqs is not None:
+            r = r.to(pqs.device)
         amax = (r * pqs.float()).amax() if pqs is not None else r.amax()
-        iq.amax = amax.clamp(min=1e-8)
+        iq.amax = amax.clamp(min=1e-8)  # fp32 (modelopt casts to the input's dtype when it quantizes)
         amaxes[name] = float(amax)
     return amaxes
+
+
+def _ranges_in_fp32(module: nn.Module, layers: Sequence[str]) -> None:
+    """modelopt keeps a quantizer's amax and SmoothQuant scale in the dtype it calibrated in; a bf16
+    calibration would round them to 8 bits. The ranges are recorded in fp32 whatever the dtype."""
+    for name in layers:
+        layer = module.get_submodule(name)
+        for quantizer in (layer.input_quantizer, layer.weight_quantizer):
+            for key, buf in list(quantizer.named_buffers(recurse=False)):
+                if buf.is_floating_point() and buf.dtype != torch.float32:
+                    setattr(quantizer, key, buf.float())
 
 
 def quantize_transformer(model: LoadedModel, policy: QuantPolicy, prompts: Sequence[str],
                          settings: CalibrationSettings | None = None,
                          progress: bool = True) -> QuantizedTransformer:
     """Calibrate and quantize a copy of ``model.transformer`` (``model``: a ``LoadedModel``) by
-    sampling ``prompts`` through the reference pipeline."""
+    sampling ``prompts`` through the reference pipeline, in the model's device and dtype."""
     settings = settings or CalibrationSettings()
     prompts = list(prompts)
     if not prompts:
         raise InputError("calibration: expected at least one prompt, got none (see --calib-size / --prompts)")
     transformer = copy.deepcopy(model.transformer).eval()
-    pipe = QwenImagePipeline(model.config, transformer, model.vae, model.encoder)
+    pipe = QwenImagePipeline(model.config, transformer, model.vae, model.encoder, device=model.device,
+                             dtype=model.dtype)
 
     def calibrate(module: nn.Module, recorder: RangeRecorder) -> int:
         pipe.transformer = module
@@ -120,6 +135,8 @@ def quantize_transformer(model: LoadedModel, policy: QuantPolicy, prompts: Seque
         "guidance": settings.guidance if settings.guidance is not None else model.config.pipeline.guidance_scale,
         "resolution": settings.resolution or model.config.pipeline.output_resolution,
         "seed": settings.seed,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
     })
     return quantized
 
@@ -150,6 +167,7 @@ def quantize_module(transformer: nn.Module, policy: QuantPolicy,
     for line in chatter.getvalue().splitlines():
         log.info("modelopt: %s", line)
     with torch.no_grad():
+        _ranges_in_fp32(quantized, layers)
         amaxes = _set_input_ranges(quantized, layers, state["ranges"], policy)
         if policy.precision is Precision.INT8 and policy.weight_reduce_range:
             for name in layers:
@@ -177,8 +195,13 @@ def _version(package: str) -> str:
 def quantize_model(model: ModelSource, precision: str | Precision, out: str | os.PathLike, *,
                    policy: QuantPolicy | str | os.PathLike | None = None, prompts: str | None = None,
                    calib_size: int = 32, settings: CalibrationSettings | None = None,
-                   max_resolution: int | None = None, overwrite: bool = False, progress: bool = True):
+                   max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
+                   device: DeviceArg = None, dtype: DtypeArg = None):
     """Load ``model`` (a folder, ``demo`` or a ``LoadedModel``), quantize its transformer, write a QDQ export to ``out``.
+
+    ``device`` / ``dtype``: where calibration runs (default: CUDA + bf16 where available, else CPU +
+    fp32; fp16 is refused, see ``qwen_image2_ref.devices``); checked before anything loads. A
+    ``LoadedModel`` is calibrated where it already is. Ranges are recorded in fp32 either way.
 
     ``policy``: a QuantPolicy, a JSON file of one (its precision is overridden by ``precision``) or
     None for the defaults. ``prompts``: a prompt-set name or text file (default: ``demo`` captions
@@ -194,7 +217,8 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
     if calib_size < 1:
         raise InputError(f"calibration size: expected >= 1 prompt, got {calib_size}")
     texts = load_prompts(prompts, calib_size) if prompts else None  # a bad prompt file fails before loading
-    loaded = open_model(model)
+    placement = resolve_placement(device, dtype, stage="quantize")
+    loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize")
     source = prompts or default_prompt_set(loaded.path)
     texts = texts or load_prompts(source, calib_size)
     if policy.reduction is not Reduction.MAX and len(texts) < 2:
@@ -202,4 +226,28 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
                     policy.reduction.value)
     quantized = quantize_transformer(loaded, policy, texts, settings, progress)
     quantized.summary["prompt_source"] = str(source)
-    return export_quantized(loaded, quantized, Path(out), max_resolution=max_resolution, overwrite=overwrite)
+    _to_trace_placement(loaded, quantized)
+    manifest = export_quantized(loaded, quantized, Path(out), max_resolution=max_resolution, overwrite=overwrite)
+    _gate(Path(out), loaded, precision)
+    return manifest
+
+
+def _gate(out: Path, loaded: LoadedModel, precision: Precision) -> None:
+    """validate the new export (per graph and end to end); out of bounds is a NumericalError."""
+    from qwen_image_edge.export.validate import validate
+
+    report = validate(out, loaded, verify_hashes=False)  # just written: the hashes are ours
+    log.info("validate:\n%s", report.table())
+    if not report.passed:
+        raise NumericalError(f"quantize: the {precision.value} export in {out} is outside validate's bounds "
+                             f"(see {report.report_path})")
+
+
+def _to_trace_placement(loaded: LoadedModel, quantized: QuantizedTransformer) -> None:
+    """The export traces fp32 graphs on the CPU: move the calibrated modules there (in place, so no
+    second copy is made). The fake-quant ranges are fp32 already and do not change."""
+    if loaded.device.type == "cpu" and loaded.dtype is torch.float32:
+        return
+    for module in (quantized.module, loaded.transformer, loaded.vae, loaded.encoder.model):
+        module.to("cpu", torch.float32)
+    loaded.device, loaded.dtype = torch.device("cpu"), torch.float32

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from qwen_image_edge.cli_args import add_placement_arguments
+
 DESCRIPTION = """\
 Distil a many-step teacher into a few-step student with guidance built in: the teacher samples a
 pool of prompts (its full schedule, with guidance) and the student learns to jump between the
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", type=int, default=512, help="teacher trajectories (prompts x noise) (default: %(default)s)")
     p.add_argument("--edits", type=int, default=0, help="edit trajectories too (demo teacher only) (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    add_placement_arguments(p, "the teacher's pool sampling (the student trains in fp32 on that device)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
 
@@ -43,12 +46,16 @@ def run(args: argparse.Namespace) -> int:
         steps = tuple(int(s) for s in str(args.steps).split(",") if s.strip())
     except ValueError:
         raise ConfigError(f"--steps: expected integers like 4 or 4,8, got {args.steps!r}") from None
+    from qwen_image2_ref.devices import resolve_placement
+
+    resolve_placement(args.device, args.dtype, stage="distill")  # before the out folder is made
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = DistillSettings(steps=steps, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed,
                                teacher_steps=args.teacher_steps, guidance=args.guidance, pool_size=args.pool,
                                edit_size=args.edits)
-    folder = distill(args.teacher, args.out, settings, progress=not args.no_progress, restart=args.restart)
+    folder = distill(args.teacher, args.out, settings, progress=not args.no_progress, restart=args.restart,
+                     device=args.device, dtype=args.dtype)
     if folder is not None:
         print(f"student ({steps[0]} steps, guidance distilled) written to {folder}")
     return 0

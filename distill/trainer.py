@@ -34,6 +34,7 @@ from qwen_image2_ref.checkpoint import checkpoint_digest
 from qwen_image2_ref.demo import data
 from qwen_image2_ref.demo.stage_io import load_stage, save_stage
 from qwen_image2_ref.demo.train_vae import lr_at
+from qwen_image2_ref.devices import resolve_placement
 from qwen_image2_ref.model_folder import ModelSource, open_model, save_model
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import layout_inputs
@@ -88,15 +89,21 @@ class Ranks:
     device: torch.device
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world, device). Under torchrun: nccl on GPUs, gloo on CPU; alone: (0, 1, cpu/cuda:0)."""
+def init_distributed(device: torch.device | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world, device). Under torchrun: nccl on GPUs, gloo on CPU; alone: (0, 1, ``device``).
+    ``device``: the resolved ``--device`` (None: cuda:0 where CUDA is available); under torchrun a
+    CUDA device is each process's ``cuda:LOCAL_RANK``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        index = local if world > 1 or device is None or device.index is None else device.index
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
@@ -236,8 +243,9 @@ def teacher_pool(pipe: QwenImagePipeline, model_path: Path, settings: DistillSet
 def open_student(pipe: QwenImagePipeline, settings: DistillSettings, ckpt: Path, digest: str, ranks: Ranks,
                  restart: bool):
     """(student, optimizer, first iteration, losses so far): the teacher's transformer trained in
-    place, resumed from ``ckpt`` unless ``restart``."""
-    student = pipe.transformer.to(ranks.device).train().requires_grad_(True)
+    place, resumed from ``ckpt`` unless ``restart``. The student trains in fp32 whatever the
+    teacher's dtype (AdamW updates are below bf16's resolution of its weights)."""
+    student = pipe.transformer.to(ranks.device, torch.float32).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if restart and ranks.rank == 0:
         for p in (ckpt.with_suffix(".safetensors"), ckpt.with_suffix(".json")):
@@ -297,21 +305,24 @@ def train_loop(student, opt, pool: Pool, table, settings: DistillSettings, run: 
 
 
 def distill(teacher: ModelSource, out: str | os.PathLike, settings: DistillSettings, *, progress: bool = True,
-            restart: bool = False, stop_after: int | None = None) -> Path | None:
+            restart: bool = False, stop_after: int | None = None, device=None, dtype=None) -> Path | None:
     """Run (or resume) a distillation; returns the student folder (rank 0) or None (other ranks).
 
     ``teacher``: a checkpoint folder, ``demo`` or a ``LoadedModel`` (trained in place).
     ``stop_after``: return after that many iterations of this call, checkpointed, without writing
-    the student (tests use it to simulate an interruption).
+    the student (tests use it to simulate an interruption). ``device`` / ``dtype``: where and in
+    what precision the teacher samples the pool (default: CUDA + bf16 where available, else CPU +
+    fp32; checked before anything loads); the student trains in fp32 on that device.
     """
-    ranks = Ranks(*init_distributed())
+    placement = resolve_placement(device, dtype, stage="distill")
+    ranks = Ranks(*init_distributed(placement.device))
     if settings.batch % ranks.world:
         raise ConfigError(f"--batch {settings.batch} must be a multiple of the number of processes ({ranks.world})")
     out = Path(out)
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier(ranks.world)
-    model = open_model(teacher)
+    model = open_model(teacher, device=ranks.device, dtype=placement.dtype, stage="distill")
     digest = checkpoint_digest(model.path / "transformer")
     pipe = model.pipeline()
     pipe.transformer.requires_grad_(False)

@@ -133,9 +133,11 @@ def find_weight_files(folder: str | os.PathLike) -> tuple[list[Path], dict[str, 
 
 
 @contextlib.contextmanager
-def _open(path: Path) -> Iterator:
+def _open(path: Path, device: torch.device | str = "cpu") -> Iterator:
+    """A safetensors file whose tensors are created on ``device`` (straight from the mmapped file to
+    a GPU, without a host copy of the shard)."""
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        handle = safe_open(str(path), framework="pt", device=str(device))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     with handle as f:
@@ -205,7 +207,7 @@ def _mismatch_report(folder: Path, expected: Mapping[str, torch.Size], found: Ma
 def _load_shard(module: nn.Module, path: Path, keys: list[str], dtypes: Mapping[str, torch.dtype | None],
                 device: torch.device) -> None:
     """Assign one file's tensors into ``module``; only this file's tensors are held at once."""
-    with _open(path) as f:
+    with _open(path, device) as f:  # each tensor is cast as it is read: one source-dtype tensor alive at a time
         partial = {k: _cast(f.get_tensor(k), dtypes[k], device) for k in keys}
     result = module.load_state_dict(partial, strict=False, assign=True)
     if result.unexpected_keys:  # cannot happen after the header check; guards against hooks renaming keys

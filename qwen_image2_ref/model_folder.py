@@ -31,6 +31,7 @@ from qwen_image2_ref.checkpoint import (
 )
 from qwen_image2_ref.config import ModelConfig, PipelineConfig, TransformerConfig, VAEConfig
 from qwen_image2_ref.demo import SHIPPED_MODELS
+from qwen_image2_ref.devices import Placement, resolve_placement
 from qwen_image2_ref.encoder import ConditionEncoder, read_image_processor_config
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import QwenImageTransformer
@@ -64,6 +65,8 @@ class LoadedModel:
     encoder: ConditionEncoder
     path: Path
     lazy: bool = False
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
 
     def component(self, component: Component) -> nn.Module:
         """The module whose state dict is the checkpoint folder ``<path>/<component>``."""
@@ -71,11 +74,15 @@ class LoadedModel:
                    Component.TEXT_ENCODER: self.encoder.model}
         return modules[Component(component)]
 
-    def pipeline(self, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> QwenImagePipeline:
-        """The reference pipeline over these modules (not copies)."""
+    def pipeline(self, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> QwenImagePipeline:
+        """The reference pipeline over these modules (not copies); by default in the model's own
+        device and dtype (the ones it was loaded with)."""
         if self.lazy:
             raise CheckpointError(f"model {self.path}: opened without weights (lazy); open it with weights to sample")
-        return QwenImagePipeline(self.config, self.transformer, self.vae, self.encoder, device=device, dtype=dtype)
+        return QwenImagePipeline(self.config, self.transformer, self.vae, self.encoder,
+                                 device=self.device if device is None else device,
+                                 dtype=self.dtype if dtype is None else dtype)
 
 
 # What a stage's ``model`` argument may be: a checkpoint folder, a shipped name ("demo") or an open model.
@@ -120,24 +127,47 @@ def meta_components(path: Path) -> tuple[QwenImageTransformer, QwenImageVAE]:
         return QwenImageTransformer(t_cfg), QwenImageVAE(v_cfg)
 
 
-def open_model(model: ModelSource, *, lazy: bool = False, dtype: torch.dtype = torch.float32,
-               device: str = "cpu") -> LoadedModel:
+# What ``device`` / ``dtype`` may be: a name (``"cuda:1"``, ``"bf16"``), a torch object, or None (the
+# default of devices.resolve_placement: CUDA + bf16 where available, else CPU + fp32).
+DeviceArg = str | torch.device | None
+DtypeArg = str | torch.dtype | None
+
+
+def _placement(device: DeviceArg, dtype: DtypeArg, stage: str | None = None) -> Placement:
+    return resolve_placement(device, dtype, stage=stage)
+
+
+def open_model(model: ModelSource, *, lazy: bool = False, dtype: DtypeArg = torch.float32,
+               device: DeviceArg = "cpu", stage: str | None = None) -> LoadedModel:
     """The one place a stage's ``model`` argument becomes a :class:`LoadedModel`: a folder or a
     shipped name is loaded (``lazy``: without weights); an open model is passed through, or reopened
-    from its folder when it lacks the weights the caller needs (or holds ones it does not)."""
+    from its folder when it lacks the weights the caller needs (or holds ones it does not).
+
+    ``device`` / ``dtype``: where the weights go (default the CPU in fp32, the precision graphs are
+    traced and compared in; ``None`` picks the machine's default); checked before anything loads,
+    ``stage`` names the caller in errors and in the logged choice. An open model is passed through
+    in whatever placement it has."""
     if not isinstance(model, LoadedModel):
-        return load_model(model, dtype=dtype, device="meta" if lazy else device)
+        if lazy:
+            return load_lazy_model(model)
+        return load_model(model, dtype=dtype, device=device, stage=stage)
     if model.lazy == lazy:
         return model
-    return load_model(model.path, dtype=dtype, device="meta" if lazy else device, name=model.config.name)
+    if lazy:
+        return load_lazy_model(model.path, name=model.config.name)
+    return load_model(model.path, dtype=dtype, device=device, name=model.config.name, stage=stage)
 
 
-def load_model(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               name: str | None = None) -> LoadedModel:
-    """Build every component on the meta device and fill it from the folder's safetensors;
-    ``device="meta"``: leave the weights out (:func:`load_lazy_model`)."""
+def load_model(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, device: DeviceArg = "cpu",
+               name: str | None = None, stage: str | None = None) -> LoadedModel:
+    """Build every component on the meta device and fill it from the folder's safetensors, each
+    tensor read, cast to ``dtype`` and placed on ``device`` one shard at a time (never a full fp32
+    copy in host memory); ``device="meta"``: leave the weights out (:func:`load_lazy_model`).
+    ``None`` for either: the machine's default (:func:`qwen_image2_ref.devices.resolve_placement`)."""
     if str(device) == "meta":
         return load_lazy_model(model, name=name)
+    placement = _placement(device, dtype, stage)  # a device or dtype this machine lacks fails before loading
+    device, dtype = placement.device, placement.dtype
     path = resolve_model_path(model)
     pipeline_cfg = read_pipeline_config(path)
     transformer, vae = meta_components(path)
@@ -150,8 +180,9 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32, 
     ).to(device)
     config = ModelConfig(name=name or path.name, transformer=t_cfg, vae=v_cfg, encoder=encoder.config,
                          pipeline=pipeline_cfg)
-    log.info("loaded %s: transformer %d layers, hidden %d", path, t_cfg.num_layers, t_cfg.hidden_size)
-    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path)
+    log.info("loaded %s: transformer %d layers, hidden %d, on %s in %s", path, t_cfg.num_layers, t_cfg.hidden_size,
+             device, placement.dtype_name)
+    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path, device=device, dtype=dtype)
 
 
 def load_lazy_model(model: str | os.PathLike, *, name: str | None = None) -> LoadedModel:
@@ -173,9 +204,11 @@ def load_lazy_model(model: str | os.PathLike, *, name: str | None = None) -> Loa
     return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path, lazy=True)
 
 
-def load_pipeline(model: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                  device: str = "cpu") -> QwenImagePipeline:
-    return load_model(model, dtype=dtype, device=device).pipeline(device=device, dtype=dtype)
+def load_pipeline(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, device: DeviceArg = "cpu",
+                  stage: str | None = None) -> QwenImagePipeline:
+    """The reference pipeline of a folder or shipped name, in ``dtype`` on ``device`` (``None``:
+    the machine's default, CUDA + bf16 where available, else CPU + fp32: what the CLI uses)."""
+    return load_model(model, dtype=dtype, device=device, stage=stage).pipeline()
 
 
 def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae, encoder, *,

@@ -122,7 +122,10 @@ class QwenImagePipeline:
         return cond.to(self.device, self.dtype).expand(batch, -1, -1)  # [B, N_c, C]
 
     def _velocity(self, cond: Condition, x: torch.Tensor, cond_latents: torch.Tensor, sigma: float) -> torch.Tensor:
-        t = torch.full((x.shape[0],), float(sigma), device=self.device, dtype=self.dtype)
+        # sigma stays fp32: the transformer takes 1000 * sigma into its sinusoids, where bf16's rounding
+        # of sigma (2^-9 relative) would move the phases by up to ~2 rad (the exported graph's timestep is fp32 too)
+        t = torch.full((x.shape[0],), float(sigma), device=self.device, dtype=torch.float32)
+        x = x.to(self.dtype)
         if cond.kv_cache is not None:
             return self.transformer.step(x, t, cond.kv_cache, **cond.step_inputs)
         return self.transformer(x, cond.text_states, t, cond_latents, **cond.layout_inputs)
@@ -147,7 +150,9 @@ class QwenImagePipeline:
         channels = self.transformer.config.in_channels
         if latents is None:
             latents = initial_noise(request.seed, batch, request.height, request.width, channels, f)
-        x = torch.from_numpy(np.asarray(latents, dtype=np.float32)).to(self.device, self.dtype)
+        # the latent state is kept in fp32 between steps, as the runtime keeps it; only the transformer's
+        # input is cast to the model's dtype (a bf16 state would round every Euler update by 2^-9)
+        x = torch.from_numpy(np.asarray(latents, dtype=np.float32)).to(self.device)
         check_inputs(positive.layout, x, positive.text_states, cond_latents)
         if self.use_kv_cache and self.transformer.config.causal_condition:
             for cond in (positive, negative):
@@ -160,9 +165,8 @@ class QwenImagePipeline:
             v = _finite(self._velocity(positive, x, cond_latents, sigmas[i]), "transformer output 'velocity'", i)
             if negative is not None:
                 v_neg = _finite(self._velocity(negative, x, cond_latents, sigmas[i]), "transformer output 'velocity'", i)
-                v = schedule.apply_guidance(v, v_neg, request.guidance)
-            # the update in float32, as diffusers' scheduler does it, then back to the model's dtype
-            x = schedule.euler_step(x.float(), v.float(), sigmas[i], sigmas[i + 1]).to(self.dtype)
+                v = schedule.apply_guidance(v.float(), v_neg.float(), request.guidance)  # fp32, as the runtime
+            x = schedule.euler_step(x, v.float(), sigmas[i], sigmas[i + 1])  # in fp32, as diffusers' scheduler
             if callback is not None:
                 callback(i, request.steps, x.float().cpu().numpy())
         if request.output == "latent":

@@ -127,7 +127,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     with quiet_third_party_warnings():
         quantize_model(args.model, args.precision, args.out, policy=args.policy, prompts=args.prompts,
                        calib_size=args.calib_size, settings=settings, max_resolution=args.max_resolution,
-                       overwrite=args.overwrite, progress=True)
+                       overwrite=args.overwrite, progress=True, device=args.device, dtype=args.dtype)
     print(f"quantized export ({args.precision}) written to {args.out}")
     return 0
 
@@ -146,9 +146,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.report is not None:
         check_writable_file(Path(args.report), "--report")
     _threads(args)
+    from qwen_image2_ref.devices import resolve_placement
+
+    placement = resolve_placement(args.device, args.dtype, stage="validate")
+    from qwen_image2_ref.model_folder import open_model
     from qwen_image_edge.export.validate import validate
 
-    report = validate(args.export_dir, args.model, report=args.report)
+    model = open_model(args.model, device=placement.device, dtype=placement.dtype, stage="validate")
+    report = validate(args.export_dir, model, report=args.report)
     print(report.table())
     return 0 if report.passed else 1
 
@@ -309,11 +314,13 @@ def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
     outputs = _check_request_args(args)
     import torch
 
+    from qwen_image2_ref.devices import resolve_placement
     from qwen_image2_ref.model_folder import load_pipeline
 
+    placement = resolve_placement(args.device, args.dtype, stage=args.command)  # before anything loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=placement.device, dtype=placement.dtype)
     if images is None:
         def call(**kw):
             return _one(pipe.generate(args.prompt, **kw))

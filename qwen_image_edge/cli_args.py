@@ -40,6 +40,15 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def add_placement_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """``--device`` / ``--dtype`` of a command that runs the torch reference (checked by
+    ``qwen_image2_ref.devices.resolve_placement`` before anything loads)."""
+    p.add_argument("--device", default=None,
+                   help=f"where {what} runs: cpu, cuda or cuda:N (default: cuda where available, else cpu)")
+    p.add_argument("--dtype", default=None,
+                   help=f"precision {what} runs in: fp32, bf16 or fp16 (default: bf16 on a GPU, fp32 on the CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,6 +134,7 @@ def _add_quantize(add) -> None:
     quant.add_argument("--steps", type=int, default=None, help="calibration denoising steps (default: the model's)")
     quant.add_argument("--guidance", type=float, default=None, help="calibration guidance (default: the model's)")
     _max_resolution(quant)
+    add_placement_arguments(quant, "calibration (fp16 is refused: its range overflows; ranges are kept in fp32)")
     quant.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
 
 
@@ -146,6 +156,7 @@ def _add_validate(add) -> None:
     validate.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
     validate.add_argument("--report", help="JSON report path, its folder must exist (default: "
                           "<export_dir>/validation.json)")
+    add_placement_arguments(validate, "the reference run")
 
 
 def _add_build(add) -> None:
@@ -175,6 +186,7 @@ def _add_reference(add) -> None:
     )
     gen.add_argument("prompt", help="what to draw")
     gen.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'demo'")
+    add_placement_arguments(gen, "the reference")
     _add_sampling_args(gen)
 
     edit = add(
@@ -187,6 +199,7 @@ def _add_reference(add) -> None:
     edit.add_argument("--image", action="append", required=True, metavar="PATH",
                       help="condition image (repeat for several, in prompt order)")
     edit.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'demo'")
+    add_placement_arguments(edit, "the reference")
     _add_sampling_args(edit)
 
 

@@ -199,6 +199,22 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str]] = [
     ("demo-export-dir-is-a-file", lambda e: ["demo", "--export-dir", e.image("file", lambda p: p.write_text("x")),
                                              "-o", e.o()], "not a directory"),
     ("demo-threads-huge", lambda e: ["demo", "-o", e.o(), "--threads", "99999"], "CPU cores available"),
+    # ---- --device / --dtype of the torch stages (cuda:99 exists on no machine: "CUDA is not available"
+    # without a GPU, "no such GPU" with one; either way the line names the flag and what this machine can run)
+    ("gen-device-no-such-gpu", lambda e: _gen(e, "--device", "cuda:99"), "this machine can run: cpu"),
+    ("gen-device-unknown", lambda e: _gen(e, "--device", "tpu"), "--device tpu: expected cpu, cuda or cuda:N"),
+    ("gen-dtype-unknown", lambda e: _gen(e, "--dtype", "fp64"), "--dtype fp64: expected one of fp32, bf16, fp16"),
+    ("edit-device-no-such-gpu", lambda e: ["edit", "--model", e.model(), "--image", e.image("c.png", _rgb),
+                                           "make it blue", "-o", e.o(), "--device", "cuda:99"],
+     "this machine can run: cpu"),
+    ("quantize-fp16", lambda e: ["quantize", "--model", e.model(), "--precision", "int8", "--out", e.o("q"),
+                                 "--dtype", "fp16"], "--dtype fp16: quantize cannot run in fp16"),
+    ("quantize-device-no-such-gpu", lambda e: ["quantize", "--model", e.model(), "--precision", "int8",
+                                               "--out", e.o("q"), "--device", "cuda:99"], "this machine can run: cpu"),
+    ("validate-dtype-unknown", lambda e: ["validate", e.export(), "--model", e.model(), "--dtype", "int8"],
+     "--dtype int8: expected one of fp32, bf16, fp16"),
+    ("distill-device-no-such-gpu", lambda e: ["distill", "--teacher", e.model(), "--out", e.o("d"),
+                                              "--device", "cuda:99"], "this machine can run: cpu"),
 ]
 
 
