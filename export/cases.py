@@ -43,8 +43,9 @@ def _fits(spec: GraphSpec, **dims: int) -> bool:
                for k, v in dims.items())
 
 
-# condition-image vision grids (t, h, w) in patches: one image, two images of different sizes
-_VISION_GRIDS = (((1, 4, 4),), ((1, 4, 6), (1, 2, 4)))
+# condition-image vision grids (t, h, w) in patches: one image, two images of different sizes, and
+# one at the demo's 128 px (8x8 patches, 16 merged tokens)
+_VISION_GRIDS = (((1, 4, 4),), ((1, 4, 6), (1, 2, 4)), ((1, 8, 8),))
 
 
 def _vision_inputs(model, grids, seed: int):
@@ -105,6 +106,10 @@ def _transformer_args(model, spec: GraphSpec):
         (1, 5, (2, 2), (), 0),
         (2, 9, (3, 4), ((2, 2),), 3),
         (3, 6, (4, 2), ((2, 2), (2, 4)), 1),
+        # the export's real range: a 128 px target (64 tokens); a 256x64 target with two condition
+        # images of 80 tokens each (160x128 and 320x64 px: the demo's largest N_c)
+        (1, 12, (8, 8), (), 0),
+        (2, 7, (16, 4), ((8, 10), (20, 4)), 2),
     ]:
         args = transformer_inputs(cfg, b, text, target, cond, pad, seed=b)
         n_t, n_c = args[0].shape[1], args[3].shape[1]
@@ -165,7 +170,7 @@ def _vae_cases(model, spec: GraphSpec, decoder: bool):
     cfg = model.config
     f = cfg.vae.scale_factor_spatial
     module = (VAEDecoderGraph if decoder else VAEEncoderGraph)(model.vae).eval()
-    for b, h, w in [(1, 2, 2), (2, 4, 3), (1, 3, 4)]:
+    for b, h, w in [(1, 2, 2), (2, 4, 3), (1, 3, 4), (1, 8, 8), (1, 16, 4)]:  # up to 128 px and 256x64
         if not _fits(spec, B=b, h=h, w=w, H=h * f, W=w * f):
             continue
         args = vae_decoder_inputs(cfg, b, h, w, seed=h) if decoder else vae_encoder_inputs(cfg, b, h * f, w * f, seed=h)

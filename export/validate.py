@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.model_folder import ModelSource, open_model
+from qwen_image_edge.export.endtoend import EndToEndBound, EndToEndResult, end_to_end
 from qwen_image_edge.export.manifest_writer import write_text_atomic
 from qwen_image_edge.export.registry import validation_cases
 from qwen_image_edge.runtime.errors import ManifestError
@@ -39,15 +40,38 @@ class Threshold:
     min_cosine: float
 
 
+# Each bound and why (relative L2 over valid elements; cosine follows as about 1 - rel^2 / 2).
 # fp32: same math, different kernels (summation order) -> ~1e-7..1e-6 relative; 1e-5 leaves 10x.
-# The others are budgets for later stages (fp16/bf16 rounding of activations, W8A8 quantization
-# measured at 0.14-0.43 % relative L2 on one block; errors grow with depth).
+# fp16/bf16: rounding of activations, 11 / 8 significant bits (unit roundoff 4.9e-4 / 3.9e-3) over a
+#   few dozen accumulating ops; ~10x / ~5x the unit roundoff.
+# int8/fp8 (W8A8): a sanity bound; image quality is gated end to end (ENDTOEND below). Measured on
+#   the demo model: the exported graph equals modelopt's simulated quantization to 1e-4 relative
+#   (the export is faithful) and each layer errs as its grids predict (tests/test_quant.py,
+#   step^2 / 12 per rounding); the whole transformer errs 2..6 % (int8) / 2..5 % (fp8) on these
+#   random cases and 1.2..8.7 % (int8) / up to 7.7 % (fp8) on its own denoising inputs, the latest
+#   steps worst; the tiny random model calibrated on 2 prompts x 2 steps errs 12 % here (random
+#   inputs outside its few calibrated ranges clip) yet its images reach 46 dB. So the old 5e-2
+#   failed sound quantizations. 0.25 (cosine 0.97) passes them and stops a broken graph (a wrong
+#   scale axis, layout or zero point: far outside the grids' band per layer, tests/test_quant.py).
 THRESHOLDS: dict[Precision, Threshold] = {
     Precision.FP32: Threshold(1e-5, 0.99999),
     Precision.FP16: Threshold(5e-3, 0.9999),
     Precision.BF16: Threshold(2e-2, 0.9995),
-    Precision.INT8: Threshold(5e-2, 0.998),
-    Precision.FP8: Threshold(8e-2, 0.995),
+    Precision.INT8: Threshold(0.25, 0.97),
+    Precision.FP8: Threshold(0.25, 0.97),
+}
+
+# End to end: runtime vs reference images, same seed, PSNR over RGBA in [0, 1]. fp32: measured
+# 125..144 dB on the demo model (float summation order only); 60 dB is still 1e-3 rms. Quantized:
+# measured 30.3..51 dB (int8, default calibration); 25 dB (rms 5.6 % of full scale) lets the
+# quantization through and stops a broken graph (noise or a wrong layout gives ~10 dB). Adherence
+# (demo model, judge on 8 held-out prompts): at most one image in eight (12.5 points) flips per key.
+ENDTOEND: dict[Precision, EndToEndBound] = {
+    Precision.FP32: EndToEndBound(60.0, 12.5),
+    Precision.FP16: EndToEndBound(40.0, 12.5),
+    Precision.BF16: EndToEndBound(35.0, 12.5),
+    Precision.INT8: EndToEndBound(25.0, 12.5),
+    Precision.FP8: EndToEndBound(25.0, 12.5),
 }
 
 
@@ -76,28 +100,55 @@ class GraphResult:
 class ValidationReport:
     export_dir: str
     graphs: list[GraphResult]
+    end_to_end: EndToEndResult | None = None
+    report_path: str = ""
 
     @property
     def passed(self) -> bool:
-        return all(g.passed for g in self.graphs)
+        return all(g.passed for g in self.graphs) and (self.end_to_end is None or self.end_to_end.passed)
 
     def to_dict(self) -> dict:
         return {
             "export_dir": self.export_dir,
             "passed": self.passed,
             "graphs": [{**asdict(g), "passed": g.passed} for g in self.graphs],
+            "end_to_end": self.end_to_end.to_dict() if self.end_to_end else None,
         }
 
     def table(self) -> str:
-        rows = [("graph", "precision", "shape", "max abs", "rel L2", "cosine", "bound", "ok")]
+        """One screen: failing cases first, then one line per graph (its worst case), the end-to-end
+        check, the verdict and where the JSON report went. Each bound names its metric."""
+        rows = [("graph", "precision", "case", "rel L2", "cosine", "bound", "ok")]
+        bound = lambda t: f"rel L2 <= {t.max_rel_l2:g}, cosine >= {t.min_cosine:g}"  # noqa: E731
         for g in self.graphs:
             for c in g.cases:
-                rows.append((g.graph, g.precision, c.shape, f"{c.max_abs:.2e}", f"{c.rel_l2:.2e}",
-                             f"{c.cosine:.8f}", f"<= {g.threshold.max_rel_l2:.0e}", "yes" if c.passed else "NO"))
+                if not c.passed:
+                    rows.append((g.graph, g.precision, c.shape, f"{c.rel_l2:.2e}", f"{c.cosine:.6f}",
+                                 bound(g.threshold), "FAIL"))
+        for g in sorted(self.graphs, key=lambda g: g.passed):
+            worst = max(g.cases, key=lambda c: c.rel_l2, default=None)
+            if worst is not None and g.passed:
+                rows.append((g.graph, g.precision, f"worst of {len(g.cases)}: {worst.shape}",
+                             f"{worst.rel_l2:.2e}", f"{worst.cosine:.6f}", bound(g.threshold), "ok"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        if self.end_to_end is not None:
+            lines.extend(_end_to_end_lines(self.end_to_end))
         lines.append(f"{'PASSED' if self.passed else 'FAILED'}: {self.export_dir}")
+        if self.report_path:
+            lines.append(f"JSON report: {self.report_path}")
         return "\n".join(lines)
+
+
+def _end_to_end_lines(e: EndToEndResult) -> list[str]:
+    ok = "ok" if e.min_psnr >= e.bound.min_psnr_db else "FAIL"
+    lines = [f"end to end ({e.prompts} prompts, seed {e.seed}): PSNR min {e.min_psnr:.1f} dB, mean "
+             f"{np.mean(e.psnr_db):.1f} dB (bound: PSNR >= {e.bound.min_psnr_db:.0f} dB) {ok}"]
+    for k, drop in e.adherence_drop.items():
+        ok = "ok" if drop <= e.bound.max_adherence_drop else "FAIL"
+        lines.append(f"  adherence {k}: runtime {e.adherence_runtime[k]:.1f} vs reference "
+                     f"{e.adherence_reference[k]:.1f} points (bound: drop <= {e.bound.max_adherence_drop}) {ok}")
+    return lines
 
 
 def compare(ref: np.ndarray, got: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float, float]:
@@ -145,10 +196,18 @@ def validate_graph(export_dir: Path, manifest: Manifest, name: str, model) -> Gr
     return result
 
 
+def _precision_of(manifest: Manifest) -> Precision:
+    """The export's precision for the end-to-end bound: the lowest of its graphs'."""
+    order = [Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8, Precision.INT8]
+    return max((g.precision for g in manifest.graphs.values()), key=order.index)
+
+
 def validate(export_dir: str | Path, model: ModelSource = "demo", report: str | Path | None = None,
-             graphs: list[str] | None = None, verify_hashes: bool = True) -> ValidationReport:
+             graphs: list[str] | None = None, verify_hashes: bool = True,
+             end_to_end_prompts: int = 8) -> ValidationReport:
     """Validate every graph (or ``graphs``) of an export against ``model`` (a folder, "demo" or a
-    ``LoadedModel``); writes the JSON report (default ``<export_dir>/validation.json``)."""
+    ``LoadedModel``), then (with every graph and ``end_to_end_prompts`` > 0) the runtime's images
+    against the reference's; writes the JSON report (default ``<export_dir>/validation.json``)."""
     names = check_graph_names(graphs, where="validate graphs") if graphs else None
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir, verify_hashes=verify_hashes)
@@ -157,8 +216,13 @@ def validate(export_dir: str | Path, model: ModelSource = "demo", report: str | 
         manifest.graph(name)  # a known graph this export lacks: ManifestError before any work
     model = open_model(model)
     results = [validate_graph(export_dir, manifest, n, model) for n in tqdm(names, desc="validate", unit="graph")]
-    out = ValidationReport(str(export_dir), results)
     report_path = Path(report) if report else export_dir / REPORT_NAME
+    out = ValidationReport(str(export_dir), results, report_path=str(report_path))
+    if end_to_end_prompts > 0 and set(names) == set(manifest.graphs):
+        bound = ENDTOEND[_precision_of(manifest)]
+        out.end_to_end = end_to_end(export_dir, model, bound, prompts=end_to_end_prompts)
+        log.info("end to end: PSNR min %.1f dB; adherence drop %s", out.end_to_end.min_psnr,
+                 out.end_to_end.adherence_drop)
     write_text_atomic(report_path, json.dumps(out.to_dict(), indent=2) + "\n")
     log.info("validation %s: report %s", "passed" if out.passed else "FAILED", report_path)
     return out
