@@ -46,12 +46,15 @@ def step_flops(cfg: TransformerConfig, text_rows: int, n_cond: int, n_target: in
     on the text rows, img_in on every image token, per layer q/k/v/out (4 D^2) and the SwiGLU
     (3 D x mlp_ratio D) on all ``seq`` tokens, proj_out on the targets. Attention: QK^T and AV
     over the full ``seq x seq`` (the mask is applied, not skipped): 4 seq^2 D per layer. The
-    timestep MLP and modulation run once per sample (D-sized): counted too, though negligible."""
+    timestep MLP, modulation and norm_out's scale run per sample, not per token: counted too, though
+    negligible."""
     d, ff = cfg.hidden_size, cfg.hidden_size * cfg.mlp_ratio
     per_layer = 2 * seq * (4 * d * d + 3 * d * ff) + 4 * seq * seq * d
     tokens = (2 * text_rows * (cfg.context_dim * d + d * d) + 2 * (n_cond + n_target) * cfg.in_channels * d
               + 2 * n_target * d * cfg.out_channels)
-    per_sample = 2 * (cfg.timestep_dim * d + d * d + d * 4 * d)
+    # per sample: the timestep MLP and modulation run twice (the target's sigma and the condition
+    # tokens' zero), norm_out's scale projection once
+    per_sample = 2 * 2 * (cfg.timestep_dim * d + d * d + d * 4 * d) + 2 * d * d
     return batch * (cfg.num_layers * per_layer + tokens + per_sample)
 
 

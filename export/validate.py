@@ -23,7 +23,7 @@ from qwen_image2_ref.model_folder import ModelSource, open_model
 from qwen_image_edge.export.endtoend import EndToEndBound, EndToEndResult, end_to_end
 from qwen_image_edge.export.manifest_writer import write_text_atomic
 from qwen_image_edge.export.registry import validation_cases
-from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.errors import ConfigError, ManifestError
 from qwen_image_edge.runtime.graphs import check_graph_names
 from qwen_image_edge.runtime.manifest import Manifest, Precision, TensorSpec, check_io, load_manifest
 
@@ -215,6 +215,10 @@ def validate(export_dir: str | Path, model: ModelSource = "demo", report: str | 
     for name in names:
         manifest.graph(name)  # a known graph this export lacks: ManifestError before any work
     model = open_model(model)
+    if model.device.type != "cpu" or model.dtype is not torch.float32:
+        # the cases build fp32 CPU inputs and THRESHOLDS assume an fp32 reference (a bf16 one: not yet)
+        raise ConfigError(f"validate: the reference runs on cpu in fp32, got {model.device} "
+                          f"{str(model.dtype).removeprefix('torch.')}; pass --device cpu --dtype fp32")
     results = [validate_graph(export_dir, manifest, n, model) for n in tqdm(names, desc="validate", unit="graph")]
     report_path = Path(report) if report else export_dir / REPORT_NAME
     out = ValidationReport(str(export_dir), results, report_path=str(report_path))

@@ -56,6 +56,17 @@ def test_gate_out_of_bounds_is_a_typed_error_with_the_report_written(tiny_export
     report_path.unlink()
 
 
+def test_validate_refuses_a_reference_it_cannot_compare_against(tiny_export):
+    import torch
+
+    from qwen_image_edge.export.validate import validate
+    from qwen_image_edge.runtime.errors import ConfigError
+
+    path, out = tiny_export
+    with pytest.raises(ConfigError, match="reference runs on cpu in fp32, got cpu bfloat16"):
+        validate(out, open_model(path, dtype=torch.bfloat16))
+
+
 def _case(label: str, rel: float, ok: bool) -> CaseResult:
     return CaseResult(label, rel, rel, 1 - rel ** 2 / 2, ok)
 
