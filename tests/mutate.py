@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,10 @@ if str(ROOT) not in sys.path:  # run as a script: make `tests.mutations` importa
     sys.path.insert(0, str(ROOT))
 
 from tests.mutations import MUTATIONS, Mutation  # noqa: E402
+
+# What a copy without git leaves out: the venv, caches and build output (as .gitignore does).
+NOT_SOURCE = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", ".ruff_cache",
+              ".hypothesis", "*.pyc")
 
 # One mutation's tests must finish within this; a mutation that makes a test hang is caught by
 # the time-out only if the tests say so, so a time-out counts as "not caught" and is reported.
@@ -54,9 +59,12 @@ def copy_repository(dest: Path, root: Path = ROOT, rev: str | None = None) -> Pa
         return dest
     listing = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=root, check=True, capture_output=True,
-    ).stdout.decode().split("\0")
-    for rel in filter(None, listing):
+        cwd=root, capture_output=True,
+    )
+    if listing.returncode != 0:  # not a git checkout (.ci/run's working copy): the files minus build output
+        shutil.copytree(root, dest, ignore=shutil.ignore_patterns(*NOT_SOURCE), symlinks=True)
+        return dest
+    for rel in filter(None, listing.stdout.decode().split("\0")):
         src = root / rel
         if not src.is_file():  # deleted in the work tree but still in the index
             continue

@@ -60,3 +60,13 @@ def test_mutation_is_caught(workspace, mutation) -> None:
 def test_readme_states_the_list_size() -> None:
     text = (mutate.ROOT / "README.md").read_text()
     assert f"`tests/mutations.py` lists {len(MUTATIONS)} small realistic bugs" in text
+
+
+def test_copy_without_git_leaves_out_build_output(tmp_path) -> None:
+    """.ci/run's working copy has no .git: the copy falls back to the files minus venv and caches."""
+    src = tmp_path / "src"
+    for rel in ("runtime/schedule.py", ".venv/bin/python", "runtime/__pycache__/x.pyc", "a.egg-info/PKG-INFO"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    dest = mutate.copy_repository(tmp_path / "dest", src)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == ["runtime/schedule.py"]
