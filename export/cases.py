@@ -38,6 +38,14 @@ _PROMPTS = (
 )
 
 
+def placed(model, args: tuple, cast: tuple[int, ...]) -> tuple:
+    """``args`` on the model's device; the floating tensors at ``cast`` in its dtype (activations),
+    the others (timestep, rope tables, masks, indices) keep theirs, as the reference pipeline does."""
+    dev, dt = model.device, model.dtype
+    return tuple(a.to(dev, dt) if i in cast else a.to(dev) if isinstance(a, torch.Tensor) else a
+                 for i, a in enumerate(args))
+
+
 def _fits(spec: GraphSpec, **dims: int) -> bool:
     return all(spec.dim_ranges.get(k, (v, v, v))[0] <= v <= spec.dim_ranges.get(k, (v, v, v))[2]
                for k, v in dims.items())
@@ -53,8 +61,10 @@ def _vision_inputs(model, grids, seed: int):
     qwen = model.encoder.model
     args = vision_encoder_inputs(model.config, vision_tower(qwen), grids, seed=seed)
     grid_thw = torch.tensor(grids, dtype=torch.int64)
-    out = qwen.model.visual(args[0], grid_thw=grid_thw)
-    return args, out.pooler_output, torch.stack(out.deepstack_features), grid_thw
+    pixels, grid = placed(model, (args[0], grid_thw), cast=(0,))
+    out = qwen.model.visual(pixels, grid_thw=grid)
+    embeds = out.pooler_output.float().cpu()  # [N_vis, D]: fp32 CPU, the ONNX feeds
+    return args, embeds, torch.stack(out.deepstack_features).float().cpu(), grid_thw
 
 
 def text_encoder_cases(model, spec: GraphSpec, export_dir: Path | None = None, manifest: Manifest | None = None):
@@ -99,6 +109,10 @@ def vision_encoder_cases(model, spec: GraphSpec, export_dir: Path | None = None,
         yield label, feeds, (lambda e=embeds, d=deep: (e, d)), None  # transformers' tower, not the wrapper
 
 
+_ACT = (0, 1, 3)  # the single graph's activations: latents, text_states, cond_latents
+_PREFILL_ACT = (0, 1)  # the prefill's: text_states, cond_latents
+
+
 def _transformer_args(model, spec: GraphSpec):
     """(label, torch inputs of the single graph): text-to-image, one and two condition images."""
     cfg = model.config
@@ -122,7 +136,7 @@ def transformer_cases(model, spec: GraphSpec, export_dir: Path | None = None, ma
     module = TransformerGraph(model.transformer).eval()
     names = [t.name for t in spec.inputs]
     for label, args in _transformer_args(model, spec):
-        yield label, {n: a.numpy() for n, a in zip(names, args)}, (lambda a=args: module(*a)), None
+        yield label, {n: a.numpy() for n, a in zip(names, args)}, (lambda a=args: module(*placed(model, a, _ACT))), None
 
 
 def _ort_runner(export_dir: Path, manifest: Manifest):
@@ -154,16 +168,17 @@ def kv_pair_cases(model, spec: GraphSpec, export_dir: Path | None = None, manife
         pre, step = pair_inputs(args)
         if prefill:
             feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, pre)}
-            yield label, feeds, (lambda p=pre: model.transformer.prefill(*p)), None
+            yield label, feeds, (lambda p=pre: model.transformer.prefill(*placed(model, p, _PREFILL_ACT))), None
             continue
         if chained:
             kv = torch.from_numpy(run(prefill_graph, pre))
         else:
             with torch.no_grad():
-                kv = model.transformer.prefill(*pre)
+                kv = model.transformer.prefill(*placed(model, pre, _PREFILL_ACT)).float().cpu()
         feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, (step[0], step[1], kv, *step[2:]))}
         cache = "exported prefill" if chained else "torch prefill"
-        yield f"{label} ({cache} -> step vs single graph)", feeds, (lambda a=args: module(*a)), None
+        yield (f"{label} ({cache} -> step vs single graph)", feeds, (lambda a=args: module(*placed(model, a, _ACT))),
+               None)
 
 
 def _vae_cases(model, spec: GraphSpec, decoder: bool):
@@ -175,7 +190,7 @@ def _vae_cases(model, spec: GraphSpec, decoder: bool):
             continue
         args = vae_decoder_inputs(cfg, b, h, w, seed=h) if decoder else vae_encoder_inputs(cfg, b, h * f, w * f, seed=h)
         label = f"B={b} h={h} w={w}" if decoder else f"B={b} H={h * f} W={w * f}"
-        yield label, {spec.inputs[0].name: args[0].numpy()}, (lambda a=args: module(*a)), None
+        yield label, {spec.inputs[0].name: args[0].numpy()}, (lambda a=args: module(*placed(model, a, (0,)))), None
 
 
 def vae_decoder_cases(model, spec: GraphSpec, export_dir: Path | None = None, manifest: Manifest | None = None):

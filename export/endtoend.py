@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from qwen_image2_ref.demo import data, judge
-from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image_edge.calib.prompts import is_demo_folder, load_prompts
 
 JUDGE_KEYS = ("color", "shape", "position", "background")
@@ -73,11 +72,12 @@ def _prompts(model, n: int) -> tuple[list[str], list | None]:
 def end_to_end(export_dir: str | Path, model, bound: EndToEndBound, prompts: int = 8, seed: int = 0,
                steps: int | None = None) -> EndToEndResult:
     """Generate ``prompts`` images with the runtime from ``export_dir`` and with ``model`` (an open
-    ``LoadedModel``), same seed and settings; PSNR per image and, for the demo model, adherence."""
+    ``LoadedModel``, on its device in its dtype), same seed and settings; PSNR per image and, for the
+    demo model, adherence."""
     from qwen_image_edge.runtime.pipeline import Pipeline
 
     texts, scenes = _prompts(model, prompts)
-    reference = QwenImagePipeline(model.config, model.transformer, model.vae, model.encoder)
+    reference = model.pipeline()  # on the model's device, in its dtype
     runtime = Pipeline.load(export_dir, verify_hashes=False)
     ref, got = [], []
     for i, text in enumerate(texts):  # one at a time: the export's batch range may be smaller than the set
