@@ -92,8 +92,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "validate-compares-reference-with-itself", "export", "export/validate.py",
         "validate compares torch's output with itself instead of onnxruntime's",
-        "max_abs, rel, cos = compare(ref.float().numpy(), got, valid)",
-        "max_abs, rel, cos = compare(ref.float().numpy(), ref.float().numpy(), valid)",
+        "max_abs, rel, cos = compare(ref.float().cpu().numpy(), got, valid)",
+        "max_abs, rel, cos = compare(ref.float().cpu().numpy(), ref.float().cpu().numpy(), valid)",
         ("tests/test_validate.py::test_corrupted_graph_fails_with_nonzero_exit",),
     ),
     Mutation(
