@@ -162,11 +162,13 @@ class QwenImagePipeline:
         pcfg = self.config.pipeline
         sigmas = schedule.make_sigmas(request.steps, x.shape[1], pcfg.scheduler, fixed_sigmas=pcfg.sample_sigmas)
         for i in tqdm(range(request.steps), desc="denoising", disable=not progress, leave=False):
-            v = _finite(self._velocity(positive, x, cond_latents, sigmas[i]), "transformer output 'velocity'", i)
+            # velocities in fp32 from here on (guidance and the update), as the runtime computes them
+            v = _finite(self._velocity(positive, x, cond_latents, sigmas[i]), "transformer output 'velocity'", i).float()
             if negative is not None:
-                v_neg = _finite(self._velocity(negative, x, cond_latents, sigmas[i]), "transformer output 'velocity'", i)
-                v = schedule.apply_guidance(v.float(), v_neg.float(), request.guidance)  # fp32, as the runtime
-            x = schedule.euler_step(x, v.float(), sigmas[i], sigmas[i + 1])  # in fp32, as diffusers' scheduler
+                v_neg = _finite(self._velocity(negative, x, cond_latents, sigmas[i]), "transformer output 'velocity'",
+                                i).float()
+                v = schedule.apply_guidance(v, v_neg, request.guidance)
+            x = schedule.euler_step(x.float(), v.float(), sigmas[i], sigmas[i + 1])  # fp32 in, fp32 out
             if callback is not None:
                 callback(i, request.steps, x.float().cpu().numpy())
         if request.output == "latent":
