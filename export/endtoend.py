@@ -15,11 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen_image2_ref.demo import data, judge
-from qwen_image_edge.calib.prompts import is_demo_folder, load_prompts
+from qwen_image2_ref.demo import STUDENT_DIR, WEIGHTS_DIR, data, judge
 
 JUDGE_KEYS = ("color", "shape", "position", "background")
 HELDOUT_SEED = 1000  # the held-out prompt set tests/adherence.py and bench/demo_quality.py use
+GENERAL_PROMPTS = (  # any other model: no judge, PSNR only
+    "a red apple on a wooden table", "a lighthouse on a rocky coast at sunset", "a cat asleep on a blue sofa",
+    "a city street in the rain at night", "a bowl of ramen seen from above", "a snowy mountain under a clear sky",
+    "an old bicycle against a yellow wall", "a green parrot on a branch",
+)
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,10 @@ def psnr(ref: np.ndarray, got: np.ndarray) -> float:
 
 def _prompts(model, n: int) -> tuple[list[str], list | None]:
     """Captions and their scenes (held-out demo scenes for the demo model; else the general set)."""
-    if is_demo_folder(model.path):
+    if model.path is not None and Path(model.path).resolve() in (WEIGHTS_DIR.resolve(), STUDENT_DIR.resolve()):
         pairs = data.heldout_prompts(n, HELDOUT_SEED)
         return [c for _, c in pairs], [s for s, _ in pairs]
-    return load_prompts("general", n), None
+    return [GENERAL_PROMPTS[i % len(GENERAL_PROMPTS)] for i in range(n)], None
 
 
 def end_to_end(export_dir: str | Path, model, bound: EndToEndBound, prompts: int = 8, seed: int = 0,

@@ -224,7 +224,8 @@ def validate(export_dir: str | Path, model: ModelSource = "demo", report: str | 
              graphs: list[str] | None = None, verify_hashes: bool = True,
              end_to_end_prompts: int = 8) -> ValidationReport:
     """Validate every graph (or ``graphs``) of an export against ``model`` (a folder, "demo" or a
-    ``LoadedModel``), then (with every graph and ``end_to_end_prompts`` > 0) the runtime's images
+    ``LoadedModel``), then (with every graph of an export that generates, and ``end_to_end_prompts``
+    > 0) the runtime's images
     against the reference's; writes the JSON report (default ``<export_dir>/validation.json``)."""
     names = check_graph_names(graphs, where="validate graphs") if graphs else None
     export_dir = Path(export_dir)
@@ -236,7 +237,9 @@ def validate(export_dir: str | Path, model: ModelSource = "demo", report: str | 
     results = [validate_graph(export_dir, manifest, n, model) for n in tqdm(names, desc="validate", unit="graph")]
     report_path = Path(report) if report else export_dir / REPORT_NAME
     out = ValidationReport(str(export_dir), results, report_path=str(report_path))
-    if end_to_end_prompts > 0 and set(names) == set(manifest.graphs):
+    generates = {"text_encoder", "vae_decoder"} <= set(manifest.graphs) and (
+        "transformer" in manifest.graphs or "transformer_step" in manifest.graphs)
+    if end_to_end_prompts > 0 and generates and set(names) == set(manifest.graphs):
         bound = ENDTOEND[_precision_of(manifest)]
         bound = EndToEndBound(min(bound.min_psnr_db, REFERENCE_BOUNDS[model.dtype][1]), bound.max_adherence_drop)
         out.end_to_end = end_to_end(export_dir, model, bound, prompts=end_to_end_prompts)
