@@ -31,7 +31,7 @@ from qwen_image2_ref.checkpoint import (
 )
 from qwen_image2_ref.config import ModelConfig, PipelineConfig, TransformerConfig, VAEConfig
 from qwen_image2_ref.demo import SHIPPED_MODELS
-from qwen_image2_ref.devices import Placement, resolve_placement
+from qwen_image2_ref.devices import resolve_placement
 from qwen_image2_ref.encoder import ConditionEncoder, read_image_processor_config
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import QwenImageTransformer
@@ -133,10 +133,6 @@ DeviceArg = str | torch.device | None
 DtypeArg = str | torch.dtype | None
 
 
-def _placement(device: DeviceArg, dtype: DtypeArg, stage: str | None = None) -> Placement:
-    return resolve_placement(device, dtype, stage=stage)
-
-
 def open_model(model: ModelSource, *, lazy: bool = False, dtype: DtypeArg = torch.float32,
                device: DeviceArg = "cpu", stage: str | None = None) -> LoadedModel:
     """The one place a stage's ``model`` argument becomes a :class:`LoadedModel`: a folder or a
@@ -166,7 +162,7 @@ def load_model(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, dev
     ``None`` for either: the machine's default (:func:`qwen_image2_ref.devices.resolve_placement`)."""
     if str(device) == "meta":
         return load_lazy_model(model, name=name)
-    placement = _placement(device, dtype, stage)  # a device or dtype this machine lacks fails before loading
+    placement = resolve_placement(device, dtype, stage=stage)  # a device or dtype this machine lacks fails before loading
     device, dtype = placement.device, placement.dtype
     path = resolve_model_path(model)
     pipeline_cfg = read_pipeline_config(path)
