@@ -167,15 +167,7 @@ def prompt_section(model, tokenizer_files: dict[str, str]) -> PromptSection:
 
 
 def schedule_section(model) -> ScheduleSection:
-    p = model.config.pipeline
-    return ScheduleSection(
-        scheduler=p.scheduler,
-        num_steps=p.num_steps,
-        sigmas=tuple(p.sample_sigmas) if p.sample_sigmas is not None else None,
-        guidance_scale=float(p.guidance_scale),
-        guidance_distilled=p.guidance_distilled,
-        default_negative_prompt=p.default_negative_prompt,
-    )
+    return model.config.pipeline.schedule_section()
 
 
 def image_section(model, min_resolution: int, max_resolution: int, multiple: int) -> ImageSection:

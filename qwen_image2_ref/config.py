@@ -14,6 +14,7 @@ from typing import Any
 
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.schedule import SchedulerConfig
+from qwen_image_edge.runtime.sections import ScheduleSection
 
 # AutoencoderKLQwenImage21 defaults (diffusers), one value per latent channel.
 QWEN21_LATENTS_MEAN = (
@@ -232,6 +233,11 @@ class PipelineConfig:
             )
         if self.output_resolution % 32:
             raise ConfigError(f"pipeline output_resolution: expected a multiple of 32, got {self.output_resolution}")
+
+    def schedule_section(self) -> ScheduleSection:
+        """The sampling defaults as an export's manifest records them (and the reference uses them)."""
+        return ScheduleSection(self.scheduler, self.num_steps, self.sample_sigmas, float(self.guidance_scale),
+                               self.guidance_distilled, self.default_negative_prompt)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from qwen_image_edge.runtime.sampling import (
     one_or_list,
     resolve_request,
 )
-from qwen_image_edge.runtime.sections import ScheduleSection
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +92,10 @@ class QwenImagePipeline:
     # ------------------------------------------------------------------ internals
 
     def _request(self, prompt, negative_prompt, width, height, steps, guidance, seed, default_size, output) -> Request:
-        p = self.config.pipeline
-        # the sampling defaults as an export writes them (export.manifest_writer.schedule_section)
-        defaults = ScheduleSection(p.scheduler, p.num_steps, p.sample_sigmas, float(p.guidance_scale),
-                                   p.guidance_distilled, p.default_negative_prompt)
+        # the sampling defaults as an export writes them
         return resolve_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size=default_size,
-                               schedule=defaults, vae_factor=self.config.vae.scale_factor_spatial, output=output)
+                               schedule=self.config.pipeline.schedule_section(),
+                               vae_factor=self.config.vae.scale_factor_spatial, output=output)
 
     def _encode(self, prompts, vl_images, cond_shapes, target_shape) -> Condition:
         return self._condition(*self.encoder.encode(list(prompts), vl_images or None), cond_shapes, target_shape)

@@ -202,43 +202,25 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 @dataclass(frozen=True)
 class _Source:
-    """What the metadata records about the model: defaults and digests."""
+    """What the metadata records about the model: its sampling defaults and digests."""
 
-    steps: int
-    guidance: float
-    negative_prompt: str | None
+    schedule: object  # runtime.sections.ScheduleSection
     model: str
     model_sha256: str
     export_sha256: str | None
     pipeline: str
 
 
-def _resolve_defaults(args: argparse.Namespace, source: _Source) -> None:
-    """The model's defaults written into ``args``, so that what runs is exactly what is recorded."""
-    if args.steps is None:
-        args.steps = source.steps
-    if args.guidance is None:
-        args.guidance = source.guidance
-    if args.negative_prompt is None and args.guidance > 1:
-        args.negative_prompt = source.negative_prompt
-
-
-def _export_source(export_dir) -> _Source:
-    """Defaults and digests from the export's manifest.json (already verified by Pipeline.load)."""
-    import hashlib
-
+def _export_source(pipe) -> _Source:
+    """Defaults and digests from the export's manifest (already loaded and verified by Pipeline.load)."""
+    from qwen_image_edge.runtime.manifest import MANIFEST_NAME, sha256_file
     from qwen_image_edge.runtime.metadata import model_digest
 
-    raw = (Path(export_dir) / "manifest.json").read_bytes()
-    manifest = json.loads(raw)
-    sched = manifest["schedule"]
-    source = (manifest.get("provenance") or {}).get("source") or {}
+    source = pipe.manifest.provenance.source or {}
     digests = source.get("checkpoint_sha256")
-    return _Source(steps=len(sched["sigmas"]) if sched.get("sigmas") else int(sched["num_steps"]),
-                   guidance=float(sched["guidance_scale"]), negative_prompt=sched.get("default_negative_prompt"),
-                   model=str(source.get("name") or Path(export_dir).name),
+    return _Source(schedule=pipe.manifest.schedule, model=str(source.get("name") or Path(pipe.export_dir).name),
                    model_sha256=model_digest(digests) if isinstance(digests, dict) and digests else "unknown",
-                   export_sha256=hashlib.sha256(raw).hexdigest(), pipeline="runtime")
+                   export_sha256=sha256_file(Path(pipe.export_dir) / MANIFEST_NAME), pipeline="runtime")
 
 
 def _reference_source(model, pipe) -> _Source:
@@ -248,11 +230,8 @@ def _reference_source(model, pipe) -> _Source:
 
     path = resolve_model_path(model)
     digests = {c: checkpoint_digest(path / c) for c in ("transformer", "vae", "text_encoder")}
-    p = pipe.config.pipeline
-    return _Source(steps=len(p.sample_sigmas) if p.sample_sigmas is not None else p.num_steps,
-                   guidance=float(p.guidance_scale), negative_prompt=p.default_negative_prompt,
-                   model=pipe.config.name, model_sha256=model_digest(digests), export_sha256=None,
-                   pipeline="reference")
+    return _Source(schedule=pipe.config.pipeline.schedule_section(), model=pipe.config.name,
+                   model_sha256=model_digest(digests), export_sha256=None, pipeline="reference")
 
 
 def _make_images(args: argparse.Namespace, outputs: _Outputs, source: _Source, call, task: str, prompt: str) -> int:
@@ -260,8 +239,11 @@ def _make_images(args: argparse.Namespace, outputs: _Outputs, source: _Source, c
     with its parameters."""
     from qwen_image_edge.outputs import save_image
     from qwen_image_edge.runtime.metadata import generation_parameters
+    from qwen_image_edge.runtime.sampling import sampling_defaults
 
-    _resolve_defaults(args, source)
+    # the model's defaults written into args, so that what runs is exactly what is recorded
+    args.steps, args.guidance, args.negative_prompt = sampling_defaults(
+        source.schedule, args.steps, args.guidance, args.negative_prompt)
     first = args.seed
     for i, out in enumerate(outputs.paths):
         args.seed = first + i
@@ -288,7 +270,7 @@ def _runtime_generate(export_dir, args: argparse.Namespace, outputs: _Outputs, i
     else:
         def call(**kw):
             return pipe.generate(args.prompt, **kw)
-    return _make_images(args, outputs, _export_source(export_dir), call, "edit" if images else "generate",
+    return _make_images(args, outputs, _export_source(pipe), call, "edit" if images else "generate",
                         args.prompt)
 
 

@@ -164,6 +164,19 @@ def make_request(prompt, negative_prompt, width, height, steps, guidance, seed, 
                    output)
 
 
+def sampling_defaults(schedule, steps, guidance, negative_prompt):
+    """``(steps, guidance, negative_prompt)`` with the model's defaults where None: the schedule's
+    step count (its fixed sigmas' count, else ``num_steps``), guidance, and its negative prompt
+    when guidance > 1 and the caller gives none."""
+    if steps is None:
+        steps = schedule.default_steps
+    if guidance is None:
+        guidance = schedule.guidance_scale
+    if negative_prompt is None and isinstance(guidance, (int, float)) and guidance > 1:
+        negative_prompt = schedule.default_negative_prompt
+    return steps, guidance, negative_prompt
+
+
 def resolve_request(prompt, negative_prompt, width, height, steps, guidance, seed, *, default_size: tuple[int, int],
                     schedule, vae_factor: int, output: str = "pil") -> Request:
     """A request with the model's defaults filled in (both pipelines call this).
@@ -172,12 +185,7 @@ def resolve_request(prompt, negative_prompt, width, height, steps, guidance, see
     steps (its fixed sigmas' count, else ``num_steps``), guidance, and the negative prompt used when
     guidance > 1 and the caller gives none.
     """
-    if steps is None:
-        steps = schedule.default_steps
-    if guidance is None:
-        guidance = schedule.guidance_scale
-    if negative_prompt is None and isinstance(guidance, (int, float)) and guidance > 1:
-        negative_prompt = schedule.default_negative_prompt
+    steps, guidance, negative_prompt = sampling_defaults(schedule, steps, guidance, negative_prompt)
     request = make_request(prompt, negative_prompt, width, height, steps, guidance, seed, default_size,
                            vae_factor=vae_factor, output=output)
     if request.negative_prompts is not None and not request.use_guidance:
