@@ -185,9 +185,7 @@ def _add_reference(add) -> None:
         "(the numbers the runtime is validated against).",
     )
     gen.add_argument("prompt", help="what to draw")
-    gen.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'demo'")
-    add_placement_arguments(gen, "the reference")
-    _add_sampling_args(gen)
+    _add_reference_model(gen)
 
     edit = add(
         "edit", computes=True,
@@ -198,9 +196,14 @@ def _add_reference(add) -> None:
     edit.add_argument("instruction", help="what to change")
     edit.add_argument("--image", action="append", required=True, metavar="PATH",
                       help="condition image (repeat for several, in prompt order)")
-    edit.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'demo'")
-    add_placement_arguments(edit, "the reference")
-    _add_sampling_args(edit)
+    _add_reference_model(edit)
+
+
+def _add_reference_model(p) -> None:
+    """The model, its device and dtype, and the sampling flags of generate and edit."""
+    p.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'demo'")
+    add_placement_arguments(p, "the reference")
+    _add_sampling_args(p)
 
 
 def _add_run(add) -> None:
