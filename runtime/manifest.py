@@ -62,6 +62,7 @@ class Precision(str, enum.Enum):
     BF16 = "bf16"
     INT8 = "int8"  # W8A8 SmoothQuant
     FP8 = "fp8"  # E4M3 W8A8
+    INT4 = "int4"  # weight-only, block-wise (the condition encoder's language model)
 
 
 @dataclass(frozen=True)
