@@ -17,7 +17,7 @@ from torch import nn
 
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.model_folder import LoadedModel
-from qwen_image_edge.export import cases, graphs, iospec
+from qwen_image_edge.export import cases, graphs, iospec, sampler_step
 from qwen_image_edge.export.iospec import GraphIO, check_max_resolution
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.graphs import GRAPHS, Component, GraphInfo, graph_info
@@ -66,6 +66,9 @@ REGISTRY: dict[str, GraphEntry] = {
                graphs.transformer_prefill_example, cases.kv_pair_cases),
         _entry("transformer_step", iospec.transformer_step_io, graphs.TransformerStepGraph,
                graphs.transformer_step_example, cases.kv_pair_cases),
+        # no weights to stream: the lean export traces it as the plain one does
+        _entry("sampler_step", sampler_step.sampler_step_io, sampler_step.SamplerStepGraph,
+               sampler_step.sampler_step_example, sampler_step.sampler_step_cases, fake_trace=False),
     )
 }
 if REGISTRY.keys() != GRAPHS.keys():  # the two halves of the table name the same graphs

@@ -38,6 +38,7 @@ class GraphInfo:
     component: Component
     kv_role: KVRole = KVRole.NONE
     edit_only: bool = False  # only editing (condition images) runs it
+    optional: bool = False  # an export may lack it (older exports): the runtime then does without
 
 
 GRAPHS: dict[str, GraphInfo] = {
@@ -50,12 +51,17 @@ GRAPHS: dict[str, GraphInfo] = {
         GraphInfo("vision_encoder", Component.TEXT_ENCODER, edit_only=True),
         GraphInfo("transformer_prefill", Component.TRANSFORMER, KVRole.PREFILL),
         GraphInfo("transformer_step", Component.TRANSFORMER, KVRole.STEP),
+        # guidance + Euler update + the decoder's unpacked, denormalised latents, for a loop that keeps
+        # its latents on the device. No weights: VAE because its constants are the VAE's latent
+        # statistics and it stays in fp32 with the VAE graphs (exports before it: the host loop).
+        GraphInfo("sampler_step", Component.VAE, optional=True),
     )
 }
 GRAPH_NAMES = tuple(GRAPHS)
 # An export lists both or neither; the single ``transformer`` graph is always there.
 KV_CACHE_GRAPHS = tuple(next(g.name for g in GRAPHS.values() if g.kv_role is r) for r in (KVRole.PREFILL, KVRole.STEP))
 EDIT_GRAPHS = tuple(g.name for g in GRAPHS.values() if g.edit_only)
+SAMPLER_GRAPH = "sampler_step"
 
 
 def graph_info(name: str, *, where: str = "graph", error: type[QwenImageEdgeError] = ConfigError) -> GraphInfo:

@@ -27,9 +27,10 @@ from qwen_image_edge.runtime import images as rimages
 from qwen_image_edge.runtime import kv_cache as kv
 from qwen_image_edge.runtime import schedule
 from qwen_image_edge.runtime.backends import make_backend
+from qwen_image_edge.runtime.device_loop import DeviceLoop
 from qwen_image_edge.runtime.edit import check_range, load_condition_images
-from qwen_image_edge.runtime.errors import InputError, ManifestError, NumericalError
-from qwen_image_edge.runtime.graphs import EDIT_GRAPHS
+from qwen_image_edge.runtime.errors import BackendError, InputError, ManifestError, NumericalError
+from qwen_image_edge.runtime.graphs import EDIT_GRAPHS, SAMPLER_GRAPH
 from qwen_image_edge.runtime.layout import JointLayout, attention_mask, build_layout, rope_tables
 from qwen_image_edge.runtime.manifest import (
     KV_CACHE_GRAPHS,
@@ -80,8 +81,11 @@ class Pipeline:
     """Generation from an export directory. Thread-safe: calls share only read-only state (each
     call keeps its own timings)."""
 
-    def __init__(self, export_dir: Path, manifest: Manifest, sessions: dict, tokenizer: PromptTokenizer):
+    def __init__(self, export_dir: Path, manifest: Manifest, sessions: dict, tokenizer: PromptTokenizer,
+                 *, backend=None, device=None):
         self.export_dir = export_dir
+        self.backend = backend
+        self.device = device  # DeviceOps: the device loop (qwen_image_edge.runtime.device_loop); None: numpy
         self.manifest = manifest
         self.sessions = sessions
         self.tokenizer = tokenizer
@@ -95,13 +99,19 @@ class Pipeline:
     @classmethod
     def load(cls, export_dir: str | os.PathLike, backend: str = "onnxruntime", *, providers: list[str] | None = None,
              threads: int | None = None, verify_hashes: bool = True,
-             backend_options: dict | None = None, kv_cache: bool | None = None) -> Pipeline:
+             backend_options: dict | None = None, kv_cache: bool | None = None,
+             device_loop: bool | None = None) -> Pipeline:
         """Verify the manifest (hashes included by default) and open the graphs a generation uses.
 
         ``kv_cache``: None uses the condition KV cache pair (``transformer_prefill`` +
         ``transformer_step``) when the export has it, the single ``transformer`` graph otherwise;
         False forces the single graph (benchmarks); True requires the pair. Only one of the two
         transformer forms is opened.
+
+        ``device_loop``: None keeps the loop's tensors on the device when the backend has one
+        (onnxruntime's CUDA / TensorRT providers, TensorRT, the counting test backend) and the
+        export has the ``sampler_step`` graph (exports before it: the numpy loop); True requires
+        both; False always runs the numpy update on the host.
 
         ``verify_hashes=False`` (the CLI's ``--no-verify``) skips the sha256 of every graph, its
         external data and the tokenizer: a faster start, but a truncated, swapped or tampered file is
@@ -120,6 +130,9 @@ class Pipeline:
                                 f"{sorted(manifest.graphs)}; re-export to add them")
         use_pair = pair if kv_cache is None else kv_cache
         unused = {"transformer"} if use_pair else set(KV_CACHE_GRAPHS)
+        if device_loop and SAMPLER_GRAPH not in manifest.graphs:
+            raise ManifestError(f"{export_dir}: device_loop=True needs the graph {SAMPLER_GRAPH!r}; found "
+                                f"{sorted(manifest.graphs)}; re-export to add it")
         prompt = manifest.prompt
         tok_path = resolve_path(export_dir, prompt.tokenizer)
         if verify_hashes and sha256_file(tok_path) != prompt.tokenizer_sha256:
@@ -132,16 +145,23 @@ class Pipeline:
             raise ManifestError(
                 f"{tok_path}: the system turn tokenizes to {tokenizer.drop_idx} tokens, manifest says {prompt.drop_idx}"
             )
-        if backend == "onnxruntime":
+        if backend in ("onnxruntime", "counting"):
             options = {"providers": providers, "threads": threads}
         else:  # engines are listed in the manifest, which is already verified here
             options = {"export_dir": export_dir, "manifest": manifest, **(backend_options or {})}
         be = make_backend(backend, **options)
+        device = be.device_ops() if device_loop is not False and hasattr(be, "device_ops") else None
+        if device_loop and device is None:
+            raise BackendError(f"device_loop=True: backend {backend!r} has no device here (providers: {providers})")
+        if device is None or SAMPLER_GRAPH not in manifest.graphs:
+            unused.add(SAMPLER_GRAPH)
+            device = None
         start = time.perf_counter()
         sessions = {name: be.open(spec, resolve_path(export_dir, spec.file))
                     for name, spec in manifest.graphs.items() if name not in unused}
         log.info("opened %d graphs in %.2f s", len(sessions), time.perf_counter() - start)
-        return cls(export_dir, manifest, sessions, tokenizer)
+        log.info("denoising loop: %s", f"on the device ({device.name})" if device is not None else "numpy on the host")
+        return cls(export_dir, manifest, sessions, tokenizer, backend=be, device=device)
 
     # ------------------------------------------------------------------ public API
 
@@ -317,6 +337,12 @@ class Pipeline:
             raise InputError(f"latents: expected float32[{batch}, {h * w}, {channels}], got {list(x.shape)}")
         sched = self.manifest.schedule
         sigmas = schedule.make_sigmas(request.steps, h * w, sched.scheduler, fixed_sigmas=sched.sigmas)
+        if self.device is not None:
+            out = DeviceLoop(self, stats).sample(request, positive, negative, x, cond_latents, sigmas, callback)
+            if request.output == "latent":
+                return out
+            with stats.time("to_image"):
+                return convert_pixels(out, request.output)
         try:
             if self.uses_kv_cache:  # released in `finally`, also when the second prefill fails
                 positive = self._prefill(positive, cond_latents, stats)

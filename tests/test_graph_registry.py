@@ -45,7 +45,7 @@ def test_roles_and_components_come_from_the_one_table():
     assert [GRAPHS[g].kv_role for g in KV_CACHE_GRAPHS] == [KVRole.PREFILL, KVRole.STEP]
     # what quantization and the TensorRT precision flags act on follows the components
     assert set(TRANSFORMER_GRAPHS) == {"transformer", *KV_CACHE_GRAPHS}
-    assert set(DEFAULT_PRECISION_GRAPHS) == set(GRAPH_NAMES) - {"vae_decoder", "vae_encoder"}
+    assert set(DEFAULT_PRECISION_GRAPHS) == set(GRAPH_NAMES) - {"vae_decoder", "vae_encoder", "sampler_step"}
     assert {g: GRAPHS[g].component for g in ("vision_encoder", "vae_encoder")} == {
         "vision_encoder": Component.TEXT_ENCODER, "vae_encoder": Component.VAE}
 

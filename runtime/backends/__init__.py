@@ -17,6 +17,10 @@ def make_backend(name: str, **options):
         from qwen_image_edge.runtime.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(**options)
+    if name == "counting":  # tests and benchmarks: onnxruntime CPU modelled as a device, bytes counted
+        from qwen_image_edge.runtime.backends.counting import CountingBackend
+
+        return CountingBackend(**options)
     raise BackendError(
         f"backend {name!r} is not available; available backends: ['onnxruntime'], and 'tensorrt' "
         "with engines from `qwen-image-edge build`"

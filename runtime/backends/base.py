@@ -3,6 +3,10 @@
 A backend turns a :class:`~qwen_image_edge.runtime.manifest.GraphSpec` plus its verified file into a
 :class:`Session`; the pipeline only ever calls ``Session.run(feeds) -> outputs`` with numpy
 arrays keyed by the IOSpec names. Sessions must be safe to call from several threads at once.
+A backend with a device also has ``device_ops()`` and its sessions ``run_bound`` (see ``device``).
+
+Dtypes are numpy names; ``bfloat16`` and ``float8e4m3fn`` (engine IO of bf16 / fp8 TensorRT
+engines) have no numpy dtype of their own and map to ``ml_dtypes``' (:func:`numpy_dtype`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,35 @@ import numpy as np
 
 from qwen_image_edge.runtime.errors import BackendError, ShapeError
 from qwen_image_edge.runtime.manifest import GraphSpec, TensorSpec
+
+# dtype names numpy lacks -> (ml_dtypes attribute, bytes per element)
+EXTENDED_DTYPES = {"bfloat16": ("bfloat16", 2), "float8e4m3fn": ("float8_e4m3fn", 1)}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a manifest / engine dtype name; ``ml_dtypes`` for bf16 and fp8."""
+    if name in EXTENDED_DTYPES:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise BackendError(f"dtype {name}: numpy has no such dtype; pip install ml-dtypes "
+                               "(the 'trt' extra installs it)") from None
+        return np.dtype(getattr(ml_dtypes, EXTENDED_DTYPES[name][0]))
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise BackendError(f"dtype {name!r}: not a numpy dtype name nor one of {sorted(EXTENDED_DTYPES)}") from None
+
+
+def dtype_name(dtype) -> str:
+    """The manifest's name of a numpy dtype (``ml_dtypes``' ``float8_e4m3fn`` -> ``float8e4m3fn``)."""
+    name = str(np.dtype(dtype))
+    return {v[0]: k for k, v in EXTENDED_DTYPES.items()}.get(name, name)
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of a dtype name, without importing ml_dtypes for the extended ones."""
+    return EXTENDED_DTYPES[name][1] if name in EXTENDED_DTYPES else numpy_dtype(name).itemsize
 
 
 class Session(Protocol):
@@ -42,7 +75,7 @@ def check_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.n
     out = {}
     for t in spec.inputs:
         arr = np.asarray(feeds[t.name])
-        if str(arr.dtype) != t.dtype or arr.ndim != len(t.dims):
+        if dtype_name(arr.dtype) != t.dtype or arr.ndim != len(t.dims):
             raise ShapeError(f"{spec.name} input {t.name!r}: expected {_fmt(t)}, got {arr.dtype}{list(arr.shape)}")
         for dim, size in zip(t.dims, arr.shape):
             if isinstance(dim, int):

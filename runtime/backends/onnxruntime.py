@@ -4,6 +4,9 @@ On a GPU provider the session runs through IO binding: inputs are copied to the 
 call and outputs are bound to device memory, so onnxruntime does not allocate and copy through
 host staging buffers on every step. ``InferenceSession.run`` is thread-safe; a binding is not,
 so each call makes its own.
+
+On a GPU provider the backend also has a device (``device_ops()``, ``Session.run_bound``): the
+device loop keeps ``OrtValue`` s on ``cuda`` across calls and binds outputs to preallocated ones.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_image_edge.runtime.backends.base import check_feeds, check_outputs
+from qwen_image_edge.runtime.backends.device import OrtDeviceOps, run_io_binding
 from qwen_image_edge.runtime.errors import BackendError, InputError
 from qwen_image_edge.runtime.manifest import GraphSpec, Precision
 
@@ -99,6 +103,11 @@ class OnnxRuntimeSession:
             raise BackendError(f"{self.spec.name}: onnxruntime failed: {exc}") from None
         return check_outputs(self.spec, dict(zip(self._outputs, values)))
 
+    def run_bound(self, feeds: dict, outputs: dict) -> None:
+        """Device loop: ``OrtValue`` inputs bound as they are, numpy ones copied in, outputs written
+        into the given ``OrtValue`` s (``qwen_image_edge.runtime.backends.device``)."""
+        run_io_binding(self.session, self.spec, feeds, outputs)
+
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         ort = _ort()
         binding = self.session.io_binding()
@@ -125,3 +134,8 @@ class OnnxRuntimeBackend:
 
     def open(self, spec: GraphSpec, path: Path) -> OnnxRuntimeSession:
         return OnnxRuntimeSession(spec, path, self.providers, self.threads)
+
+    def device_ops(self) -> OrtDeviceOps | None:
+        """``OrtValue`` s on the GPU when the first provider is a GPU one; None on the CPU (the
+        host loop: there is no device to keep tensors on)."""
+        return OrtDeviceOps("cuda", 0) if self.providers and self.providers[0] in GPU_PROVIDERS else None
