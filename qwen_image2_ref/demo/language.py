@@ -36,32 +36,39 @@ _BACKGROUND = re.compile(r"\b(white|black|transparent)\s+background\b|\bno backg
 _SAMPLES = 400  # captions and instructions drawn to collect the words the generators hard-code
 
 
-@functools.lru_cache(maxsize=1)
-def vocabulary() -> frozenset[str]:
-    """Every word of the demo captions and edit instructions: the phrase tables of ``data`` plus
-    the words its caption and instruction writers add (articles, 'letter', 'digit', ...)."""
+@functools.lru_cache(maxsize=2)
+def vocabulary(style: str = "v1") -> frozenset[str]:
+    """Every word of the demo captions (language ``style``, a ``captions.CaptionStyle`` value) and
+    edit instructions: the phrase tables plus the words the caption and instruction writers add
+    (articles, 'letter', 'digit', ...)."""
     import numpy as np
 
-    from qwen_image2_ref.demo import data
+    from qwen_image2_ref.demo import captions, data
 
+    style = captions.CaptionStyle(style)
     texts = [*data.COLORS, *data.SHAPES, *data.POSITIONS, *data.BACKGROUNDS, *data.GLYPHS, *data.CAPTION_TEMPLATES]
-    for table in (data.POSITION_PHRASES, data.BACKGROUND_PHRASES, data.INSTRUCTIONS):
+    tables = [data.POSITION_PHRASES, data.BACKGROUND_PHRASES, data.INSTRUCTIONS]
+    if style is captions.CaptionStyle.V2:
+        tables += [captions.POSITION_PHRASES_V2, captions.BACKGROUND_PHRASES_V2]
+        texts.extend(captions.TEMPLATES_V2)
+    for table in tables:
         for phrases in table.values():
             texts.extend(phrases)
     rng = np.random.default_rng(0)
     for _ in range(_SAMPLES):
-        texts.append(data.caption(data.sample_scene(rng, split="any"), rng))
+        texts.append(captions.caption(data.sample_scene(rng, split="any"), rng, style))
         texts.append(data.sample_edit(rng, split="any").instruction)
     words = {w for t in texts for w in _WORD.findall(re.sub(r"\{\w+\}", " ", t))}
     return frozenset(words)
 
 
-def prompt_warnings(prompt: str) -> list[str]:
-    """Why the demo model may not follow the text-to-image ``prompt`` (empty when nothing is wrong), one
-    line each. (Edit instructions are a different language: no background phrase, maybe no shape.)"""
+def prompt_warnings(prompt: str, style: str = "v1") -> list[str]:
+    """Why the demo model trained on caption language ``style`` (the shipped one: "v1") may not follow
+    the text-to-image ``prompt`` (empty when nothing is wrong), one line each. (Edit instructions are
+    a different language: no background phrase, maybe no shape.)"""
     from qwen_image2_ref.demo import data
 
-    known = vocabulary()
+    known = vocabulary(style)
     words = _WORD.findall(prompt)
     unknown = list(dict.fromkeys(w for w in words if w not in known))
     notes = []
@@ -71,7 +78,7 @@ def prompt_warnings(prompt: str) -> list[str]:
                      "positions, backgrounds and glyphs listed in `qwen-image-edge demo --help`")
     if not any(w in data.SHAPES for w in words) and not any(w in data.GLYPHS for w in words):
         notes.append(f"no shape: name one of {', '.join(data.SHAPES)} (or a glyph)")
-    if not _BACKGROUND.search(prompt):
+    if style == "v1" and not _BACKGROUND.search(prompt):
         notes.append("no background phrase: every caption the demo model was trained on had one, and without it "
                      "shapes land in the wrong place; add e.g. 'on a white background'")
     return notes

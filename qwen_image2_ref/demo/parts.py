@@ -12,6 +12,7 @@ from transformers import Qwen2Tokenizer
 
 from qwen_image2_ref.config import ModelConfig, VAEConfig
 from qwen_image2_ref.demo import vocab
+from qwen_image2_ref.demo.captions import CaptionStyle
 from qwen_image2_ref.demo.stage_io import load_stage
 from qwen_image2_ref.encoder import ConditionEncoder
 from qwen_image2_ref.vae import QwenImageVAE
@@ -28,10 +29,11 @@ def load_vae(out: Path) -> QwenImageVAE:
     return vae.eval()
 
 
-def build_encoder(out: Path, config: ModelConfig, seed: int):
-    """Train the tokenizer, save it through transformers' Qwen2Tokenizer (so transformers' processor
-    and ``qwen_image_edge.runtime.tokens`` agree), and build the random-init encoder from a fixed seed."""
-    bpe = vocab.train_tokenizer(vocab.DEFAULT_VOCAB_SIZE, seed=seed)
+def build_encoder(out: Path, config: ModelConfig, seed: int, style: CaptionStyle = CaptionStyle.V1):
+    """Train the tokenizer on caption language ``style``, save it through transformers' Qwen2Tokenizer
+    (so transformers' processor and ``qwen_image_edge.runtime.tokens`` agree), and build the random-init
+    encoder from a fixed seed (stage ``encoder`` may then pre-train it)."""
+    bpe = vocab.train_tokenizer(vocab.DEFAULT_VOCAB_SIZE, seed=seed, style=style)
     model = json.loads(bpe.to_str())["model"]
     specials = list(vocab.SPECIAL_TOKENS)
     qwen = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)

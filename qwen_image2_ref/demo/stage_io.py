@@ -58,7 +58,7 @@ def save_groups(path: Path, groups: dict, stats: dict) -> None:
             tensors[f"{name}/pad_prefix"] = torch.from_numpy(np.asarray(g.pad_prefix, dtype=np.uint8))
         for field in ("states", "neg_states"):
             tensors.update(ragged_tensors(f"{name}/{field}", getattr(g, field)))
-        meta["groups"][name] = {"target_shape": list(g.target_shape)}
+        meta["groups"][name] = {"target_shape": list(g.target_shape), "captions_per_image": g.captions_per_image}
     save_stage(path, tensors, meta)
 
 
@@ -73,6 +73,7 @@ def load_groups(path: Path, group_cls) -> tuple[dict, dict]:
             target_shape=tuple(info["target_shape"]),
             cond_latents=tensors.get(f"{name}/cond_latents"),
             pad_prefix=None if pad is None else pad.numpy().astype(bool),
+            captions_per_image=info.get("captions_per_image", 1),
             **fields,
         )
     return groups, meta["stats"]

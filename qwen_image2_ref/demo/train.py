@@ -1,19 +1,23 @@
-"""Train the embedded demo model: ``python -m qwen_image2_ref.demo.train [--out DIR] [--seed N] ...``.
+"""Train the embedded demo model: ``python -m qwen_image2_ref.demo.train [--out DIR] [--resume] ...``.
 
 Stages, each saved under ``--out`` so a later stage can run in another process (``--stages``):
 
 1. ``vae``: the f16c64 RGBA VAE on rendered scenes (``train_vae``).
-2. ``encoder``: the byte-level BPE tokenizer and a random-init small Qwen3-VL, frozen. Why frozen:
-   the MMDiT trains on encoder states computed once up front, so each of its steps costs only its
-   own forward/backward. Training the encoder would need an encoder forward and backward on every
-   step (about halving the MMDiT's steps in the same 90 minutes) for little gain: a random LLM
-   already maps every word to a distinct, context-mixed state, and ``txt_in`` plus the MMDiT's
-   attention learn to read them (an earlier experiment got colors and positions 100% this way).
+2. ``encoder``: the byte-level BPE tokenizer on the caption language (``--style``), and the small
+   Qwen3-VL: pre-trained as a causal LM on captions for ``--encoder-steps`` (``train_encoder`` says
+   why), or left at its random init with 0 (how the shipped v1 model was made), then frozen.
 3. ``data``: renders text-to-image scenes and edit triples, encodes them once with the VAE (mode)
    and the encoder, and measures the latent statistics (``latents_mean/std``), which must be known
    before the MMDiT trains because it sees normalised latents.
 4. ``dit``: the MMDiT with the flow-matching objective (``train_dit``).
-5. ``save``: the checkpoint folder (``save_model``), the layout of the public Qwen-Image-2.1 one.
+5. ``save``: the checkpoint folder (``save_model``), the layout of the public Qwen-Image-2.1 one;
+   during a ``dit`` run it saves the EMA of the last checkpoint.
+
+Budgets are step counts, never minutes: a time budget would make the learning-rate schedule
+depend on the machine's speed, and a resumed run could not continue bit for bit. The training
+stages (vae, encoder, dit) checkpoint every ``--checkpoint-minutes`` into ``OUT/ckpt_<stage>.safetensors``
+(atomically) and on SIGTERM; ``--resume`` continues each from its checkpoint, skipping finished
+stages, exactly as if it had never stopped (same options and thread count).
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 
 import torch
 
 from qwen_image2_ref.config import DEMO, ModelConfig
-from qwen_image2_ref.demo import train_dit
+from qwen_image2_ref.demo import resume, train_dit
+from qwen_image2_ref.demo.captions import CaptionStyle
 from qwen_image2_ref.demo.parts import build_encoder
 from qwen_image2_ref.demo.stage_io import save_module
+from qwen_image2_ref.demo.train_encoder import EncoderSettings, train_encoder
 from qwen_image2_ref.demo.train_vae import VAESettings, evaluate_vae, train_vae
 
 log = logging.getLogger(__name__)
@@ -39,27 +46,60 @@ STAGES = ("vae", "encoder", "data", "dit", "save")
 DEFAULT_OUT = Path("/tmp/demo_train")
 
 
-def stage_vae(out: Path, config: ModelConfig, seed: int, settings: VAESettings, fixed: bool, progress: bool) -> dict:
-    vae, losses, stats = train_vae(config.vae, settings, seed, progress=progress, fixed_steps=fixed)
-    stats["eval"] = evaluate_vae(vae) if not fixed else {}
+def stage_vae(out: Path, config: ModelConfig, args, progress: bool) -> dict:
+    settings = VAESettings(steps=args.vae_steps,
+                           **({"pool_128": 64, "pool_other": 8, "batch": 4} if args.small_data else {}))
+    vae, losses, stats = train_vae(config.vae, settings, args.seed, progress, out / train_dit.CHECKPOINTS["vae"],
+                                   args.resume, args.checkpoint_minutes * 60)
+    stats["eval"] = evaluate_vae(vae) if not args.small_data else {}
     save_module(out / "vae", vae, config.vae, losses=losses, stats=stats)
     log.info("vae stage: %s", stats)
     return {"losses": losses, **stats}
 
 
+def stage_encoder(out: Path, config: ModelConfig, args, progress: bool) -> dict:
+    encoder = build_encoder(out, config, args.seed, CaptionStyle(args.style))
+    losses, stats = [], {"steps": 0}
+    if args.encoder_steps:
+        settings = EncoderSettings(steps=args.encoder_steps, style=args.style,
+                                   **({"batch": 4} if args.small_data else {}))
+        losses, stats = train_encoder(encoder, settings, args.seed, progress,
+                                      out / train_dit.CHECKPOINTS["encoder"], args.resume,
+                                      args.checkpoint_minutes * 60)
+    save_module(out / "encoder", encoder.model, losses=losses, stats=stats)
+    return {"losses": losses, **stats}
+
+
+def stage_done(out: Path, stage: str) -> bool:
+    """Whether a resumed run can skip ``stage``: its output exists and its checkpoint (if it has
+    one) is marked done."""
+    outputs = {"vae": "vae", "encoder": "encoder", "data": "data", "dit": "dit"}
+    if stage not in outputs or not all((out / f"{outputs[stage]}.{ext}").is_file() for ext in ("safetensors", "json")):
+        return False
+    ckpt = train_dit.CHECKPOINTS.get(stage)
+    if ckpt is None:
+        return True
+    if not (out / ckpt).is_file():
+        return stage == "encoder"  # a random-init encoder (--encoder-steps 0) has no checkpoint
+    return bool(resume.read_checkpoint(out / ckpt)[1]["done"])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m qwen_image2_ref.demo.train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="work folder (stage outputs)")
+    p = argparse.ArgumentParser(prog="python -m qwen_image2_ref.demo.train", description=__doc__.split("\n")[0],
+                                epilog="Resume an interrupted run with the same command plus --resume.")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="work folder (stage outputs and checkpoints)")
     p.add_argument("--weights", type=Path, default=None, help="checkpoint folder to write (default OUT/weights)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stages' checkpoints in OUT and skip finished stages (same options)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
-    p.add_argument("--vae-minutes", type=float, default=9.0)
+    p.add_argument("--style", default=CaptionStyle.V2.value, choices=[s.value for s in CaptionStyle],
+                   help="caption language (v1: the shipped model's, always naming the background)")
     p.add_argument("--vae-steps", type=int, default=900)
-    p.add_argument("--dit-minutes", type=float, default=60.0)
+    p.add_argument("--encoder-steps", type=int, default=3000, help="causal-LM pre-training steps (0: random init)")
     p.add_argument("--dit-steps", type=int, default=20000)
-    p.add_argument("--fixed-steps", action="store_true",
-                   help="run exactly the given step counts (no time budget): reproducible loss curves")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="checkpoint interval of training stages")
     p.add_argument("--small-data", action="store_true", help="tiny data pools (smoke tests)")
     p.add_argument("--guidance", type=float, default=1.0, help="default guidance saved in the checkpoint")
     p.add_argument("--no-progress", action="store_true")
@@ -77,19 +117,21 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"--stages: unknown {sorted(unknown)}, expected a subset of {STAGES}")
     config = DEMO
+    resume.STOP.clear()
     progress = not args.no_progress
     report: dict = {}
     timings: dict[str, float] = {}
-    small = args.small_data
     for stage in stages:
+        if resume.STOP.is_set():  # SIGTERM during a stage without steps (data, save)
+            raise resume.Interrupted(f"stopped before stage {stage}")
+        if args.resume and stage_done(out, stage):
+            log.info("stage %s: already done in %s, skipped", stage, out)
+            continue
         t0 = time.time()
         if stage == "vae":
-            settings = VAESettings(steps=args.vae_steps, minutes=None if args.fixed_steps else args.vae_minutes,
-                                   **({"pool_128": 64, "pool_other": 8, "batch": 4} if small else {}))
-            report["vae"] = stage_vae(out, config, args.seed, settings, args.fixed_steps, progress)
+            report["vae"] = stage_vae(out, config, args, progress)
         elif stage == "encoder":
-            encoder = build_encoder(out, config, args.seed)
-            save_module(out / "encoder", encoder.model)
+            report["encoder"] = stage_encoder(out, config, args, progress)
         else:
             report[stage] = train_dit.run_stage(stage, out, config, args, progress)
         timings[stage] = round(time.time() - t0, 1)
@@ -101,5 +143,17 @@ def main(argv=None) -> dict:
     return report
 
 
+def cli(argv=None) -> None:
+    """``main`` with SIGTERM turned into "checkpoint after this step and stop" (exit 3)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: resume.STOP.set())
+    try:
+        main(argv)
+    except resume.Interrupted as exc:
+        logging.getLogger(__name__).warning("%s; continue with the same command plus --resume", exc)
+        raise SystemExit(3) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

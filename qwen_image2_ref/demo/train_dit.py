@@ -25,7 +25,10 @@ from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo.captions import CaptionStyle, caption_v2
 from qwen_image2_ref.demo.parts import build_encoder, load_vae
+from qwen_image2_ref.demo.resume import TrainState, run_steps
+from qwen_image2_ref.demo.resume import start as resume_or_start
 from qwen_image2_ref.demo.stage_io import load_groups, load_stage, save_groups, save_module
 from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
 from qwen_image2_ref.model_folder import save_model
@@ -36,6 +39,8 @@ from qwen_image_edge.runtime.layout import image_slot_prefix, padded_batch
 
 log = logging.getLogger(__name__)
 
+# Checkpoint file of each training stage, under the work folder.
+CHECKPOINTS = {"vae": "ckpt_vae.safetensors", "encoder": "ckpt_encoder.safetensors", "dit": "ckpt_dit.safetensors"}
 NEGATIVE_PROMPT = " "  # the unconditional prompt of caption dropout and of guidance
 DROPOUT = 0.1
 # (group, share of steps): the held-out goals are measured at 128x128; other aspect ratios and
@@ -58,6 +63,7 @@ class Group:
     target_shape: tuple[int, int]
     cond_latents: torch.Tensor | None = None  # [N, N_c, C]
     pad_prefix: np.ndarray | None = None  # [K] bool: image-slot pattern that starts every edit prompt
+    captions_per_image: int = 1  # K: states[i * K + k] is caption k of image i
 
 
 def _encode_latents(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
@@ -69,7 +75,25 @@ def _trim(embeds: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
     return [e[: int(m.sum())].numpy().astype(np.float16) for e, m in zip(embeds, mask)]
 
 
-def build_data(vae, encoder, seed: int, small: bool, progress: bool) -> tuple[dict[str, Group], dict]:
+def _captions(ds: data.Dataset, style: CaptionStyle, seed: int) -> list[str]:
+    """V1: the dataset's own captions. V2: two per image, one naming the background and one not, so
+    the model learns both and picks a background itself when none is named."""
+    if style is CaptionStyle.V1:
+        return list(ds.captions)
+    rng = np.random.default_rng(seed)
+    return [c for s in ds.scenes for c in (caption_v2(s, rng, True), caption_v2(s, rng, False))]
+
+
+def _encode_states(encoder, texts: list[str]) -> list[np.ndarray]:
+    states = []
+    for i in range(0, len(texts), 64):
+        e, m, _ = encoder.encode(list(texts[i:i + 64]))
+        states += _trim(e, m)
+    return states
+
+
+def build_data(vae, encoder, seed: int, small: bool, progress: bool,
+               style: CaptionStyle = CaptionStyle.V1) -> tuple[dict[str, Group], dict]:
     """Render, encode, measure latent statistics, normalise. Returns the groups and the stats."""
     sizes = {k: (24 if small else v) for k, v in DATA_SIZES.items()}
     raw: dict[str, tuple] = {}
@@ -79,11 +103,12 @@ def build_data(vae, encoder, seed: int, small: bool, progress: bool) -> tuple[di
             n1 = int(sizes[name] * SINGLE_OBJECT_SHARE)
             a = data.make_dataset(sizes[name] - n1, seed + 1000, w, h)
             b = data.make_dataset(n1, seed + 1010, w, h, n_objects=1)
-            captions, images = a.captions + b.captions, np.concatenate([a.images, b.images])
+            texts = _captions(a, style, seed + 1500) + _captions(b, style, seed + 1510)
+            images = np.concatenate([a.images, b.images])
         else:
             ds = data.make_dataset(sizes[name], seed + 1000 + i, w, h)
-            captions, images = ds.captions, ds.images
-        raw[name] = (captions, _encode_latents(vae, images), (h // 16, w // 16))
+            texts, images = _captions(ds, style, seed + 1500 + i), ds.images
+        raw[name] = (texts, _encode_latents(vae, images), (h // 16, w // 16))
     rng = np.random.default_rng(seed + 2000)
     edits = [data.sample_edit(rng, 128, 128, "train") for _ in range(sizes["edit_128"])]
     src = np.stack([data.render(e.source) for e in edits])
@@ -101,12 +126,9 @@ def build_data(vae, encoder, seed: int, small: bool, progress: bool) -> tuple[di
     neg, neg_mask, _ = encoder.encode([NEGATIVE_PROMPT])
     groups: dict[str, Group] = {}
     with torch.no_grad():
-        for name, (captions, z, shape) in raw.items():
-            states = []
-            for i in range(0, len(captions), 64):
-                e, m, _ = encoder.encode(list(captions[i:i + 64]))
-                states += _trim(e, m)
-            groups[name] = Group(norm(z), states, _trim(neg, neg_mask), shape)
+        for name, (texts, z, shape) in raw.items():
+            groups[name] = Group(norm(z), _encode_states(encoder, texts), _trim(neg, neg_mask), shape,
+                                 captions_per_image=len(texts) // len(z))
         states, negs, prefix = [], [], None
         for e_ex, img in tqdm(list(zip(edits, src)), desc="encode edits", disable=not progress):
             vl = rimages.resize_rgba(Image.fromarray(img), 128, 128)  # pipeline: calculate_dimensions -> 128x128
@@ -119,10 +141,13 @@ def build_data(vae, encoder, seed: int, small: bool, progress: bool) -> tuple[di
     return groups, stats
 
 
-def make_batch(group: Group, idx: np.ndarray, drop: np.ndarray):
-    """Padded states [B, L, D], the shared layout and its tensors, condition latents [B, N_c, C]."""
-    rows = [group.neg_states[i if len(group.neg_states) > 1 else 0] if d else group.states[i]
-            for i, d in zip(idx, drop)]
+def make_batch(group: Group, idx: np.ndarray, drop: np.ndarray, variant: np.ndarray | None = None):
+    """Padded states [B, L, D], the shared layout and its tensors, condition latents [B, N_c, C].
+    ``variant``: which of each image's captions (default the first)."""
+    k = group.captions_per_image
+    variant = np.zeros(len(idx), np.int64) if variant is None else variant
+    rows = [group.neg_states[i if len(group.neg_states) > 1 else 0] if d else group.states[i * k + v]
+            for i, d, v in zip(idx, drop, variant)]
     edit = group.cond_latents is not None
     states, layout = padded_batch(rows, group.target_shape, group.pad_prefix, [group.target_shape] if edit else [])
     cond = group.cond_latents[idx] if edit else torch.zeros(len(idx), 0, group.latents.shape[2])
@@ -132,16 +157,14 @@ def make_batch(group: Group, idx: np.ndarray, drop: np.ndarray):
 @dataclasses.dataclass(frozen=True)
 class DiTSettings:
     steps: int = 20000
-    minutes: float | None = 60.0
     batch: int = 24
     lr: float = 1.5e-3
     warmup: int = 100
     ema: float = 0.999
-    checkpoint_every_s: float = 300.0
 
 
-def flow_loss(model, group: Group, idx, drop, gen: torch.Generator, cfg) -> torch.Tensor:
-    states, layout, cond = make_batch(group, idx, drop)
+def flow_loss(model, group: Group, idx, drop, variant, gen: torch.Generator, cfg) -> torch.Tensor:
+    states, layout, cond = make_batch(group, idx, drop, variant)
     x0 = group.latents[idx]  # [B, N, C]
     noise = torch.randn(x0.shape, generator=gen)
     s = torch.sigmoid(torch.randn(x0.shape[0], generator=gen) + T_MEAN)  # logit-normal(T_MEAN, 1)
@@ -151,45 +174,38 @@ def flow_loss(model, group: Group, idx, drop, gen: torch.Generator, cfg) -> torc
 
 
 def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettings, seed: int,
-              progress: bool = True, checkpoint=None):
-    """Returns (EMA model, losses, stats). ``settings.minutes`` None: exactly ``settings.steps``."""
+              progress: bool = True, checkpoint=None, resume: bool = False, every_s: float = 600.0,
+              on_checkpoint=None):
+    """Returns (EMA model, losses, stats) after ``settings.steps`` steps, continuing ``checkpoint``
+    when ``resume``. ``on_checkpoint(ema)`` runs after every checkpoint write."""
+    t0 = time.time()
     torch.manual_seed(seed)
     model = QwenImageTransformer(config.transformer)
     with torch.no_grad():
         model.proj_out.weight.zero_()  # start as "predict zero velocity"
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    rng = np.random.default_rng(seed + 3000)
-    gen = torch.Generator().manual_seed(seed + 4000)
     names = [n for n, _ in MIX if n in groups]
     p = np.array([w for n, w in MIX if n in groups])
     p = p / p.sum()
-    total, losses, step = settings.steps, [], 0
-    t0 = last_ckpt = time.time()
-    bar = tqdm(total=total, desc="dit", disable=not progress)
-    while step < total:
-        g = groups[names[rng.choice(len(names), p=p)]]
-        idx = rng.integers(len(g.latents), size=settings.batch)
-        drop = rng.random(settings.batch) < DROPOUT
-        lr = lr_at(step, total, settings.lr, settings.warmup)
-        losses.append(_dit_step(model, ema, opt, lr, flow_loss(model, g, idx, drop, gen, config.transformer),
-                                min(settings.ema, (1 + step) / (10 + step))))
-        step += 1
-        if settings.minutes is not None:
-            total, over = _time_budget(settings, step, total, time.time() - t0)
-            bar.total = total
-            if over:
-                break
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % 250 == 0:
-            log.info("dit step %d/%d loss %.4f lr %.2e", step, total, np.mean(losses[-250:]),
-                     opt.param_groups[0]["lr"])
-        if checkpoint is not None and time.time() - last_ckpt > settings.checkpoint_every_s:
-            checkpoint(ema, losses)
-            last_ckpt = time.time()
-    bar.close()
-    return ema.eval(), losses, {"steps": step, "seconds": round(time.time() - t0, 1)}
+    state = TrainState({"model": model, "ema": ema}, opt, np.random.default_rng(seed + 3000),
+                       torch.Generator().manual_seed(seed + 4000), settings.steps,
+                       {"seed": seed, **dataclasses.asdict(settings),
+                        "data": {n: [len(g.latents), g.captions_per_image] for n, g in groups.items()}})
+
+    def step(st: TrainState) -> float:
+        g = groups[names[st.rng.choice(len(names), p=p)]]
+        idx = st.rng.integers(len(g.latents), size=settings.batch)
+        drop = st.rng.random(settings.batch) < DROPOUT
+        variant = st.rng.integers(g.captions_per_image, size=settings.batch)
+        lr = lr_at(st.step, st.total, settings.lr, settings.warmup)
+        loss = flow_loss(model, g, idx, drop, variant, st.gen, config.transformer)
+        return _dit_step(model, ema, opt, lr, loss, min(settings.ema, (1 + st.step) / (10 + st.step)))
+
+    if not resume_or_start(state, checkpoint, resume):
+        hook = None if on_checkpoint is None else (lambda st: on_checkpoint(ema))
+        run_steps(state, step, checkpoint, every_s, "dit", progress, on_checkpoint=hook)
+    return ema.eval(), state.losses, {"steps": state.step, "seconds": round(time.time() - t0, 1)}
 
 
 def _dit_step(model, ema, opt, lr: float, loss: torch.Tensor, decay: float) -> float:
@@ -206,41 +222,34 @@ def _dit_step(model, ema, opt, lr: float, loss: torch.Tensor, decay: float) -> f
     return loss.item()
 
 
-def _time_budget(settings, step: int, total: int, elapsed: float) -> tuple[int, bool]:
-    """(step total, over budget): the total is set from the speed of the first 30 steps."""
-    if step == 30:
-        per_step = elapsed / 30
-        total = max(step, min(settings.steps, int(settings.minutes * 60 / per_step)))
-        log.info("dit: %.2f s/step -> %d steps", per_step, total)
-    over = elapsed > settings.minutes * 60 * 1.1
-    if over:
-        log.warning("dit: stopping at step %d/%d, over the time budget", step, total)
-    return total, over
-
-
 def smoothed(losses: list[float], every: int = 500) -> list[tuple[int, float]]:
     return [(i + every, round(float(np.mean(losses[i:i + every])), 4)) for i in range(0, len(losses), every)]
+
+
+def load_encoder(out, config: ModelConfig, args):
+    encoder = build_encoder(out, config, args.seed, CaptionStyle(args.style))
+    encoder.model.load_state_dict(load_stage(out / "encoder")[0])
+    return encoder
 
 
 def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dict:
     if stage == "data":
         vae = load_vae(out)
-        encoder = build_encoder(out, config, args.seed)
-        encoder.model.load_state_dict(load_stage(out / "encoder")[0])
+        encoder = load_encoder(out, config, args)
         t0 = time.time()
-        groups, stats = build_data(vae, encoder, args.seed, args.small_data, progress)
+        groups, stats = build_data(vae, encoder, args.seed, args.small_data, progress, CaptionStyle(args.style))
         save_groups(out / "data", groups, stats)
         return {"seconds": round(time.time() - t0, 1), "sizes": {k: len(g.latents) for k, g in groups.items()}}
     groups, data_stats = load_groups(out / "data", Group)
     if stage == "dit":
-        settings = DiTSettings(steps=args.dit_steps, minutes=None if args.fixed_steps else args.dit_minutes,
-                               **({"batch": 4} if args.small_data else {}))
+        settings = DiTSettings(steps=args.dit_steps, **({"batch": 4} if args.small_data else {}))
 
-        def ckpt(model, losses):
-            save_module(out / "dit", model, config.transformer, losses=losses)
+        def write(ema):  # the stage file later stages (and `--stages save` mid-run) read
+            save_module(out / "dit", ema, config.transformer)
 
-        model, losses, stats = train_dit(config, groups, settings, args.seed, progress, ckpt)
-        ckpt(model, losses)
+        model, losses, stats = train_dit(config, groups, settings, args.seed, progress, out / CHECKPOINTS["dit"],
+                                         args.resume, args.checkpoint_minutes * 60, write)
+        write(model)
         stats["loss_every_500"] = smoothed(losses)
         log.info("dit stage: %s", stats)
         return {"losses": losses, **stats}
@@ -255,8 +264,7 @@ def save_weights(out, config: ModelConfig, stats: dict, args):
                                latents_std=tuple(stats["latents_std"]))
     vae.config = vcfg
     vae.reset_buffers()
-    encoder = build_encoder(out, config, args.seed)
-    encoder.model.load_state_dict(load_stage(out / "encoder")[0])
+    encoder = load_encoder(out, config, args)
     model = QwenImageTransformer(config.transformer)
     model.load_state_dict(load_stage(out / "dit")[0])
     extra = {"default_negative_prompt": NEGATIVE_PROMPT} if "default_negative_prompt" in {

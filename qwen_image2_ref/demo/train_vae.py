@@ -9,18 +9,21 @@ and so keeps triangle corners from coming back rounded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import VAEConfig
 from qwen_image2_ref.demo import data, judge
+from qwen_image2_ref.demo.resume import TrainState, run_steps
+from qwen_image2_ref.demo.resume import start as resume_or_start
 from qwen_image2_ref.vae import QwenImageVAE, unpatchify
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,6 @@ FD_WEIGHT = 1.0
 @dataclass(frozen=True)
 class VAESettings:
     steps: int = 900
-    minutes: float = 9.0
     batch: int = 24
     lr: float = 2e-3
     warmup: int = 50
@@ -92,57 +94,38 @@ def render_pool(settings: VAESettings, seed: int) -> list[np.ndarray]:
     return pools
 
 
-def plan_steps(requested: int, minutes: float | None, seconds_per_step: float) -> int:
-    """The step count: ``requested``, cut to what fits ``minutes`` at the measured speed."""
-    if minutes is None:
-        return requested
-    return max(1, min(requested, int(minutes * 60 / max(seconds_per_step, 1e-6))))
-
-
 def train_vae(config: VAEConfig, settings: VAESettings, seed: int, progress: bool = True,
-              fixed_steps: bool = False) -> tuple[QwenImageVAE, list[float], dict]:
-    """Train a VAE from scratch. ``fixed_steps``: run exactly ``settings.steps`` (reproducible);
-    else the count is cut after 10 timed steps to fit ``settings.minutes``."""
+              checkpoint: Path | None = None, resume: bool = False,
+              every_s: float = 600.0) -> tuple[QwenImageVAE, list[float], dict]:
+    """Train a VAE from scratch, or continue ``checkpoint`` (``resume``), for ``settings.steps`` steps."""
     t0 = time.time()
     pools = render_pool(settings, seed)
     log.info("vae: rendered %s images in %.1f s", [len(p) for p in pools], time.time() - t0)
     torch.manual_seed(seed)
     vae = QwenImageVAE(config)
     opt = torch.optim.Adam(vae.parameters(), lr=settings.lr, betas=(0.9, 0.99))
-    rng = np.random.default_rng(seed + 100)
-    total, losses = settings.steps, []
-    t_start = time.time()
-    bar = tqdm(total=total, desc="vae", disable=not progress)
-    step = 0
-    while step < total:
+    state = TrainState({"vae": vae}, opt, np.random.default_rng(seed + 100), torch.Generator().manual_seed(seed),
+                       settings.steps, {"seed": seed, **dataclasses.asdict(settings)})
+
+    def step(st: TrainState) -> float:
         # every 6th batch (when there is one) is another aspect ratio
-        pool = pools[1 + (step // 6) % (len(pools) - 1)] if len(pools) > 1 and step % 6 == 5 else pools[0]
-        x = to_pixels(pool[rng.integers(len(pool), size=settings.batch)])
+        i = st.step
+        pool = pools[1 + (i // 6) % (len(pools) - 1)] if len(pools) > 1 and i % 6 == 5 else pools[0]
+        x = to_pixels(pool[st.rng.integers(len(pool), size=settings.batch)])
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, settings.lr, settings.warmup)
+            g["lr"] = lr_at(i, st.total, settings.lr, settings.warmup)
         loss = vae_loss(reconstruct_train(vae, x), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
-        step += 1
-        if step == 10 and not fixed_steps:  # the first steps include allocator/kernel warm-up
-            per_step = (time.time() - t_start) / 10
-            total = max(step, plan_steps(settings.steps, settings.minutes, per_step))
-            bar.total = total
-            log.info("vae: %.2f s/step -> %d steps", per_step, total)
-        if settings.minutes is not None and not fixed_steps and time.time() - t_start > settings.minutes * 66:
-            log.warning("vae: stopping at step %d/%d, over the time budget", step, total)
-            break
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % 100 == 0:
-            log.info("vae step %d/%d loss %.4f", step, total, np.mean(losses[-100:]))
-    bar.close()
+        return loss.item()
+
+    vae.train()
+    if not resume_or_start(state, checkpoint, resume):
+        run_steps(state, step, checkpoint, every_s, "vae", progress, log_every=100)
     vae.eval()
-    stats = {"steps": step, "seconds": round(time.time() - t0, 1)}
-    return vae, losses, stats
+    return vae, state.losses, {"steps": state.step, "seconds": round(time.time() - t0, 1)}
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo import captions, data
+from qwen_image2_ref.demo.captions import CaptionStyle
 from qwen_image_edge.runtime import tokens
 
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -34,13 +35,14 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def corpus(seed: int = 0, n_captions: int = 3000, n_edits: int = 1500) -> list[str]:
-    """Training text: captions, instructions, both wrapped in the chat template, and every word."""
+def corpus(seed: int = 0, n_captions: int = 3000, n_edits: int = 1500,
+           style: CaptionStyle = CaptionStyle.V1) -> list[str]:
+    """Training text: captions in ``style``, instructions, both wrapped in the chat template, and every word."""
     rng = np.random.default_rng(seed)
     texts: list[str] = []
     for i in range(n_captions):
         w, h = data.SIZES[i % len(data.SIZES)]
-        cap = data.caption(data.sample_scene(rng, w, h, "any"), rng)
+        cap = captions.caption(data.sample_scene(rng, w, h, "any"), rng, style)
         texts.append(tokens.prompt_text(cap) if i % 4 == 0 else cap)
     for i in range(n_edits):
         ex = data.sample_edit(rng, split="any")
@@ -49,6 +51,10 @@ def corpus(seed: int = 0, n_captions: int = 3000, n_edits: int = 1500) -> list[s
              "system", "user", "assistant", tokens.SYSTEM_PROMPT]
     for phrases in (*data.POSITION_PHRASES.values(), *data.BACKGROUND_PHRASES.values(), *data.INSTRUCTIONS.values()):
         words.extend(phrases)
+    if style is CaptionStyle.V2:
+        for phrases in (*captions.POSITION_PHRASES_V2.values(), *captions.BACKGROUND_PHRASES_V2.values()):
+            words.extend(phrases)
+        texts.extend(captions.TEMPLATES_V2)
     texts.extend(words)
     texts.extend(data.CAPTION_TEMPLATES)
     return texts
@@ -66,8 +72,10 @@ def _empty_tokenizer() -> Tokenizer:
     return tok
 
 
-def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0) -> Tokenizer:
-    """A byte-level BPE with ``vocab_size`` entries (special tokens and 256 bytes included)."""
+def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0,
+                    style: CaptionStyle = CaptionStyle.V1) -> Tokenizer:
+    """A byte-level BPE with ``vocab_size`` entries (special tokens and 256 bytes included), trained
+    on the caption language ``style``."""
     tok = _empty_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -76,7 +84,7 @@ def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0) -> Toke
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    tok.train_from_iterator(corpus(seed, style=style), trainer=trainer)
     return tok
 
 

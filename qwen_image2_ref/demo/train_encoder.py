@@ -1,0 +1,147 @@
+"""Stage 2 of the demo trainer (v2): the condition encoder's language model, pre-trained as a causal LM
+on the caption language, then frozen.
+
+Why pre-train it rather than train it jointly with the MMDiT: the MMDiT trains on encoder states
+computed once up front, so each of its steps costs only its own forward and backward; a joint
+encoder would need its forward and backward on every MMDiT step and states recomputed, for a
+model whose job (telling caption words apart in context) a next-token objective already teaches.
+And the next-token objective is what real Qwen3-VL weights were trained on, so the activations
+the edge quantization measures (outlier channels, ranges) come from an LLM-like model instead of
+a random one. Only the text model learns; the vision tower stays as initialised (edits pass the
+condition image to the MMDiT as latents too).
+
+The text is what the encoder reads at inference: captions and edit instructions from TRAINING
+scenes (the held-out combinations never appear), in the runtime's chat template. The loss counts
+the user turn only (the system message is the same every time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen_image2_ref.demo import captions, data
+from qwen_image2_ref.demo.resume import TrainState, run_steps
+from qwen_image2_ref.demo.resume import start as resume_or_start
+from qwen_image2_ref.demo.train_vae import lr_at
+
+log = logging.getLogger(__name__)
+
+# A channel whose max |activation| is this many times the median channel's max is an outlier:
+# LLM.int8() calls magnitudes >= 6 outliers in models whose typical activations are about 1.
+OUTLIER_RATIO = 6.0
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    steps: int = 3000
+    batch: int = 48
+    lr: float = 3e-3
+    warmup: int = 100
+    style: str = "v2"  # captions.CaptionStyle value
+    instruction_share: float = 0.25
+
+
+def lm_texts(rng: np.random.Generator, n: int, style: captions.CaptionStyle, instruction_share: float) -> list[str]:
+    """n training texts: captions of training scenes (any size) and training edit instructions."""
+    out = []
+    for _ in range(n):
+        if rng.random() < instruction_share:
+            out.append(data.sample_edit(rng, split="train").instruction)
+        else:
+            w, h = data.SIZES[int(rng.integers(len(data.SIZES)))]
+            out.append(captions.caption(data.sample_scene(rng, w, h, "train"), rng, style))
+    return out
+
+
+def lm_loss(encoder, texts: list[str]) -> torch.Tensor:
+    """Next-token cross-entropy over the user turn of each templated text."""
+    batch = encoder.tokenizer.encode(texts)
+    ids = torch.from_numpy(batch.input_ids)  # [B, L]
+    mask = torch.from_numpy(batch.attention_mask)  # [B, L]
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : batch.drop_idx] = -100
+    out = encoder.model(input_ids=ids, attention_mask=mask,
+                        mm_token_type_ids=torch.from_numpy(batch.mm_token_type_ids), labels=labels, use_cache=False)
+    return out.loss
+
+
+def text_parameters(encoder) -> list[torch.nn.Parameter]:
+    """The language model and its head; the vision tower is left as it is."""
+    return [*encoder.model.model.language_model.parameters(), *encoder.model.lm_head.parameters()]
+
+
+def train_encoder(encoder, settings: EncoderSettings, seed: int, progress: bool = True,
+                  checkpoint: Path | None = None, resume: bool = False, every_s: float = 600.0) -> tuple[list, dict]:
+    """Pre-train ``encoder``'s text model in place; returns (losses, stats). Leaves it frozen, in eval mode."""
+    t0 = time.time()
+    params = text_parameters(encoder)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    style = captions.CaptionStyle(settings.style)
+    state = TrainState({"encoder": encoder.model}, opt, np.random.default_rng(seed + 500),
+                       torch.Generator().manual_seed(seed + 501), settings.steps,
+                       {"seed": seed, **dataclasses.asdict(settings)})
+
+    def step(st: TrainState) -> float:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(st.step, st.total, settings.lr, settings.warmup)
+        loss = lm_loss(encoder, lm_texts(st.rng, settings.batch, style, settings.instruction_share))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.item()
+
+    encoder.model.train()
+    try:
+        if not resume_or_start(state, checkpoint, resume):
+            run_steps(state, step, checkpoint, every_s, "encoder", progress, log_every=100)
+    finally:
+        encoder.model.eval()
+        encoder.requires_grad_(False)
+    return state.losses, {"steps": state.step, "seconds": round(time.time() - t0, 1)}
+
+
+@torch.no_grad()
+def activation_stats(encoder, prompts: list[str], batch: int = 64) -> dict:
+    """Per decoder layer, over the prompts' real tokens (system turn included, as the encoder runs it):
+    per-channel max |h| and median |h| of the layer's output (the residual stream; the last layer's is
+    what the MMDiT reads), and the outlier channels (max over OUTLIER_RATIO x the median channel max)."""
+    layers = encoder.model.model.language_model.layers
+    per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def hook(i):
+        def fn(module, args, output):
+            per_layer[i].append(output[0] if isinstance(output, tuple) else output)
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    masks = []
+    try:
+        for start in range(0, len(prompts), batch):
+            tb, _ = encoder.tokenize(prompts[start:start + batch])
+            encoder.hidden_states(tb)
+            masks.append(torch.from_numpy(tb.attention_mask).bool())
+    finally:
+        for h in handles:
+            h.remove()
+    report = {"prompts": len(prompts), "tokens": int(sum(int(m.sum()) for m in masks)), "layers": []}
+    for i, outs in enumerate(per_layer):
+        a = torch.cat([o[m].abs() for o, m in zip(outs, masks)])  # [tokens, D]
+        cmax, cmed = a.amax(0), a.median(0).values  # [D]
+        ratio = cmax / cmax.median()
+        outliers = torch.nonzero(ratio >= OUTLIER_RATIO).flatten().tolist()
+        report["layers"].append({
+            "layer": i, "max": round(float(cmax.max()), 4), "median_channel_max": round(float(cmax.median()), 4),
+            "median_abs": round(float(a.median()), 4), "top_ratio": round(float(ratio.max()), 2),
+            "outlier_channels": outliers, "channel_max": [round(float(v), 4) for v in cmax],
+            "channel_median": [round(float(v), 4) for v in cmed]})
+    return report
