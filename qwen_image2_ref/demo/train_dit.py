@@ -46,7 +46,7 @@ DROPOUT = 0.1
 # (group, share of steps): the held-out goals are measured at 128x128; other aspect ratios and
 # edits keep those abilities alive.
 MIX = (("t2i_128", 0.62), ("edit_128", 0.30), ("t2i_192x128", 0.04), ("t2i_128x192", 0.04))
-DATA_SIZES = {"t2i_128": 14000, "t2i_192x128": 1200, "t2i_128x192": 1200, "edit_128": 4000}
+DATA_SIZES = {"t2i_128": 20000, "t2i_192x128": 1600, "t2i_128x192": 1600, "edit_128": 6000}
 SINGLE_OBJECT_SHARE = 0.4  # extra one-object scenes in t2i_128: the cleanest signal for shape words
 # Noise levels s ~ logit-normal(T_MEAN, 1). Measured (500 steps, 4x4x32, t2i only; MSE at s=0.9 with
 # the right vs shuffled captions): T_MEAN 0 / lr 1e-3 -> 0.512 vs 0.517 (the prompt is ignored);
