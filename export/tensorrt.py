@@ -43,7 +43,7 @@ from qwen_image_edge.runtime.backends.tensorrt import (
     engine_dir,
     engine_key,
     import_tensorrt,
-    make_logger,
+    process_logger,
     trt_major,
 )
 from qwen_image_edge.runtime.errors import BackendError, ConfigError, ManifestError
@@ -122,7 +122,7 @@ def build_engine(trt, onnx_path: Path, graph: GraphSpec, ranges: dict, mode: Net
                  opt_level: int = 3, timing_cache: bytes = b"", workspace_gb: float | None = None,
                  ) -> tuple[bytes, bytes]:
     """Parse, configure and build one engine; returns (plan, updated timing cache)."""
-    logger = make_logger(trt)
+    logger = process_logger(trt)  # TensorRT keeps one logger per process
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.strongly_typed else 0
     network = builder.create_network(flags)
@@ -146,13 +146,25 @@ def build_engine(trt, onnx_path: Path, graph: GraphSpec, ranges: dict, mode: Net
         profile.set_shape(p.name, p.min, p.opt, p.max)
     if config.add_optimization_profile(profile) < 0:
         raise BackendError(f"graph {graph.name!r}: TensorRT rejected the optimisation profile: {logger.errors[-3:]}")
-    cache = config.create_timing_cache(timing_cache)
-    if not config.set_timing_cache(cache, False):
-        log.warning("timing cache not used (it was written by another GPU or TensorRT version)")
+    _use_timing_cache(config, timing_cache, graph.name)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BackendError(f"graph {graph.name!r}: TensorRT engine build failed: {logger.errors[-5:] or 'no error logged'}")
-    return bytes(memoryview(plan)), bytes(memoryview(config.get_timing_cache().serialize()))
+    cache = config.get_timing_cache()
+    return bytes(memoryview(plan)), bytes(memoryview(cache.serialize())) if cache is not None else timing_cache
+
+
+def _use_timing_cache(config, serialized: bytes, graph: str) -> None:
+    """The saved timing cache, or a fresh one where TensorRT refuses it (``set_timing_cache`` returns
+    False for a cache from another GPU or TensorRT version): the build then times every tactic again
+    and the new cache replaces the old file."""
+    if serialized and config.set_timing_cache(config.create_timing_cache(serialized), False):
+        return
+    if serialized:
+        log.warning("%s: timing cache refused (written by another GPU or TensorRT version); building with a "
+                    "fresh one", graph)
+    if not config.set_timing_cache(config.create_timing_cache(b""), False):
+        log.warning("%s: TensorRT refused an empty timing cache; building without one", graph)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -192,6 +204,7 @@ def build_engines(export_dir: str | os.PathLike, *, graphs: Sequence[str] | None
     version = str(trt.__version__)
     modes = {g: network_mode(manifest.graphs[g].precision, precision if g in precision_graphs else None, version,
                              weight_streaming) for g in names}
+    cuda.check_driver()
     gpu = cuda.device_info()
     out_dir = export_dir / engine_dir(gpu, version)
     out_dir.mkdir(parents=True, exist_ok=True)

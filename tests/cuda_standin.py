@@ -40,7 +40,10 @@ class _Handle:
 
 
 class FakeCudart(types.SimpleNamespace):
-    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1})
+    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1,
+                                               "cudaErrorStreamCaptureInvalidated": 901,
+                                               "cudaErrorInsufficientDriver": 35})
+    __version__ = "12.9.0"  # the cuda-python binding's version (its CUDA major: what the driver must support)
     cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2,
                                                      "cudaMemcpyDeviceToDevice": 3})
     cudaStreamCaptureMode = enum.IntEnum("cudaStreamCaptureMode", {"cudaStreamCaptureModeGlobal": 0,
@@ -55,6 +58,8 @@ class FakeCudart(types.SimpleNamespace):
         self.graphs: dict[int, list] = {}
         self.calls: list[str] = []
         self._next = 1
+        self.driver = 12080  # cudaDriverGetVersion: CUDA 12.8
+        self.fail_capture = False  # a captured kernel that cannot be captured: EndCapture reports invalidation
 
     def _ok(self, *rest):
         return (self.cudaError_t.cudaSuccess, *rest)
@@ -105,7 +110,13 @@ class FakeCudart(types.SimpleNamespace):
     def cudaGetErrorString(self, err):
         return self._ok(f"stand-in error {int(err)}".encode())
 
+    def cudaDriverGetVersion(self):
+        return self._ok(self.driver)
+
     def cudaGetDeviceCount(self):
+        if self.driver // 1000 < int(self.__version__.split(".")[0]):
+            return (self.cudaError_t.cudaErrorInsufficientDriver, 0)
+
         return self._ok(1)
 
     def cudaGetDevice(self):
@@ -181,6 +192,8 @@ class FakeCudart(types.SimpleNamespace):
     def cudaStreamEndCapture(self, stream):
         self.calls.append("cudaStreamEndCapture")
         ops = self.capturing.pop(int(stream))
+        if self.fail_capture:  # the capture ends, nothing was run, no graph exists
+            return (self.cudaError_t.cudaErrorStreamCaptureInvalidated, None)
         _need(ops and all(op[0] == "execute" for op in ops), f"captured {[op[0] for op in ops]}")
         self.graphs[id(ops)] = ops
         return self._ok(_Handle(id(ops)))

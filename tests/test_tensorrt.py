@@ -208,10 +208,10 @@ def test_build_calls_tensorrt_in_order_and_records_engines(export_copy, trt):
     assert not [p for p in export_copy.rglob(".*tmp*")]
     # the timing cache is saved, then loaded by the next build (which appends to it)
     cache = export_copy / f"engines/nvidia-stand-in-gpu-trt{trt.__version__}/timing.cache"
-    assert json.loads(cache.read_bytes()[len(b"standin-timing-cache"):]) == list(m.graphs)
+    assert json.loads(cache.read_bytes()[len(b"standin-timing-cache"):]) == [trt.__version__, list(m.graphs)]
     trt.CALLS.clear()
     build_engines(export_copy, ranges=req, precision=Precision.FP16)
-    assert len(json.loads(cache.read_bytes()[len(b"standin-timing-cache"):])) == 2 * len(m.graphs)
+    assert len(json.loads(cache.read_bytes()[len(b"standin-timing-cache"):])[1]) == 2 * len(m.graphs)
     lowered = {"text_encoder", "vision_encoder", "transformer", "transformer_prefill",
                "transformer_step"} & set(m.graphs)  # the VAE stays fp32
     assert trt.CALLS.count("set_flag:FP16") == len(lowered) >= 2

@@ -30,6 +30,14 @@ QuantizeLinear / DequantizeLinear nodes must be strongly typed (see ``_qdq_refus
 
 ``reset(version)`` clears the state; a version >= 11 drops the FP16/BF16/INT8/FP8 builder flags as
 TensorRT 11 did. ``FAIL_PARSE`` / ``FAIL_BUILD`` inject parser and builder failures.
+
+Also modelled (the TensorRT audit): TensorRT keeps ONE logger per process, the first a Builder or
+Runtime was given; every later message goes there, whatever logger a later object got. A timing
+cache written by another TensorRT version is refused (``set_timing_cache`` returns False and the
+config keeps none). An ONNX input that no node reads is dropped from the engine's IO. bf16 / fp8
+engine IO are ``ml_dtypes`` arrays. ``REFUSE_BUDGET`` makes the weight-streaming budget setter keep
+its old value (the Python property cannot report a refusal). CUDA graph capture failure:
+``CUDART.fail_capture`` (tests/cuda_standin.py).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ __version__ = "10.13.0.35"
 CALLS: list[str] = []
 FAIL_PARSE: dict | None = None  # {"node": 3, "name": "/x/Mul", "op": "Mul", "desc": "..."}
 FAIL_BUILD = False
+REFUSE_BUDGET = False
+_LOGGER = None  # the process's logger: the first one TensorRT was given
 
 
 DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT8 UINT8 INT32 INT64 BOOL FP8")
@@ -67,8 +77,8 @@ BuilderFlag = enum.Enum("BuilderFlag", "TF32 WEIGHT_STREAMING REFIT " + " ".join
 
 
 def reset(version: str = "10.13.0.35") -> None:
-    global __version__, FAIL_PARSE, FAIL_BUILD, BuilderFlag
-    __version__, FAIL_PARSE, FAIL_BUILD = version, None, False
+    global __version__, FAIL_PARSE, FAIL_BUILD, BuilderFlag, REFUSE_BUDGET, _LOGGER
+    __version__, FAIL_PARSE, FAIL_BUILD, REFUSE_BUDGET, _LOGGER = version, None, False, False, None
     names = "TF32 WEIGHT_STREAMING REFIT" + ("" if int(version.split(".")[0]) >= 11 else " " + " ".join(_PRECISION_FLAGS))
     BuilderFlag = enum.Enum("BuilderFlag", names)
     CALLS.clear()
@@ -87,11 +97,14 @@ class Logger(ILogger):
 
 
 def _logger_ok(logger) -> None:
+    global _LOGGER
     _need(isinstance(logger, ILogger), f"expected a tensorrt.ILogger, got {type(logger).__name__}")
+    if _LOGGER is None:
+        _LOGGER = logger
 
 
 def _error(logger, msg: str) -> None:
-    logger.log(ILogger.Severity.ERROR, msg)
+    (_LOGGER or logger).log(ILogger.Severity.ERROR, msg)  # TensorRT reports to its one logger
 
 
 # ----------------------------------------------------------------------------- build
@@ -110,6 +123,7 @@ class INetworkDefinition:
         self.source: str | None = None
         self.symbols: dict[str, list] = {}
         self.qdq: set[str] = set()  # quantized types of the graph's Q/DQ nodes (INT8, FP8, ...)
+        self.unread: set[str] = set()  # inputs no node reads
 
     @property
     def num_inputs(self):
@@ -169,8 +183,18 @@ class OnnxParser:
                                     tuple(d if isinstance(d, int) else -1 for d in t.dims)))
                 self.network.symbols[t.name] = list(t.dims)
         self.network.qdq = _qdq_types(model)
+        self.network.unread = _unread_inputs(model)
         self.network.source = model
         return True
+
+
+def _unread_inputs(model: str) -> set[str]:
+    """Graph inputs no node reads: TensorRT drops them from the engine's IO."""
+    import onnx
+
+    graph = onnx.load(model, load_external_data=False).graph
+    read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    return {i.name for i in graph.input} - read
 
 
 def _qdq_types(model: str) -> set[str]:
@@ -230,7 +254,7 @@ class ITimingCache:
         self.entries = list(entries)
 
     def serialize(self):
-        return IHostMemory(b"standin-timing-cache" + json.dumps(self.entries).encode())
+        return IHostMemory(b"standin-timing-cache" + json.dumps([__version__, self.entries]).encode())
 
 
 class IHostMemory(bytes):
@@ -275,11 +299,16 @@ class IBuilderConfig:
         if not data:
             return ITimingCache([])
         _need(data.startswith(b"standin-timing-cache"), "not a timing cache")
-        return ITimingCache(json.loads(data[len(b"standin-timing-cache"):]))
+        version, entries = json.loads(data[len(b"standin-timing-cache"):])
+        cache = ITimingCache(entries)
+        cache.version = version
+        return cache
 
     def set_timing_cache(self, cache, ignore_mismatch):
         CALLS.append("set_timing_cache")
         _need(isinstance(cache, ITimingCache) and isinstance(ignore_mismatch, bool), "set_timing_cache(cache, bool)")
+        if getattr(cache, "version", __version__) != __version__ and not ignore_mismatch:
+            return False  # another TensorRT version's cache: refused, the config keeps none
         self.cache = cache
         return True
 
@@ -332,7 +361,10 @@ class Builder:
         if config.cache is not None:
             config.cache.entries.append(Path(network.source).parent.name)
         plan = {"standin": True, "source": network.source, "flags": sorted(config.flags),
-                "inputs": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.inputs],
+                "inputs": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.inputs
+                           if t.name not in network.unread],
+                "dropped": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.inputs
+                            if t.name in network.unread],
                 "outputs": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.outputs],
                 "profile": {k: [list(s) for s in v] for k, v in profile.items()},
                 "weight_streaming": "WEIGHT_STREAMING" in config.flags, "version": __version__,
@@ -406,6 +438,9 @@ class ICudaEngine:
         _need(self.plan["weight_streaming"], "weight streaming budget on an engine built without WEIGHT_STREAMING")
         _need(self.contexts == 0, "the weight streaming budget must be set before creating execution contexts")
         _need(isinstance(value, int) and 0 <= value <= self.streamable_weights_size, f"budget {value!r} out of range")
+        if REFUSE_BUDGET:
+            _error(self.logger, f"weight streaming budget {value} refused")
+            return
         self._budget = value
 
     def create_execution_context(self):
@@ -496,6 +531,8 @@ class IExecutionContext:
     def _run(self, io):
         rounding = self.engine.rounding
         feeds = {n: round_to(CUDART.read(*io[n]), rounding) for n in self._inputs()}
+        for name, dt, dims in self.engine.plan.get("dropped", []):  # never read: any value of the rank
+            feeds[name] = np.zeros([d if isinstance(d, int) else 1 for d in dims], _dtype(DataType[dt]))
         sess = self.engine.session()
         for o, value in zip(sess.get_outputs(), sess.run(None, feeds)):
             CUDART.write(io[o.name][0], round_to(np.ascontiguousarray(value, dtype=io[o.name][2]), rounding))
@@ -528,7 +565,10 @@ def _rounded_model(path: str, precision: str) -> bytes:
 
 
 def _dtype(dt) -> np.dtype:
-    return np.dtype({v: k for k, v in _NP_TO_TRT.items()}[dt.name])
+    """numpy dtype of a TensorRT one; bf16 / fp8 through ml_dtypes (numpy has no such names)."""
+    from qwen_image_edge.runtime.backends.base import numpy_dtype
+
+    return numpy_dtype({v: k for k, v in _NP_TO_TRT.items()}[dt.name])
 
 
 def nptype(dt):

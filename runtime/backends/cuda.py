@@ -19,7 +19,8 @@ from qwen_image_edge.runtime.errors import BackendError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'cuda-python>=12' (the 'trt' extra: pip install 'qwen-image-edge[trt]')"
+INSTALL_HINT = ("pip install 'cuda-python>=12.6,<13' (the 'trt' extra: pip install 'qwen-image-edge[trt]'; "
+                "cuda-python 13.x needs an R580+ driver)")
 _CUDART = None
 
 
@@ -41,6 +42,36 @@ def cudart():
                 raise BackendError(f"CUDA: cuda-python is not installed; {INSTALL_HINT}") from None
         _CUDART = module
     return _CUDART
+
+
+def binding_major(module) -> int | None:
+    """The CUDA major version a cuda-python binding was built for (12 or 13), when it says."""
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            import cuda.bindings as bindings
+
+            version = bindings.__version__
+        except (ImportError, AttributeError):
+            return None
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return None
+
+
+def check_driver() -> int:
+    """The driver's CUDA version (e.g. 12040 for 12.4); a BackendError when it is older than the
+    cuda-python binding needs (13.x on a 12.x driver fails every call with an opaque error)."""
+    rt = cudart()
+    err, version = rt.cudaDriverGetVersion()
+    if err != rt.cudaError_t.cudaSuccess or not version:
+        raise BackendError(f"CUDA: no usable NVIDIA driver (cudaDriverGetVersion: {getattr(err, 'name', err)})")
+    need = binding_major(rt)
+    if need is not None and int(version) // 1000 < need:
+        raise BackendError(f"CUDA: cuda-python {need}.x needs a driver for CUDA {need}.0 or newer; this driver supports "
+                           f"CUDA {int(version) // 1000}.{int(version) % 1000 // 10}: {INSTALL_HINT}")
+    return int(version)
 
 
 def call(name: str, *args):

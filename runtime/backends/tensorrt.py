@@ -19,7 +19,17 @@ arrays or :class:`DeviceArray` s (bound by address: no copy) and returns device 
 can keep latents on the GPU; ``Session.run_kept`` copies one output into memory the caller owns
 (the condition KV cache, fed back by address at every step). With ``cuda_graph=True`` the first call at a new shape/address set
 runs normally and captures ``execute_async_v3`` into a CUDA graph; later calls with the same
-shapes and addresses replay it (host-to-device copies stay outside the graph).
+shapes and addresses replay it (host-to-device copies stay outside the graph); a capture that
+fails (a kernel that cannot be captured) is logged once and the session runs without graphs.
+
+``Session.run_bound`` writes every output into a buffer the caller owns, and ``device_ops()``
+gives that memory: the device loop (``qwen_image_edge.runtime.device_loop``) runs on them.
+
+Audit notes (each modelled by the stand-in, tests/trt_standin.py): TensorRT keeps one logger per
+process, so every Builder / Runtime gets :func:`process_logger`; bf16 / fp8 engine IO uses
+``ml_dtypes`` (numpy has no such dtype); an engine may drop an input only its shape was used for,
+which is accepted (it is then never bound); the weight-streaming budget is read back after it
+is set, since the property setter cannot report a refusal.
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from qwen_image_edge.runtime.backends import cuda
-from qwen_image_edge.runtime.backends.base import check_feeds, check_outputs
+from qwen_image_edge.runtime.backends.base import check_outputs, dtype_name, itemsize, numpy_dtype
+from qwen_image_edge.runtime.backends.device import check_bound
 from qwen_image_edge.runtime.errors import BackendError, ShapeError
 from qwen_image_edge.runtime.manifest import (
     MANIFEST_NAME,
@@ -55,8 +66,6 @@ INSTALL_HINT = (
     "the real wheels from NVIDIA's index"
 )
 ENGINES_DIR = "engines"
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8,
-             "bool": 1, "float8e4m3fn": 1}
 _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
                "INT32": "int32", "INT64": "int64", "BOOL": "bool", "FP8": "float8e4m3fn"}
 
@@ -80,8 +89,22 @@ def numpy_dtype_name(trt, dtype) -> str:
     raise BackendError(f"TensorRT data type {dtype} has no numpy equivalent here; expected one of {sorted(_TRT_DTYPES)}")
 
 
+_LOGGERS: dict[int, object] = {}  # id(tensorrt module) -> its one logger
+
+
+def process_logger(trt):
+    """The process's one ``trt.ILogger``: TensorRT keeps the first logger a Builder or Runtime was
+    given and sends every later message there, so a logger per engine would miss the errors of all
+    but the first (messages here quote ``logger.errors``)."""
+    logger = _LOGGERS.get(id(trt))
+    if logger is None:
+        logger = _LOGGERS[id(trt)] = make_logger(trt)
+    return logger
+
+
 def make_logger(trt, keep: int = 20):
-    """A ``trt.ILogger`` that forwards to ``logging`` and keeps the last errors for messages."""
+    """A ``trt.ILogger`` that forwards to ``logging`` and keeps the last errors for messages
+    (use :func:`process_logger`: one per process)."""
 
     class _Logger(trt.ILogger):
         def __init__(self):
@@ -160,7 +183,7 @@ class DeviceArray:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE[self.dtype]
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize(self.dtype)
 
 
 class TensorRTSession:
@@ -171,7 +194,7 @@ class TensorRTSession:
         # feeds are checked against the ranges the engine's profile accepts (narrower than the export's)
         self._check_spec = dataclasses.replace(spec, dim_ranges=dict(engine_spec.dim_ranges))
         self._trt = trt
-        self._logger = make_logger(trt)
+        self._logger = process_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
@@ -196,15 +219,27 @@ class TensorRTSession:
             raise BackendError(f"{self.spec.name}: weight streaming needs an engine built with --weight-streaming")
         if not 0 < fraction <= 1:
             raise BackendError(f"weight_streaming_budget: expected a fraction in (0, 1], got {fraction}")
-        self.engine.weight_streaming_budget_v2 = int(fraction * self.engine.streamable_weights_size)
+        want = int(fraction * self.engine.streamable_weights_size)
+        self.engine.weight_streaming_budget_v2 = want
+        got = self.engine.weight_streaming_budget_v2  # the setter cannot report a refusal: read it back
+        if got != want:
+            raise BackendError(f"{self.spec.name}: weight streaming budget {want} bytes ({fraction:.0%} of "
+                               f"{self.engine.streamable_weights_size}) was not applied; the engine reports {got}: "
+                               f"{self._logger.errors[-1:]}")
 
     def _check_io(self) -> dict[str, str]:
         trt, eng = self._trt, self.engine
         names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
         declared = {t.name: (trt.TensorIOMode.INPUT, t) for t in self.spec.inputs}
         declared.update({t.name: (trt.TensorIOMode.OUTPUT, t) for t in self.spec.outputs})
-        if sorted(names) != sorted(declared):
+        # TensorRT may drop an input whose values are never read (only its shape was): accepted, and
+        # then neither shaped nor bound; a missing output or an undeclared tensor is a wrong engine
+        dropped = [t.name for t in self.spec.inputs if t.name not in names]
+        if set(names) - set(declared) or any(t.name not in names for t in self.spec.outputs):
             raise BackendError(f"{self.spec.name}: engine tensors {sorted(names)}, manifest declares {sorted(declared)}")
+        if dropped:
+            log.info("%s: the engine dropped inputs %s (their values are never read)", self.spec.name, dropped)
+        self._inputs = [t for t in self.spec.inputs if t.name in names]
         dtypes = {}
         for name in names:
             mode, t = declared[name]
@@ -221,17 +256,24 @@ class TensorRTSession:
         feeds = self._checked(feeds)
         with self._lock:
             outs = self._execute(feeds)
-            host = {name: np.empty(d.shape, dtype=d.dtype) for name, d in outs.items()}
+            host = {name: np.empty(d.shape, dtype=numpy_dtype(d.dtype)) for name, d in outs.items()}
             for name, d in outs.items():
                 cuda.copy_to_host(host[name], d.ptr, self.stream)
             self.stream.synchronize()
         return check_outputs(self.spec, host)
 
-    def _checked(self, feeds: dict[str, np.ndarray | DeviceArray]) -> dict[str, np.ndarray | DeviceArray]:
-        stand_ins = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) if isinstance(v, DeviceArray) else v
-                     for k, v in feeds.items()}
-        checked = check_feeds(self._check_spec, stand_ins)
-        return {k: (feeds[k] if isinstance(feeds[k], DeviceArray) else v) for k, v in checked.items()}
+    def _checked(self, feeds: dict[str, np.ndarray | DeviceArray],
+                 outputs: dict[str, DeviceArray] | None = None) -> dict[str, np.ndarray | DeviceArray]:
+        outputs = outputs if outputs is not None else {t.name: None for t in self.spec.outputs}
+        return check_bound(self._check_spec, feeds, outputs)
+
+    def run_bound(self, feeds: dict[str, np.ndarray | DeviceArray], outputs: dict[str, DeviceArray]) -> None:
+        """Every output written into the caller's device buffer (``device_ops()`` memory), e.g. the
+        device loop's ping-pong latents; inputs as for :meth:`run_device`."""
+        feeds = self._checked(feeds, outputs)
+        with self._lock:
+            self._execute(feeds, {name: out for name, out in outputs.items()})
+            self.stream.synchronize()
 
     def run_device(self, feeds: dict[str, np.ndarray | DeviceArray]) -> dict[str, DeviceArray]:
         """Outputs stay on the device, in this session's buffers: valid until its next call."""
@@ -253,7 +295,7 @@ class TensorRTSession:
         return DeviceArray(buffer.ptr, out.shape, out.dtype), buffer
 
     def to_host(self, arr: DeviceArray) -> np.ndarray:
-        out = np.empty(arr.shape, dtype=arr.dtype)
+        out = np.empty(arr.shape, dtype=numpy_dtype(arr.dtype))
         with self._lock:
             cuda.copy_to_host(out, arr.ptr, self.stream)
             self.stream.synchronize()
@@ -268,16 +310,17 @@ class TensorRTSession:
         self._out_shapes = {t.name: tuple(int(d) for d in self.context.get_tensor_shape(t.name))
                             for t in self.spec.outputs}
         for name, shape in {**shapes, **self._out_shapes}.items():
-            self._buffers[name].ensure(int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[self._dtypes[name]])
+            self._buffers[name].ensure(int(np.prod(shape, dtype=np.int64)) * itemsize(self._dtypes[name]))
         self._shapes = shapes
         self._drop_graph()
 
-    def _execute(self, feeds: dict[str, np.ndarray | DeviceArray]) -> dict[str, DeviceArray]:
-        shapes = {t.name: tuple(feeds[t.name].shape) for t in self.spec.inputs}
+    def _execute(self, feeds: dict[str, np.ndarray | DeviceArray],
+                 into: dict[str, DeviceArray] | None = None) -> dict[str, DeviceArray]:
+        shapes = {t.name: tuple(feeds[t.name].shape) for t in self._inputs}
         if shapes != self._shapes:
             self._set_shapes(shapes)
         addresses = {}
-        for t in self.spec.inputs:
+        for t in self._inputs:
             value = feeds[t.name]
             if isinstance(value, DeviceArray):
                 self._check_not_an_output(t.name, value)
@@ -286,7 +329,7 @@ class TensorRTSession:
                 addresses[t.name] = self._buffers[t.name].ptr
                 cuda.copy_to_device(addresses[t.name], value, self.stream)
         for t in self.spec.outputs:
-            addresses[t.name] = self._buffers[t.name].ptr
+            addresses[t.name] = self._buffers[t.name].ptr if into is None else self._caller_output(t.name, into)
         for name, ptr in addresses.items():
             if not self.context.set_tensor_address(name, ptr):
                 raise BackendError(f"{self.spec.name}: TensorRT refused the address of {name!r}")
@@ -300,12 +343,19 @@ class TensorRTSession:
         return {t.name: DeviceArray(addresses[t.name], self._out_shapes[t.name], self._dtypes[t.name])
                 for t in self.spec.outputs}
 
+    def _caller_output(self, name: str, into: dict[str, DeviceArray]) -> int:
+        out, shape = into[name], self._out_shapes[name]
+        if tuple(out.shape) != shape or out.dtype != self._dtypes[name]:
+            raise ShapeError(f"{self.spec.name} output {name!r}: the engine writes {self._dtypes[name]}{list(shape)}, "
+                             f"the buffer given is {out.dtype}{list(out.shape)}")
+        return out.ptr
+
     def _check_not_an_output(self, name: str, value: DeviceArray) -> None:
         """TensorRT's kernels assume distinct I/O buffers and do not check: an input inside an
         output this call writes (this session's ``run_device`` result fed back) would be garbage."""
         for t in self.spec.outputs:
             ptr = self._buffers[t.name].ptr
-            nbytes = int(np.prod(self._out_shapes[t.name], dtype=np.int64)) * _ITEMSIZE[self._dtypes[t.name]]
+            nbytes = int(np.prod(self._out_shapes[t.name], dtype=np.int64)) * itemsize(self._dtypes[t.name])
             if value.nbytes and nbytes and value.ptr < ptr + nbytes and ptr < value.ptr + value.nbytes:
                 raise BackendError(f"{self.spec.name}: input {name!r} lies in this session's output {t.name!r}, "
                                    "which this call overwrites (run_device results are valid until the next call); "
@@ -316,14 +366,21 @@ class TensorRTSession:
             raise BackendError(f"{self.spec.name}: TensorRT execute_async_v3 failed: {self._logger.errors[-3:]}")
 
     def _capture(self, key) -> None:
-        """Record ``execute_async_v3`` (after a normal run at these shapes) for replay."""
+        """Record ``execute_async_v3`` (after a normal run at these shapes) for replay; a failed
+        capture turns graphs off for this session (the normal run already computed the outputs)."""
         self._drop_graph()
         graph = cuda.CudaGraph(self.stream)
-        graph.begin()
         try:
-            self._enqueue()
-        finally:
-            graph.end()
+            graph.begin()
+            try:
+                self._enqueue()
+            finally:
+                graph.end()
+        except BackendError as exc:
+            graph.destroy()
+            self._use_graph = False
+            log.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.spec.name, exc)
+            return
         self._graph, self._graph_key = graph, key
 
     def _drop_graph(self) -> None:
@@ -340,6 +397,51 @@ class TensorRTSession:
             self.stream.destroy()
 
 
+class CudaDeviceOps:
+    """Device memory for the device loop on TensorRT: ``cudaMalloc``'d buffers as :class:`DeviceArray` s,
+    copied on a stream of their own and synchronised (sessions run on theirs)."""
+
+    name = "tensorrt cuda"
+
+    def __init__(self):
+        self._stream: cuda.Stream | None = None
+        self._owned: dict[int, cuda.DeviceBuffer] = {}
+        self._lock = threading.Lock()
+
+    def _copy_stream(self) -> cuda.Stream:
+        if self._stream is None:
+            self._stream = cuda.Stream()
+        return self._stream
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> DeviceArray:
+        arr = DeviceArray(0, tuple(int(d) for d in shape), dtype)
+        buffer = cuda.DeviceBuffer(arr.nbytes)
+        with self._lock:
+            self._owned[buffer.ptr] = buffer
+        return dataclasses.replace(arr, ptr=buffer.ptr)
+
+    def upload(self, arr: np.ndarray) -> DeviceArray:
+        arr = np.ascontiguousarray(arr)
+        out = self.empty(arr.shape, dtype_name(arr.dtype))
+        with self._lock:
+            cuda.copy_to_device(out.ptr, arr, self._copy_stream())
+            self._stream.synchronize()
+        return out
+
+    def download(self, tensor: DeviceArray) -> np.ndarray:
+        out = np.empty(tensor.shape, dtype=numpy_dtype(tensor.dtype))
+        with self._lock:
+            cuda.copy_to_host(out, tensor.ptr, self._copy_stream())
+            self._stream.synchronize()
+        return out
+
+    def free(self, tensor: DeviceArray) -> None:
+        with self._lock:
+            buffer = self._owned.pop(tensor.ptr, None)
+        if buffer is not None:
+            buffer.free()
+
+
 class TensorRTBackend:
     """Opens each graph's engine for this GPU and TensorRT version (see the module docstring).
 
@@ -354,6 +456,7 @@ class TensorRTBackend:
                  verify_hashes: bool = True, trt=None):
         self.trt = trt if trt is not None else import_tensorrt()
         self.version = str(self.trt.__version__)
+        cuda.check_driver()
         if cuda.device_count() < 1:
             raise BackendError("backend 'tensorrt': no CUDA device found")
         self.gpu = cuda.device_info()
@@ -382,6 +485,9 @@ class TensorRTBackend:
         if self.verify_hashes and sha256_file(path) != engine.sha256:
             raise BackendError(f"graph {spec.name!r}: engine {engine.file} does not match its sha256 in the manifest")
         return engine, path
+
+    def device_ops(self) -> CudaDeviceOps:
+        return CudaDeviceOps()
 
     def open(self, spec: GraphSpec, path: Path) -> TensorRTSession:
         engine, plan_path = self.engine_for(spec, path)
