@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import gc
 import io
 import logging
 import os
@@ -31,7 +33,14 @@ import torch
 from torch import nn
 
 from qwen_image2_ref.devices import resolve_placement
-from qwen_image2_ref.model_folder import DeviceArg, DtypeArg, LoadedModel, ModelSource, open_model
+from qwen_image2_ref.model_folder import (
+    DeviceArg,
+    DtypeArg,
+    LoadedModel,
+    ModelSource,
+    load_lazy_model,
+    open_model,
+)
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image_edge.calib.collect import (
     CalibrationSettings,
@@ -42,8 +51,11 @@ from qwen_image_edge.calib.collect import (
 )
 from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
 from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
+from qwen_image_edge.export.lean import choose_lean
+from qwen_image_edge.export.qdq_lean import calibrated_scales
 from qwen_image_edge.export.quantized import export_quantized
 from qwen_image_edge.runtime.errors import ConfigError, InputError, NumericalError
+from qwen_image_edge.runtime.graphs import GRAPH_NAMES
 from qwen_image_edge.runtime.manifest import Precision
 
 log = logging.getLogger(__name__)
@@ -113,14 +125,16 @@ def _ranges_in_fp32(module: nn.Module, layers: Sequence[str]) -> None:
 
 def quantize_transformer(model: LoadedModel, policy: QuantPolicy, prompts: Sequence[str],
                          settings: CalibrationSettings | None = None,
-                         progress: bool = True) -> QuantizedTransformer:
+                         progress: bool = True, copy_module: bool = True) -> QuantizedTransformer:
     """Calibrate and quantize a copy of ``model.transformer`` (``model``: a ``LoadedModel``) by
-    sampling ``prompts`` through the reference pipeline, in the model's device and dtype."""
+    sampling ``prompts`` through the reference pipeline, in the model's device and dtype.
+    ``copy_module=False`` quantizes ``model.transformer`` itself (no second copy at full size; the
+    model is then no longer a reference)."""
     settings = settings or CalibrationSettings()
     prompts = list(prompts)
     if not prompts:
         raise InputError("calibration: expected at least one prompt, got none (see --calib-size / --prompts)")
-    transformer = copy.deepcopy(model.transformer).eval()
+    transformer = (copy.deepcopy(model.transformer) if copy_module else model.transformer).eval()
     pipe = QwenImagePipeline(model.config, transformer, model.vae, model.encoder, device=model.device,
                              dtype=model.dtype)
 
@@ -196,7 +210,7 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
                    policy: QuantPolicy | str | os.PathLike | None = None, prompts: str | None = None,
                    calib_size: int = 32, settings: CalibrationSettings | None = None,
                    max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
-                   device: DeviceArg = None, dtype: DtypeArg = None):
+                   device: DeviceArg = None, dtype: DtypeArg = None, lean: bool | None = None):
     """Load ``model`` (a folder, ``demo`` or a ``LoadedModel``), quantize its transformer, write a QDQ export to ``out``.
 
     ``device`` / ``dtype``: where calibration runs (default: CUDA + bf16 where available, else CPU +
@@ -218,17 +232,38 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
         raise InputError(f"calibration size: expected >= 1 prompt, got {calib_size}")
     texts = load_prompts(prompts, calib_size) if prompts else None  # a bad prompt file fails before loading
     placement = resolve_placement(device, dtype, stage="quantize")
+    lean = choose_lean(model, list(GRAPH_NAMES)) if lean is None else lean
+    owned = not isinstance(model, LoadedModel)  # ours to quantize in place
     loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize")
     source = prompts or default_prompt_set(loaded.path)
     texts = texts or load_prompts(source, calib_size)
     if policy.reduction is not Reduction.MAX and len(texts) < 2:
         log.warning("reduction %s over one prompt batch is a per-step range of a single sample",
                     policy.reduction.value)
-    quantized = quantize_transformer(loaded, policy, texts, settings, progress)
+    quantized = quantize_transformer(loaded, policy, texts, settings, progress, copy_module=not (lean and owned))
     quantized.summary["prompt_source"] = str(source)
+    if lean:
+        return _export_lean(loaded, quantized, Path(out), placement, max_resolution, overwrite)
     _to_trace_placement(loaded, quantized)
     manifest = export_quantized(loaded, quantized, Path(out), max_resolution=max_resolution, overwrite=overwrite)
     _gate(Path(out), loaded, precision)
+    return manifest
+
+
+def _export_lean(loaded: LoadedModel, quantized: QuantizedTransformer, out: Path, placement, max_resolution,
+                 overwrite: bool):
+    """The lean export of a calibration: scales out, model freed, graphs from the shards, then the
+    gate against a freshly loaded reference (the calibrated module is no longer one)."""
+    scales = calibrated_scales(quantized)
+    path, name = loaded.path, loaded.config.name
+    del quantized, loaded
+    gc.collect()
+    lazy = load_lazy_model(path, name=name)
+    manifest = export_quantized(lazy, scales, out, max_resolution=max_resolution, overwrite=overwrite)
+    del lazy
+    reference = open_model(path, device=placement.device, dtype=placement.dtype, stage="validate")
+    reference.config = dataclasses.replace(reference.config, name=name)
+    _gate(out, reference, scales.precision)
     return manifest
 
 

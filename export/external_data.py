@@ -138,6 +138,7 @@ class WeightSource:
     shape: tuple[int, ...]
     entry: ShardEntry | None = None
     computed: torch.Tensor | None = None
+    make: Callable[[], torch.Tensor] | None = None  # computed when written (a quantized weight), in its dtype
 
     @property
     def direct(self) -> bool:
@@ -271,7 +272,9 @@ def stream_tensors(sources: list[WeightSource], data_path: Path, location: str,
                 out.write(b"\0" * pad)
                 offset = out.tell()
                 dst = _ONNX_TO_TORCH[s.onnx_dtype]
-                if s.computed is not None:
+                if s.make is not None:
+                    out.write(_byte_view(s.make()))  # made here, one tensor at a time
+                elif s.computed is not None:
                     out.write(_byte_view(s.computed.detach().to(dst)))
                 else:
                     if s.entry.file not in handles:

@@ -270,13 +270,17 @@ def inline_tensor(source: WeightSource) -> onnx.TensorProto:
                             raw_data=tensor_bytes(t))
 
 
-def attach_weights(model: onnx.ModelProto, sources: list[WeightSource], graph_dir: Path, name: str) -> list[Path]:
-    """Add the initializers of ``sources`` as external data under ``graph_dir``; returns the data files."""
-    direct = [s for s in sources if s.direct]
+def attach_weights(model: onnx.ModelProto, sources: list[WeightSource], graph_dir: Path, name: str,
+                   link: bool = True) -> list[Path]:
+    """Add the initializers of ``sources`` as external data under ``graph_dir``; returns the data files.
+    ``link=False`` streams even the tensors stored as they are (a quantized graph must not carry the
+    shards, which hold the unquantized weights too)."""
+    direct = [s for s in sources if s.direct and link]
     inline = [s for s in sources if s.computed is not None and s.nbytes <= INLINE_BYTES]
-    streamed = [s for s in sources if not s.direct and not (s.computed is not None and s.nbytes <= INLINE_BYTES)]
-    conversions = sorted({f"{s.entry.dtype if s.entry else 'computed'}->{onnx.TensorProto.DataType.Name(s.onnx_dtype)}"
-                          for s in streamed})
+    placed = {id(s) for s in direct + inline}
+    streamed = [s for s in sources if id(s) not in placed]
+    conversions = sorted({f"{s.entry.dtype if s.entry else 'quantized' if s.make else 'computed'}->"
+                          f"{onnx.TensorProto.DataType.Name(s.onnx_dtype)}" for s in streamed})
     log.info("%s: attaching %d tensors / %.2f GB: %d pointed into the checkpoint shards, %d streamed (%s), "
              "%d small computed ones inline", name, len(sources), sum(s.nbytes for s in sources) / 1e9,
              len(direct), len(streamed), ", ".join(conversions) or "none", len(inline))
@@ -297,8 +301,11 @@ def attach_weights(model: onnx.ModelProto, sources: list[WeightSource], graph_di
     return files
 
 
-def export_graph_lean(name: str, model, inputs: tuple, io: GraphIO, export_dir: Path, opset: int):
-    """Trace graph ``name`` of a lean model without weights, attach them, save; hash what was written."""
+def export_graph_lean(name: str, model, inputs: tuple, io: GraphIO, export_dir: Path, opset: int, scales=None):
+    """Trace graph ``name`` of a lean model without weights, attach them, save; hash what was written.
+
+    ``scales`` (``qwen_image_edge.export.qdq_lean.CalibratedScales``): quantize the policy's layers to
+    standard QDQ from these calibrated scales, their weights quantized as they stream."""
     start = time.perf_counter()
     graph = entry(name)
     folder = model.path / graph.component.value
@@ -319,14 +326,23 @@ def export_graph_lean(name: str, model, inputs: tuple, io: GraphIO, export_dir: 
     sources = [s for s in sources if s.name in used]
     sources = _rename_to_checkpoint_keys(proto, sources, keys)
     set_io_dims(proto, io)
+    precision = Precision.FP32
+    if scales is not None:
+        from qwen_image_edge.export.qdq_lean import insert_qdq
+
+        sources, count = insert_qdq(proto, sources, scales, name)
+        if (count != len(scales.layers)) if name == "transformer" else count == 0:
+            raise ConfigError(f"QDQ export {name}: expected {len(scales.layers)} quantized layers, found {count}")
+        precision = scales.precision
+        log.info("%s: %d layers quantized to %s from the calibrated scales", name, count, precision.value)
     graph_dir = export_dir / name
     graph_dir.mkdir(parents=True, exist_ok=True)
-    data_files = attach_weights(proto, sources, graph_dir, name)
+    data_files = attach_weights(proto, sources, graph_dir, name, link=scales is None)
     path = graph_dir / ONNX_NAME
     onnx.save(proto, str(path))
     rel = lambda p: p.relative_to(export_dir).as_posix()  # noqa: E731
     log.info("%s: hashing %d file(s)", name, 1 + len(data_files))
-    spec = GraphSpec(name=name, file=rel(path), sha256=sha256_file(path), precision=Precision.FP32, inputs=io.inputs,
+    spec = GraphSpec(name=name, file=rel(path), sha256=sha256_file(path), precision=precision, inputs=io.inputs,
                      outputs=io.outputs, dim_ranges=io.dim_ranges,
                      external_data=tuple(DataFile(rel(p), sha256_file(p)) for p in data_files))
     seconds = time.perf_counter() - start

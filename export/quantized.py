@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from qwen_image2_ref.model_folder import LoadedModel
 from qwen_image_edge.export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, check_max_resolution
+from qwen_image_edge.export.lean import export_graph_lean, preflight
 from qwen_image_edge.export.manifest_writer import (
     build_manifest,
     copy_tokenizer,
@@ -28,6 +29,7 @@ from qwen_image_edge.export.manifest_writer import (
     write_manifest,
 )
 from qwen_image_edge.export.qdq import to_standard_qdq
+from qwen_image_edge.export.qdq_lean import CalibratedScales
 from qwen_image_edge.export.registry import example_inputs, graph_io, graph_module, wrap
 from qwen_image_edge.export.trace import (
     DEFAULT_OPSET,
@@ -91,7 +93,12 @@ def export_quantized(model: LoadedModel, quantized, out: str | Path, graphs=None
                      opset: int = DEFAULT_OPSET, overwrite: bool = False,
                      external_threshold: int = PROTOBUF_LIMIT) -> Manifest:
     """Export ``model`` (a ``LoadedModel``) to ``out`` with the transformer graphs from ``quantized``
-    (``None``: an all-fp32 export written the same way, the baseline quantized exports compare to)."""
+    (``None``: an all-fp32 export written the same way, the baseline quantized exports compare to).
+
+    A lazily opened ``model`` (``load_lazy_model``) takes the lean path: ``quantized`` is then the
+    :class:`~qwen_image_edge.export.qdq_lean.CalibratedScales` of a calibration, every graph is
+    traced without weights and the weights stream from the checkpoint, quantized on the way
+    (``qwen_image_edge.export.qdq_lean``), so no copy of the model is held."""
     if opset < 19:
         raise ConfigError(f"quantized export opset: expected >= 19 (float8 Q/DQ needs it), got {opset}")
     graphs = check_graph_names(graphs or GRAPH_NAMES, where="quantized export graphs")
@@ -102,17 +109,27 @@ def export_quantized(model: LoadedModel, quantized, out: str | Path, graphs=None
     cfg = model.config
     max_resolution = max_resolution or cfg.pipeline.output_resolution
     out = Path(out)
+    if model.lazy:
+        if quantized is not None and not isinstance(quantized, CalibratedScales):
+            raise ConfigError("lean quantized export: expected the CalibratedScales of a calibration "
+                              f"(qdq_lean.calibrated_scales), got {type(quantized).__name__}")
+        for name in graphs:
+            preflight(name, model)  # every graph's weights, before anything is written
     with staging_dir(out, overwrite=overwrite) as staging:
         specs: dict[str, GraphSpec] = {}
         for name in tqdm(graphs, desc="export", unit="graph"):
-            if quantized is not None and name in TRANSFORMER_GRAPHS:
+            if model.lazy:
+                scales = quantized if name in TRANSFORMER_GRAPHS else None
+                specs[name] = export_graph_lean(name, model, example_inputs(name, cfg),
+                                                graph_io(name, cfg, max_resolution), staging, opset, scales).spec
+            elif quantized is not None and name in TRANSFORMER_GRAPHS:
                 specs[name] = export_quantized_transformer(quantized, cfg, staging, max_resolution, name, opset,
                                                            external_threshold)
             else:
                 specs[name] = export_fp32_graph(name, model, cfg, staging, max_resolution, opset, external_threshold)
         prompt = prompt_section(model, copy_tokenizer(model.path, staging))
         image = image_section(model, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
-        manifest = build_manifest(model, specs, prompt, image)
+        manifest = build_manifest(model, specs, prompt, image, lean=model.lazy)
         if quantized is not None:
             provenance = dataclasses.replace(manifest.provenance, calibration=calibration_section(quantized))
             manifest = dataclasses.replace(manifest, provenance=provenance)
