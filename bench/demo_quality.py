@@ -1,21 +1,31 @@
 """Prompt adherence of the demo model on held-out prompts, read back by the demo judge; prints a table.
 
-    python bench/demo_quality.py [--model demo] [--n 64] [--edits 64] [--steps 4,8,20,40]
-                                 [--guidance 1] [--threads 2] [--grid out.png]
+    python bench/demo_quality.py [--model demo] [--style v1] [--n 64] [--edits 64] [--pairs 64]
+                                 [--steps 4,8,20,40] [--guidance 1] [--threads 2] [--grid out.png]
+                                 [--json rows.json]
 
-Text-to-image prompts are ``data.heldout_prompts``: (color, shape, position) combinations that
-no training scene contains. Edits are ``data.sample_edit(split="heldout")``: the edited scene
-holds such a combination. Chance: color 1/10, shape 1/3, position 1/5. Each edit row is followed
-by the edits applied per kind (recolor split by the number of objects in the source scene).
+Text-to-image prompts are held-out scenes: (color, shape, position) combinations that no
+training scene contains, captioned in the model's caption language (``--style``: v1 for the
+shipped model, v2 for the next; ``captions.py``). Rows:
 
-``--pairs N`` adds a ``t2i-2`` row: two-object held-out scenes (an attribute is right only when it
-is right for both objects). Not one of the issue's goals; it measures attribute binding, which
-two-object recolors need too.
+- ``t2i``: one object, the caption names the background (v1: exactly ``data.heldout_prompts``);
+- ``t2i-nb``: the same scenes and noise, the caption without a background phrase ("a red circle
+  on the left"); the model chooses the background, so that column is not a goal;
+- ``t2i-2``: two-object held-out scenes (an attribute is right only when it is right for both
+  objects: ``color`` is "both colours right");
+- ``edit``: ``data.sample_edit(split="heldout")`` (the edited scene holds a held-out combination),
+  followed by the edits applied per kind (recolor split by the number of objects in the source).
+
+Chance: color 1/10, shape 1/3, position 1/5. The ``colErr`` column is the median colour error:
+the RGB distance from each expected object's median colour (as the judge reads it) to its named
+palette colour, over all objects (a missing object counts as infinitely wrong). After the table,
+the issue-23 goals at the largest step count, each with its measured value.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -29,6 +39,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from qwen_image2_ref.demo import NEGATIVE_PROMPT, data, judge  # noqa: E402
+from qwen_image2_ref.demo.captions import CaptionStyle, heldout_prompts  # noqa: E402
 from qwen_image2_ref.model_folder import load_pipeline  # noqa: E402
 
 T2I_KEYS = ("color", "shape", "position", "background", "glyph")
@@ -37,7 +48,8 @@ EDIT_KEYS = ("edit_applied", "preserved", "color", "shape", "position", "backgro
 
 def t2i_scores(pipe, prompts: list[tuple[data.Scene, str]], steps: int, guidance: float, seed: int = 0,
                batch: int = 16) -> tuple[list[dict], list[np.ndarray]]:
-    """Judge scores and RGBA uint8 images for each (scene, caption); seeds ``seed + i``."""
+    """Judge scores (plus ``color_errors``, one per object) and RGBA uint8 images for each
+    (scene, caption); seeds ``seed + i``."""
     scores, images = [], []
     neg = NEGATIVE_PROMPT if guidance > 1 else None
     for start in range(0, len(prompts), batch):
@@ -48,7 +60,8 @@ def t2i_scores(pipe, prompts: list[tuple[data.Scene, str]], steps: int, guidance
         for (scene, _), im in zip(chunk, out):
             arr = np.asarray(im)
             images.append(arr)
-            scores.append(judge.score(judge.judge(arr), scene))
+            reading = judge.judge(arr)
+            scores.append({**judge.score(reading, scene), "color_errors": judge.color_errors(reading, scene)})
     return scores, images
 
 
@@ -59,11 +72,9 @@ def data_noise(pipe, seed: int) -> np.ndarray:
     return initial_noise(seed, 1, res, res, pipe.transformer.config.in_channels)
 
 
-def heldout_pairs(n: int, seed: int) -> list[tuple[data.Scene, str]]:
+def heldout_pairs(n: int, seed: int, style: CaptionStyle = CaptionStyle.V1) -> list[tuple[data.Scene, str]]:
     """n two-object scenes (no glyph) holding a held-out combination, with captions."""
-    rng = np.random.default_rng(seed)
-    scenes = [data.sample_scene(rng, 128, 128, "heldout", n_objects=2, glyph_prob=0.0) for _ in range(n)]
-    return [(s, data.caption(s, rng)) for s in scenes]
+    return heldout_prompts(n, seed, style, n_objects=2)
 
 
 def heldout_edits(n: int, seed: int) -> list[data.EditExample]:
@@ -96,6 +107,54 @@ def mean(scores: list[dict], key: str) -> float:
     return float(np.mean([s[key] for s in scores])) if scores else float("nan")
 
 
+def median_color_error(scores: list[dict]) -> float:
+    errors = [e for s in scores for e in s.get("color_errors", ())]
+    return float(np.median(errors)) if errors else float("nan")
+
+
+def recolor_two(edits: list[data.EditExample], scores: list[dict]) -> tuple[int, int]:
+    """(applied, count) of the recolours of one object in a two-object scene."""
+    hits = [bool(s["edit_applied"]) for ex, s in zip(edits, scores)
+            if ex.kind == "recolor" and len(ex.source.objects) == 2]
+    return sum(hits), len(hits)
+
+
+# Issue 23's must-show: (label, row task, key, goal, at least). Read at the largest step count.
+GOALS = (
+    ("one object, background named: color", "t2i", "color", 0.90, True),
+    ("one object, background named: shape", "t2i", "shape", 0.90, True),
+    ("one object, background named: position", "t2i", "position", 0.90, True),
+    ("one object, no background: color", "t2i-nb", "color", 0.90, True),
+    ("one object, no background: shape", "t2i-nb", "shape", 0.90, True),
+    ("one object, no background: position", "t2i-nb", "position", 0.90, True),
+    ("two objects: both colours right", "t2i-2", "color", 0.60, True),
+    ("edits applied", "edit", "edit_applied", 0.75, True),
+    ("two-object recolours applied", "edit", "recolor_two", 0.50, True),
+    ("median colour error, one object (RGB distance)", "t2i+t2i-nb", "color_error", 40.0, False),
+)
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """One line per goal at the largest step count: the value, the goal, met or not."""
+    top = max((r["steps"] for r in rows), default=None)
+    at = {r["task"]: r for r in rows if r["steps"] == top}
+    lines = []
+    for label, task, key, goal, at_least in GOALS:
+        if key == "color_error":
+            found = [at[t] for t in task.split("+") if t in at]
+            value = median_color_error([s for r in found for s in r["_scores"]]) if found else None
+        else:
+            value = at[task].get(key) if task in at else None
+        if value is None or value != value:  # not measured in this run (NaN: no such edit)
+            lines.append(f"  {label:48} not measured")
+            continue
+        met = value >= goal if at_least else value <= goal
+        shown, want = (f"{value:6.1%}", f"{'>=' if at_least else '<='} {goal:.0%}") if goal <= 1 else (
+            f"{value:6.1f}", f"<= {goal:.0f}")
+        lines.append(f"  {label:48} {shown}  goal {want:7} {'met' if met else 'NOT met'}")
+    return [f"issue-23 goals at {top} steps:", *lines] if top is not None else []
+
+
 def save_grid(images: list[np.ndarray], path: str, cols: int = 4) -> None:
     """RGBA images on a checkerboard-free grey canvas, ``cols`` per row."""
     h, w = images[0].shape[:2]
@@ -106,57 +165,83 @@ def save_grid(images: list[np.ndarray], path: str, cols: int = 4) -> None:
     canvas.save(path)
 
 
+def _print_t2i(row: dict) -> None:
+    print(f"{row['task']:6} {row['steps']:5d} {'':>12} {'':>12} " + " ".join(f"{row[k]:12.1%}" for k in T2I_KEYS)
+          + f" {row['color_error']:8.1f} {row['s_per_image']:8.2f}", flush=True)
+
+
+def _t2i_row(pipe, task: str, prompts, steps: int, guidance: float) -> tuple[dict, list[np.ndarray]]:
+    t0 = time.perf_counter()
+    scores, images = t2i_scores(pipe, prompts, steps, guidance)
+    row = {"task": task, "steps": steps, **{k: mean(scores, k) for k in T2I_KEYS},
+           "color_error": median_color_error(scores), "s_per_image": (time.perf_counter() - t0) / len(prompts),
+           "_scores": scores}
+    _print_t2i(row)
+    return row, images
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo")
-    p.add_argument("--n", type=int, default=64, help="held-out text-to-image prompts")
+    p.add_argument("--style", default="v1", choices=[s.value for s in CaptionStyle],
+                   help="the model's caption language (v1: the shipped demo model)")
+    p.add_argument("--n", type=int, default=64, help="held-out one-object prompts (t2i and t2i-nb rows)")
     p.add_argument("--edits", type=int, default=None, help="held-out edits (default: --n)")
+    p.add_argument("--pairs", type=int, default=None, help="two-object held-out prompts (t2i-2 row; default: --n)")
+    p.add_argument("--no-background-row", action=argparse.BooleanOptionalAction, default=True,
+                   help="the t2i-nb row (the t2i prompts without their background phrase)")
     p.add_argument("--steps", default="4,8,20,40")
     p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="prompt set seed (noise seeds follow the prompt index)")
-    p.add_argument("--pairs", type=int, default=0, help="two-object held-out prompts (t2i-2 row; default none)")
-    p.add_argument("--grid", default=None, help="save the first 16 text-to-image outputs at the largest step count")
+    p.add_argument("--grid", default=None, help="save the first 16 text-to-image outputs at the largest step count "
+                   "(8 with and 8 without a background phrase when the t2i-nb row runs)")
+    p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
+    style = CaptionStyle(args.style)
     guidance = args.guidance if args.guidance is not None else pipe.config.pipeline.guidance_scale
-    prompts = data.heldout_prompts(args.n, 1000 + args.seed)
+    prompts = heldout_prompts(args.n, 1000 + args.seed, style, background=True)
+    bare = heldout_prompts(args.n, 1000 + args.seed, style, background=False) if args.no_background_row else []
     edits = heldout_edits(args.n if args.edits is None else args.edits, 2000 + args.seed)
-    pairs = heldout_pairs(args.pairs, 3000 + args.seed)
+    pairs = heldout_pairs(args.n if args.pairs is None else args.pairs, 3000 + args.seed, style)
     rows = []
-    print(f"model {args.model}, guidance {guidance}, {len(prompts)} held-out prompts, {len(edits)} held-out edits")
-    print(f"{'task':5} {'steps':>5} " + " ".join(f"{k:>12}" for k in EDIT_KEYS[:2] + T2I_KEYS) + f" {'s/image':>8}")
-    for steps in [int(s) for s in args.steps.split(",")]:
-        t0 = time.perf_counter()
-        scores, images = t2i_scores(pipe, prompts, steps, guidance)
-        dt = (time.perf_counter() - t0) / max(1, len(prompts))
-        row = {"task": "t2i", "steps": steps, **{k: mean(scores, k) for k in T2I_KEYS}, "s_per_image": dt}
+    print(f"model {args.model} ({style.value} captions), guidance {guidance}, {len(prompts)} held-out prompts "
+          f"(+{len(bare)} without background), {len(pairs)} two-object prompts, {len(edits)} held-out edits")
+    print(f"{'task':6} {'steps':>5} " + " ".join(f"{k:>12}" for k in EDIT_KEYS[:2] + T2I_KEYS)
+          + f" {'colErr':>8} {'s/image':>8}")
+    step_counts = [int(s) for s in args.steps.split(",")]
+    for steps in step_counts:
+        row, images = _t2i_row(pipe, "t2i", prompts, steps, guidance)
         rows.append(row)
-        print(f"{'t2i':5} {steps:5d} {'':>12} {'':>12} " + " ".join(f"{row[k]:12.1%}" for k in T2I_KEYS)
-              + f" {dt:8.2f}", flush=True)
-        if pairs:
-            t0 = time.perf_counter()
-            pscores, _ = t2i_scores(pipe, pairs, steps, guidance)
-            dt = (time.perf_counter() - t0) / len(pairs)
-            row = {"task": "t2i-2", "steps": steps, **{k: mean(pscores, k) for k in T2I_KEYS}, "s_per_image": dt}
+        if bare:
+            row, bare_images = _t2i_row(pipe, "t2i-nb", bare, steps, guidance)
             rows.append(row)
-            print(f"{'t2i-2':5} {steps:5d} {'':>12} {'':>12} " + " ".join(f"{row[k]:12.1%}" for k in T2I_KEYS)
-                  + f" {dt:8.2f}", flush=True)
-        if args.grid and steps == max(int(s) for s in args.steps.split(",")):
+            images = images[:8] + bare_images[:8]
+        if pairs:
+            rows.append(_t2i_row(pipe, "t2i-2", pairs, steps, guidance)[0])
+        if args.grid and steps == max(step_counts):
             save_grid(images[:16], args.grid)
         if edits:
             t0 = time.perf_counter()
             es = edit_scores(pipe, edits, steps, guidance)
             dt = (time.perf_counter() - t0) / len(edits)
+            hit, count = recolor_two(edits, es)
             row = {"task": "edit", "steps": steps, **{k: mean(es, k) for k in EDIT_KEYS}, "glyph": mean(es, "glyph"),
-                   "s_per_image": dt}
+                   "s_per_image": dt, "recolor_two": hit / count if count else float("nan")}
             rows.append(row)
-            print(f"{'edit':5} {steps:5d} " + " ".join(f"{row[k]:12.1%}" for k in EDIT_KEYS + ("glyph",))
-                  + f" {dt:8.2f}", flush=True)
+            print(f"{'edit':6} {steps:5d} " + " ".join(f"{row[k]:12.1%}" for k in EDIT_KEYS + ("glyph",))
+                  + f" {'':>8} {dt:8.2f}", flush=True)
             row["applied_by_kind"] = by_kind(edits, es)
-            print(f"      edits applied by kind: {row['applied_by_kind']}", flush=True)
+            print(f"       edits applied by kind: {row['applied_by_kind']}", flush=True)
+    for line in goal_lines(rows):
+        print(line)
+    for row in rows:
+        row.pop("_scores", None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
 
 

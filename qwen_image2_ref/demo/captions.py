@@ -20,7 +20,6 @@ import enum
 import numpy as np
 
 from qwen_image2_ref.demo import data
-from qwen_image_edge.runtime.errors import InputError
 
 
 class CaptionStyle(enum.Enum):
@@ -110,14 +109,21 @@ def caption_v2(scene: data.Scene, rng: np.random.Generator, background: bool | N
     return text + data._pick(rng, BACKGROUND_TAILS).format(**words)
 
 
+def v1_without_background(scene: data.Scene, rng: np.random.Generator) -> str:
+    """V1's words with the background left out, "a red circle on the left": what a new user types to
+    the shipped model, which never saw such a caption (measured, not trained on)."""
+    parts = [(data._object_phrase(o, rng), o.position) for o in scene.objects]
+    if scene.glyph is not None:
+        parts.append((f"the {data.glyph_phrase(scene.glyph, rng)}", data.glyph_position(scene)))
+    return " and ".join(f"{w} {data._pick(rng, data.POSITION_PHRASES[pos])}" for w, pos in parts)
+
+
 def caption(scene: data.Scene, rng: np.random.Generator, style: CaptionStyle = CaptionStyle.V1,
             background: bool | None = None) -> str:
-    """A caption of ``scene`` in ``style``. V1 always names the background (``background`` must
-    not be False); V2 draws whether to unless ``background`` says."""
+    """A caption of ``scene`` in ``style``. V1 names the background (``background`` None or True) or,
+    with False, is ``v1_without_background``; V2 draws whether to name it unless ``background`` says."""
     if style is CaptionStyle.V1:
-        if background is False:
-            raise InputError("caption: the v1 language always names the background, got background=False")
-        return data.caption(scene, rng)
+        return v1_without_background(scene, rng) if background is False else data.caption(scene, rng)
     return caption_v2(scene, rng, background)
 
 

@@ -45,6 +45,7 @@ class ObjectReading:
     cx: float  # centroid, fraction of the width
     cy: float  # centroid, fraction of the height
     area: int  # pixels
+    rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)  # median colour of the core pixels
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,9 @@ def judge(image: np.ndarray, min_area_fraction: float = 0.005) -> Judgement:
                 continue
             core = mask & (s >= _CORE_STRENGTH * top)
             core = core if core.any() else mask
-            color = nearest_color(np.median(rgb[y0:y1, x0:x1][core], axis=0))
-            objects.append(ObjectReading(color, name, position_name(cx, cy), round(float(cx), 4),
-                                         round(float(cy), 4), int(mask.sum())))
+            median = np.median(rgb[y0:y1, x0:x1][core], axis=0)  # [3]
+            objects.append(ObjectReading(nearest_color(median), name, position_name(cx, cy), round(float(cx), 4),
+                                         round(float(cy), 4), int(mask.sum()), tuple(round(float(v), 1) for v in median)))
     objects.sort(key=lambda o: (o.cx, o.cy))
     glyph = max(glyphs)[1] if glyphs else None
     return Judgement(background, tuple(objects), glyph)
@@ -247,6 +248,13 @@ def score(judgement: Judgement, scene: data.Scene, edit: data.EditExample | None
         out["edit_applied"] = all(out[a] for a in changed)
         out["preserved"] = all(v for a, v in out.items() if a not in changed and a != "edit_applied")
     return out
+
+
+def color_errors(judgement: Judgement, scene: data.Scene) -> list[float]:
+    """Per expected object, the RGB distance from the median colour of the reading matched to it to
+    its named palette colour; inf where no reading matched (a missing object has no colour)."""
+    return [float(np.linalg.norm(np.subtract(r.rgb, data.COLORS[o.color]))) if r is not None else float("inf")
+            for o, r in zip(scene.objects, _match(judgement.objects, scene))]
 
 
 def accuracy(images, scenes, keys) -> dict[str, float]:
