@@ -41,21 +41,28 @@ def build_encoder(out: Path, config: ModelConfig, seed: int, style: CaptionStyle
     qwen.add_special_tokens({"additional_special_tokens": specials[1:]})
     qwen.pad_token = specials[0]
     qwen.eos_token = "<|im_end|>"
-    tok_dir = out / "tokenizer"
-    qwen.save_pretrained(tok_dir)
-    tokenizer = PromptTokenizer.from_file(tok_dir / "tokenizer.json", merge_size=config.encoder.vision_spatial_merge_size)
+    qwen.save_pretrained(out / "tokenizer")
+    torch.manual_seed(seed + 7)
+    encoder = encoder_for(out, config)
+    encoder.requires_grad_(False)
+    return encoder
+
+
+def encoder_for(out: Path, config: ModelConfig):
+    """The encoder over the tokenizer that ``build_encoder`` saved in ``out``, random-init from torch's
+    current seed (load the ``encoder`` stage file into ``.model`` for the trained one)."""
+    specials = list(vocab.SPECIAL_TOKENS)
+    tokenizer = PromptTokenizer.from_file(out / "tokenizer" / "tokenizer.json",
+                                          merge_size=config.encoder.vision_spatial_merge_size)
     ids = [tokenizer.tokenizer.token_to_id(t) for t in specials]
     if ids != list(range(len(specials))):
         raise RuntimeError(f"demo tokenizer: expected special token ids 0..{len(specials) - 1}, got {ids}")
     size = tokenizer.tokenizer.get_vocab_size()
     if size > config.encoder.vocab_size:
         raise RuntimeError(f"demo tokenizer has {size} tokens, more than the encoder's vocab {config.encoder.vocab_size}")
-    torch.manual_seed(seed + 7)
     # min_pixels: Qwen3-VL's default (256x256) would upscale a 128 px condition image to 4x the
     # <|image_pad|> slots that its 8x8 latents fill; the demo keeps every image at its own size.
     enc = config.encoder
     vision = VisionConfig(patch_size=enc.vision_patch_size, temporal_patch_size=enc.vision_temporal_patch_size,
                           merge_size=enc.vision_spatial_merge_size, min_pixels=MIN_PIXELS)
-    encoder = ConditionEncoder.from_config(config.encoder, tokenizer, vision)
-    encoder.requires_grad_(False)
-    return encoder
+    return ConditionEncoder.from_config(config.encoder, tokenizer, vision)
