@@ -280,12 +280,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                              providers=args.providers, verify_hashes=not args.no_verify)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    outputs = _check_request_args(args)
+def _warn_demo_prompt(prompt: str) -> None:
+    """Say why the shipped demo model may not follow ``prompt`` (unknown words, ...), as warnings."""
     from qwen_image2_ref.demo.language import prompt_warnings
 
-    for note in prompt_warnings(args.prompt):
-        log.warning("the demo model may not follow %r: %s", args.prompt, note)
+    for note in prompt_warnings(prompt):
+        log.warning("the demo model may not follow %r: %s", prompt, note)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    outputs = _check_request_args(args)
+    _warn_demo_prompt(args.prompt)
     from qwen_image_edge.export.demo import ensure_export
 
     export = ensure_export("demo-4step" if args.fast else "demo", args.export_dir, overwrite=args.overwrite)
@@ -303,6 +308,8 @@ def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device=placement.device, dtype=placement.dtype)
+    if images is None and str(args.model) in ("demo", "demo-4step"):
+        _warn_demo_prompt(args.prompt)
     if images is None:
         def call(**kw):
             return _one(pipe.generate(args.prompt, **kw))

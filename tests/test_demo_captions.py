@@ -157,3 +157,14 @@ def test_activation_report_finds_an_outlier_channel(encoder):
             embed.copy_(saved)
     assert all(7 in layer["outlier_channels"] for layer in grown["layers"])
     assert all(7 not in layer["outlier_channels"] for layer in report["layers"])
+
+
+def test_generate_with_the_shipped_demo_names_unknown_words(tmp_path, caplog):
+    from qwen_image_edge import cli
+
+    with caplog.at_level("WARNING"):
+        code = cli.main(["generate", "--model", "demo", "a zebra circle on the left on a white background",
+                         "--steps", "1", "--seed", "0", "--threads", "1", "-o", str(tmp_path / "z.png")])
+    assert code == 0 and (tmp_path / "z.png").is_file()
+    notes = [r.getMessage() for r in caplog.records if "may not follow" in r.getMessage()]
+    assert len(notes) == 1 and "'zebra'" in notes[0], notes
