@@ -66,6 +66,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if False:",
         ("tests/test_manifest.py::test_symlink_escaping_export_dir",),
     ),
+    Mutation(
+        "device-loop-feeds-host-per-step", "runtime", "runtime/device_loop.py",
+        "the device loop feeds the KV-cache step's rope tables and key mask from the host at every step",
+        'return {"kv_cache": cache, **{k: up(v) for k, v in cond.step_feeds.items()}}',
+        'return {"kv_cache": cache, **cond.step_feeds}',
+        ("tests/test_device_loop.py::test_device_loop_bytes_per_step_are_constant_and_tiny[guidance-text-kv-pair]",),
+    ),
+    Mutation(
+        "counting-backend-misses-bound-feeds", "runtime", "runtime/backends/counting.py",
+        "the counting backend does not count the numpy feeds of a bound (device-loop) call",
+        "self.traffic.add(self.spec.name, _host_bytes(feeds.values()))",
+        "self.traffic.add(self.spec.name)",
+        ("tests/test_device_loop.py::test_device_loop_bytes_per_step_are_constant_and_tiny[no-guidance-text-kv-pair]",),
+    ),
+    Mutation(
+        "sampler-step-guidance-base", "export", "export/sampler_step.py",
+        "the sampler_step graph extrapolates guidance from the conditional velocity",
+        "v = velocity_uncond + guidance * (velocity - velocity_uncond)  # [B, N_t, C]",
+        "v = velocity + guidance * (velocity - velocity_uncond)  # [B, N_t, C]",
+        ("tests/test_device_loop.py::test_sampler_step_graph_is_the_host_update",),
+    ),
     # ---------------------------------------------------------------- reference
     Mutation(
         "reference-guidance-base", "reference", "qwen_image2_ref/pipeline.py",

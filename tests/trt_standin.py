@@ -455,6 +455,8 @@ class ICudaEngine:
             opts = onnxruntime.SessionOptions()
             opts.intra_op_num_threads = 1
             model = self.plan["source"] if self.rounding is None else _rounded_model(self.plan["source"], self.rounding)
+            if {d for _, d, _ in self.io.values()} & {DataType.BF16, DataType.FP8}:
+                model = _float_io(model)
             self._ort = onnxruntime.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         return self._ort
 
@@ -488,11 +490,17 @@ class IExecutionContext:
             return self.engine.get_tensor_shape(name)
         key = tuple(sorted(self.shapes.items()))
         if key not in self._out_cache:  # shape inference: the graph run on zeros
-            feeds = {n: np.zeros(self.shapes[n], _dtype(self.engine.io[n][1])) for n in self._inputs()}
+            feeds = {n: _as_float(np.zeros(self.shapes[n], _dtype(self.engine.io[n][1]))) for n in self._inputs()}
+            feeds.update(self._dropped())
             outs = self.engine.session().run(None, feeds)
             names = [o.name for o in self.engine.session().get_outputs()]
             self._out_cache[key] = {n: tuple(o.shape) for n, o in zip(names, outs)}
         return self._out_cache[key][name]
+
+    def _dropped(self) -> dict[str, np.ndarray]:
+        """onnxruntime still wants the inputs the engine dropped: no node reads them, any value of their rank."""
+        return {name: _as_float(np.zeros([d if isinstance(d, int) else 1 for d in dims], _dtype(DataType[dt])))
+                for name, dt, dims in self.engine.plan.get("dropped", [])}
 
     def set_tensor_address(self, name, memory):
         CALLS.append("set_tensor_address")
@@ -530,12 +538,16 @@ class IExecutionContext:
 
     def _run(self, io):
         rounding = self.engine.rounding
-        feeds = {n: round_to(CUDART.read(*io[n]), rounding) for n in self._inputs()}
-        for name, dt, dims in self.engine.plan.get("dropped", []):  # never read: any value of the rank
-            feeds[name] = np.zeros([d if isinstance(d, int) else 1 for d in dims], _dtype(DataType[dt]))
+        feeds = {n: _as_float(round_to(CUDART.read(*io[n]), rounding)) for n in self._inputs()}
+        feeds.update(self._dropped())
         sess = self.engine.session()
         for o, value in zip(sess.get_outputs(), sess.run(None, feeds)):
             CUDART.write(io[o.name][0], round_to(np.ascontiguousarray(value, dtype=io[o.name][2]), rounding))
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    """bf16 / fp8 (ml_dtypes) feeds as float32, exactly: what ``_float_io`` graphs take."""
+    return x.astype(np.float32) if x.dtype.name in ("bfloat16", "float8_e4m3fn") else x
 
 
 def round_to(x: np.ndarray, precision: str | None) -> np.ndarray:
@@ -561,6 +573,33 @@ def _rounded_model(path: str, precision: str) -> bytes:
     for t in tensors:
         if t.data_type == onnx.TensorProto.FLOAT:
             t.CopyFrom(numpy_helper.from_array(round_to(numpy_helper.to_array(t), precision), t.name))
+    return model.SerializeToString()
+
+
+def _float_io(model) -> bytes:
+    """The graph with its bf16 / fp8 inputs and outputs as float32 (exact Casts at the edges):
+    onnxruntime's Python API has no numpy type for them, the engine's IO is ml_dtypes arrays."""
+    import onnx
+
+    model = onnx.load(model) if isinstance(model, str) else onnx.load_from_string(model)
+    narrow = {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN}
+    g = model.graph
+    for vi in g.input:
+        t = vi.type.tensor_type
+        if t.elem_type in narrow:
+            inner = f"{vi.name}__narrow"
+            for node in g.node:
+                node.input[:] = [inner if x == vi.name else x for x in node.input]
+            g.node.insert(0, onnx.helper.make_node("Cast", [vi.name], [inner], to=t.elem_type))
+            t.elem_type = onnx.TensorProto.FLOAT
+    for vi in g.output:
+        t = vi.type.tensor_type
+        if t.elem_type in narrow:
+            inner = f"{vi.name}__narrow"
+            for node in g.node:
+                node.output[:] = [inner if x == vi.name else x for x in node.output]
+            g.node.append(onnx.helper.make_node("Cast", [inner], [vi.name], to=onnx.TensorProto.FLOAT))
+            t.elem_type = onnx.TensorProto.FLOAT
     return model.SerializeToString()
 
 
