@@ -66,6 +66,12 @@ def test_trainer_resumes_bit_exact_after_interruptions_in_every_stage(tmp_path, 
         with pytest.raises(resume.Interrupted):
             train.main(_args(out, 0, "vae,encoder,data,dit", "--resume"))
     monkeypatch.undo()
+    # mid-run, the dit stage file (what `--stages save` writes a folder from) is the checkpoint's EMA
+    ckpt, meta = resume.read_checkpoint(out / "ckpt_dit.safetensors")
+    ema = {k[len("ema/"):]: v for k, v in ckpt.items() if k.startswith("ema/")}
+    stage_file = train_dit.load_stage(out / "dit")[0]
+    assert meta["step"] == 3 and ema.keys() == stage_file.keys()
+    assert all(torch.equal(ema[k], stage_file[k]) for k in ema)
     resumed = train.main(_args(out, 0, "vae,encoder,data,dit", "--resume"))
     assert list(resumed) == ["dit", "timings_s"]  # the stages finished before were skipped
     assert resumed["dit"]["losses"] == straight["dit"]["losses"] and len(straight["dit"]["losses"]) == STEPS
