@@ -226,9 +226,10 @@ def pool_spec(model_path: str | Path, pipe, settings: DistillSettings) -> PoolSp
 
 def teacher_pool(pipe: QwenImagePipeline, model_path: Path, settings: DistillSettings, folder: Path, digest: str,
                  ranks: Ranks, progress: bool) -> Pool:
-    """The teacher's trajectories: reused from ``folder`` when made for this teacher and spec."""
+    """The teacher's trajectories: reused from ``folder`` when made for this teacher, spec and dtype
+    (a bf16 teacher's trajectories are not an fp32 one's)."""
     spec = pool_spec(model_path, pipe, settings)
-    pool_digest = f"{digest[:16]}-{spec.digest()}"
+    pool_digest = f"{digest[:16]}-{spec.digest()}-{str(pipe.dtype).removeprefix('torch.')}"
     pool = load_pool(folder, pool_digest)
     if pool is None:
         log.info("teacher trajectories: %d prompts, %d edits, %d steps, guidance %.2f, %d process(es)",

@@ -198,3 +198,23 @@ def test_bad_settings_are_refused():
         DistillSettings(steps=(0,))
     with pytest.raises(ConfigError, match="batch"):
         DistillSettings(batch=0)
+
+
+def test_teacher_pool_is_not_reused_across_dtypes(tiny_model_dir, tmp_path, monkeypatch):
+    """The pool cache (one per folder) keys on the teacher's dtype: a bf16 teacher does not reuse an
+    fp32 teacher's trajectories, and a rerun in the same dtype reuses its own."""
+    from qwen_image2_ref.model_folder import load_pipeline
+    from qwen_image_edge.distill import trainer
+
+    built = []
+    real = trainer.build_pool
+    monkeypatch.setattr(trainer, "build_pool", lambda pipe, *a, **k: built.append(pipe.dtype) or real(pipe, *a, **k))
+    ranks = trainer.Ranks(0, 1, torch.device("cpu"))
+    pools = {}
+    for dtype in (torch.float32, torch.float32, torch.bfloat16, torch.bfloat16):
+        pipe = load_pipeline(tiny_model_dir, dtype=dtype)
+        pools.setdefault(dtype, []).append(
+            trainer.teacher_pool(pipe, Path(tiny_model_dir), SETTINGS, tmp_path, "d" * 64, ranks, False))
+    assert built == [torch.float32, torch.bfloat16]
+    for runs in pools.values():  # the cached pool is the one built
+        torch.testing.assert_close(runs[0].groups["t2i"].points, runs[1].groups["t2i"].points, rtol=0, atol=0)
