@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "TensorRT is not installed. On a machine with an NVIDIA GPU and driver: "
-    "pip install --extra-index-url https://pypi.nvidia.com 'tensorrt>=10' 'cuda-python>=12' "
+    "pip install --extra-index-url https://pypi.nvidia.com 'tensorrt-cu12>=10.8' 'cuda-python>=12.6,<13' "
     "(or pip install 'qwen-image-edge[trt]'); PyPI's tensorrt-*-libs packages are stubs that fetch "
     "the real wheels from NVIDIA's index"
 )
