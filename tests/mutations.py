@@ -396,4 +396,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "TensorProto.FLOAT8E4M3FN, [], [1.0])",
         (Q + "test_graph_scales_follow_independently_recorded_ranges",),
     ),
+    # -------------------------------------------- the demo trainer resumes bit for bit, checkpoints survive kills
+    Mutation(
+        "demo-resume-data-order", "reference", "qwen_image2_ref/demo/resume.py",
+        "a resumed stage restarts its data order (the numpy generator's state is not restored)",
+        "    state.rng.bit_generator.state = meta[\"numpy_rng\"]\n",
+        "",
+        ("tests/test_demo_train.py::test_trainer_resumes_bit_exact_after_interruptions_in_every_stage",),
+    ),
+    Mutation(
+        "demo-checkpoint-in-place", "reference", "qwen_image2_ref/demo/resume.py",
+        "the checkpoint is written over the previous one instead of to a temp file and renamed",
+        'tmp = path.with_name(path.name + ".tmp")',
+        "tmp = path",
+        ("tests/test_demo_train.py::test_a_kill_mid_write_leaves_the_previous_checkpoint",),
+    ),
+    Mutation(
+        "demo-v2-background-always", "reference", "qwen_image2_ref/demo/captions.py",
+        "v2 captions always name the background (the model never learns to choose one)",
+        "    if not background:\n        return text\n",
+        "    if False:\n        return text\n",
+        ("tests/test_demo_captions.py::test_v2_captions_name_every_attribute_and_the_background_only_when_asked",
+         "tests/test_demo_captions.py::test_v2_background_is_optional_at_its_share_and_every_template_takes_one_or_two_objects"),
+    ),
 )
