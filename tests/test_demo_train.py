@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qwen_image2_ref.demo import resume, train, train_dit, train_encoder, train_vae
-from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.errors import CheckpointError, ConfigError
 
 STEPS = 4
 TENSOR_FILES = ("vae", "encoder", "dit", "ckpt_vae", "ckpt_encoder", "ckpt_dit")
@@ -120,6 +120,10 @@ def test_resume_refuses_changed_settings_and_resumes_done_runs_without_stepping(
     changed.settings = {"lr": 0.2}
     with pytest.raises(ConfigError, match=r"lr.*0\.1, 0\.2"):
         resume.start(changed, path, resume=True)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-10])  # what an in-place write killed near its end leaves
+    with pytest.raises(CheckpointError, match="complete"):
+        resume.read_checkpoint(cut)
 
 
 _WRITER = """

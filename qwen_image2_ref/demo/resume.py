@@ -99,14 +99,26 @@ def save_checkpoint(path: Path, state: TrainState, done: bool = False) -> None:
     os.replace(tmp, path)
 
 
+def _check_complete(path: Path) -> None:
+    """Raise unless the file is as long as its safetensors header says (a truncated file would be
+    memory-mapped past its end)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if os.path.getsize(path) != 8 + n + end:
+        raise ValueError(f"{os.path.getsize(path)} bytes, the header describes {8 + n + end}")
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, JSON state) of a checkpoint file."""
     try:
+        _check_complete(path)
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"training checkpoint {path}: expected a safetensors file with a 'state' "
+    except (OSError, KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"training checkpoint {path}: expected a complete safetensors file with a 'state' "
                               f"entry, could not read it ({exc})") from None
     return tensors, meta
 
