@@ -1,9 +1,19 @@
-"""Runtime (onnxruntime) per-stage times vs the PyTorch reference, same prompt and seed, one run.
+"""Runtime (onnxruntime) per-stage times vs the PyTorch reference, and the loop's data path.
 
     python bench/runtime.py [--model demo] [--export DIR] [--steps 20] [--repeats 3] [--threads 2]
+                            [--data-path-only] [--full-width-layers 2]
 
-The runtime is measured in a child process that never imports torch (cold-load time and peak RSS
-are its own); the reference runs in this process afterwards. Prints tables.
+1. Per-stage times: the runtime is measured in a child process that never imports torch (cold-load
+   time and peak RSS are its own); the reference runs in this process afterwards.
+2. Data path (issue 22): bytes crossing host and device per step and per image, for the host
+   (numpy) loop and the device loop, under the counting backend (onnxruntime CPU modelled as a
+   device, ``qwen_image_edge.runtime.backends.counting``), on the demo (text-to-image, short and long
+   prompt, with guidance; an edit) and, with ``--full-width-layers N`` (default 2; 0 skips), on a
+   random qwen-image-2.1 transformer at full width (4096) with N layers behind a 4096-wide 1-layer
+   text encoder (bench/export.py's builders), text-to-image at 128 px. A step's bytes are the
+   difference between a run of ``steps`` and one of ``steps - 1``: measured, not computed. Also the
+   loop's time outside graph calls as a share of wall time (the host loop's numpy update counts as
+   outside; the device loop's update is the ``sampler_step`` graph).
 """
 
 from __future__ import annotations
@@ -62,6 +72,111 @@ def reference_time(args: argparse.Namespace):
     return statistics.median(walls), image
 
 
+# ----------------------------------------------------------------------------- data path
+
+
+def _demo_cases(model: str):
+    """(label, call(pipe, steps) -> (out, stats)) for the demo: short and long prompt, guidance, an edit."""
+    import numpy as np
+
+    from qwen_image2_ref.demo import data
+
+    short = "a red circle on the left on a white background"
+    long = ", ".join([short, "a small blue square at the top", "a green triangle at the bottom right"] * 6)
+    edit = data.sample_edit(np.random.default_rng(7))
+    source = data.render(edit.source)
+    kw = dict(seed=0, output="np", negative_prompt="blurry", guidance=4.0, return_stats=True)
+    return [
+        (f"text, {len(short.split())}-word prompt", lambda p, n: p.generate(short, steps=n, **kw)),
+        (f"text, {len(long.split())}-word prompt", lambda p, n: p.generate(long, steps=n, **kw)),
+        ("edit, 1 image", lambda p, n: p.edit([source], edit.instruction, steps=n, **kw)),
+    ]
+
+
+def _text_cases(size: int):
+    short = "a red circle on the left of a white background"
+    long = " ".join([short, "the blue square is at the top right, next to a green triangle"] * 12)
+    kw = dict(seed=0, output="np", width=size, height=size, negative_prompt="blurry", guidance=4.0,
+              return_stats=True)
+    return [(f"text, {len(short.split())}-word prompt", lambda p, n: p.generate(short, steps=n, **kw)),
+            (f"text, {len(long.split())}-word prompt", lambda p, n: p.generate(long, steps=n, **kw))]
+
+
+def data_path(export_dir: str, cases, steps: int, threads: int, repeats: int = 3) -> list[dict]:
+    """Per case and loop: bytes per step and per image, and (median of ``repeats`` runs) the wall
+    time and its share outside graph calls."""
+    from qwen_image_edge.runtime.pipeline import Pipeline
+
+    device = Pipeline.load(export_dir, backend="counting", threads=threads)
+    # the same sessions with the numpy loop (the counting backend counts its calls as a device's)
+    host = Pipeline(device.export_dir, device.manifest, device.sessions, device.tokenizer, backend=device.backend)
+    graphs = set(device.sessions)
+    traffic, rows = device.backend.traffic, []
+    for label, call in cases:
+        for loop, pipe in (("host", host), ("device", device)):
+            call(pipe, steps)  # warm-up
+            totals = []
+            for n in (steps - 1, steps):
+                traffic.reset()
+                _, stats = call(pipe, n)
+                totals.append(traffic.total)
+            runs = [stats] + [call(pipe, steps)[1] for _ in range(repeats - 1)]
+            walls = [r.wall for r in runs]
+            outside = [(r.wall - sum(sum(t) for k, t in r.stages.items() if k in graphs)) / r.wall for r in runs]
+            rows.append(dict(case=label, loop=loop, per_step=totals[1] - totals[0], per_image=totals[1],
+                             wall=statistics.median(walls), outside=statistics.median(outside)))
+    return rows
+
+
+def print_data_path(title: str, rows: list[dict], steps: int) -> None:
+    print(f"\n{title}: bytes crossing host <-> device (counting backend), guidance 4, {steps} steps; wall time "
+          "and its share outside graph calls: median of the runs")
+    print(f"{'case':<24} {'loop':<7} {'per step':>12} {'per image':>12} {'wall s':>8} {'outside graphs':>15}")
+    for r in rows:
+        print(f"{r['case']:<24} {r['loop']:<7} {_size(r['per_step']):>12} {_size(r['per_image']):>12} "
+              f"{r['wall']:>8.3f} {r['outside']:>14.1%}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def full_width_export(root: Path, layers: int, size: int) -> Path:
+    """A model folder with a random full-width transformer (``layers`` layers) and a 4096-wide
+    1-layer text encoder (bench/export.py's builders over the tiny test model), exported for
+    text-to-image up to ``size`` px."""
+    from bench.export import ENCODER_4096, write_encoder, write_transformer
+    from qwen_image_edge.export.onnx_export import export_model
+    from tests.tiny_model import build_tiny_model
+
+    _, model = build_tiny_model(root / "tiny", output_resolution=size)
+    write_transformer(model, layers)
+    write_encoder(model, **ENCODER_4096)
+    out = root / "export"
+    start = time.perf_counter()
+    export_model(model, out, graphs=["text_encoder", "transformer", "transformer_prefill", "transformer_step",
+                                     "vae_decoder", "sampler_step"], max_resolution=size)
+    print(f"full-width export ({layers} layers): {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def run_data_path(args: argparse.Namespace) -> None:
+    import tempfile
+
+    steps = max(2, min(args.steps, 4))
+    print_data_path(f"demo ({args.export})",
+                    data_path(args.export, _demo_cases(args.model), steps, args.threads, args.repeats), steps)
+    if args.full_width_layers:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = full_width_export(Path(tmp), args.full_width_layers, 128)
+            rows = data_path(str(out), _text_cases(128), 2, args.threads, repeats=1)
+            print_data_path(f"qwen-image-2.1 transformer at full width, {args.full_width_layers} layers, random "
+                            "weights, 128 px", rows, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
@@ -72,6 +187,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-path-only", action="store_true", help="only the data-path tables (part 2)")
+    parser.add_argument("--full-width-layers", type=int, default=2,
+                        help="layers of the full-width model of the data-path table (0: skip it)")
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_out:
@@ -81,6 +199,9 @@ def main() -> None:
     from qwen_image_edge.export.demo import ensure_export
 
     args.export = str(ensure_export(args.model, args.export))  # reused when it verifies
+    if args.data_path_only:
+        run_data_path(args)
+        return
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-runtime-{os.getpid()}.json"
     cmd = [sys.executable, __file__, "--export", args.export, "--prompt", args.prompt, "--steps", str(args.steps),
            "--size", str(args.size), "--seed", str(args.seed), "--repeats", str(args.repeats),
@@ -121,6 +242,7 @@ def main() -> None:
     print(f"image agreement: PSNR {psnr:.1f} dB")
     out.unlink(missing_ok=True)
     Path(data["image"]).unlink(missing_ok=True)
+    run_data_path(args)
 
 
 if __name__ == "__main__":

@@ -113,8 +113,7 @@ class DeviceLoop:
                 self.velocity(neg, x[0], sigmas[i], vel_neg)
             feeds = {"latents": x[0], "velocity": vel, "velocity_uncond": vel_neg, "guidance": guidance,
                      "sigma": np.float32([sigmas[i]]), "sigma_next": np.float32([sigmas[i + 1]]), "latent_grid": grid}
-            with self.stats.time("update"):
-                pipe.sessions[SAMPLER_GRAPH].run_bound(feeds, {"latents_next": x[1], "vae_latents": vae_in})
+            self.run(SAMPLER_GRAPH, feeds, {"latents_next": x[1], "vae_latents": vae_in})  # the update, as a graph
             x.reverse()
             if callback is not None:
                 callback(i, request.steps, ops.download(x[0]))

@@ -64,6 +64,9 @@ class Backend(Protocol):
 def check_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every declared input present with its dtype and rank, inside the exported dim ranges.
 
+    A feed may be a device tensor (an object with ``shape`` and a dtype *name*, see ``device``): it is
+    checked the same way and passed through as it is.
+
     Symbols must be consistent across inputs (one value per symbol); a message names the graph,
     the input and what was expected, e.g. ``transformer input 'timestep': expected float32[B], got float16[2]``.
     """
@@ -74,15 +77,16 @@ def check_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.n
     bound: dict[str, int] = {}
     out = {}
     for t in spec.inputs:
-        arr = np.asarray(feeds[t.name])
-        if dtype_name(arr.dtype) != t.dtype or arr.ndim != len(t.dims):
-            raise ShapeError(f"{spec.name} input {t.name!r}: expected {_fmt(t)}, got {arr.dtype}{list(arr.shape)}")
+        arr = feeds[t.name]
+        on_device = not isinstance(arr, np.ndarray) and isinstance(getattr(arr, "dtype", None), str)
+        arr = arr if on_device else np.asarray(arr)  # a device tensor: its shape and dtype name only
+        found = arr.dtype if on_device else dtype_name(arr.dtype)
+        if found != t.dtype or len(arr.shape) != len(t.dims):
+            raise ShapeError(f"{spec.name} input {t.name!r}: expected {_fmt(t)}, got {found}{list(arr.shape)}")
         for dim, size in zip(t.dims, arr.shape):
             if isinstance(dim, int):
                 if size != dim:
-                    raise ShapeError(
-                        f"{spec.name} input {t.name!r}: expected {_fmt(t)}, got {arr.dtype}{list(arr.shape)}"
-                    )
+                    raise ShapeError(f"{spec.name} input {t.name!r}: expected {_fmt(t)}, got {found}{list(arr.shape)}")
                 continue
             if bound.setdefault(dim, size) != size:
                 raise ShapeError(
@@ -93,7 +97,7 @@ def check_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.n
                 raise ShapeError(
                     f"{spec.name} input {t.name!r}: {dim}={size} is outside the exported range [{lo}, {hi}]"
                 )
-        out[t.name] = np.ascontiguousarray(arr)
+        out[t.name] = arr if on_device else np.ascontiguousarray(arr)
     return out
 
 

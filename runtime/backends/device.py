@@ -49,21 +49,9 @@ def nbytes(shape: tuple[int, ...], dtype: str) -> int:
 
 
 def check_bound(spec: GraphSpec, feeds: dict[str, Any], outputs: dict[str, Any], ranges: dict | None = None) -> dict:
-    """``check_feeds`` for mixed host/device feeds (a device tensor is checked by its dtype name and
-    shape, through a zero-strided stand-in), plus: every declared output has a buffer, and no input
-    is one of them (kernels assume distinct buffers: an output written while read is garbage)."""
-    declared = {t.name: t for t in spec.inputs}
-    host = {}
-    for name, value in feeds.items():
-        if isinstance(value, np.ndarray) or name not in declared:
-            host[name] = value
-            continue
-        t = declared[name]
-        if value.dtype != t.dtype:
-            raise ShapeError(f"{spec.name} input {name!r}: expected {t.dtype}{list(t.dims)}, "
-                             f"got {value.dtype}{list(value.shape)} on the device")
-        host[name] = np.broadcast_to(np.zeros((), numpy_dtype(t.dtype)), value.shape)
-    checked = check_feeds(spec if ranges is None else dataclasses.replace(spec, dim_ranges=dict(ranges)), host)
+    """``check_feeds`` for mixed host/device feeds, plus: every declared output has a buffer, and no
+    input is one of them (kernels assume distinct buffers: an output written while read is garbage)."""
+    checked = check_feeds(spec if ranges is None else dataclasses.replace(spec, dim_ranges=dict(ranges)), feeds)
     names = [t.name for t in spec.outputs]
     if sorted(outputs) != sorted(names):
         raise ShapeError(f"{spec.name}: output buffers for {sorted(outputs)}, expected {names}")
@@ -71,7 +59,7 @@ def check_bound(spec: GraphSpec, feeds: dict[str, Any], outputs: dict[str, Any],
         if any(value is out for out in outputs.values()):
             raise BackendError(f"{spec.name}: input {name!r} is also an output buffer of this call; "
                                "use two buffers (ping-pong)")
-    return {k: checked[k] if isinstance(v, np.ndarray) else v for k, v in feeds.items()}
+    return checked
 
 
 # ----------------------------------------------------------------------------- onnxruntime
