@@ -2,6 +2,8 @@
 
     python bench/export.py [--layers 1 2] [--skip-full] [--skip-model]
     python bench/export.py --lean [--lean-layers 2 4] [--lean-32 trace|stream] [--lean-encoder] [--tmp DIR]
+    python bench/export.py --quantize [--quant-layers 2 4] ...   (bench/memory_plan.py: quantize's peak
+        memory and time at full width, and a memory plan per stage)
 
 Rows: every graph of the demo model (the tiny preset with random weights when the demo weights
 are absent), then the full-width qwen-image-2.1 transformer (4096 = 32 heads x 128, random fp32
@@ -344,6 +346,10 @@ def lean_main(args) -> None:
 
 
 def main() -> None:
+    if "--quantize" in sys.argv[1:]:
+        from bench.memory_plan import main as memory_plan
+
+        return memory_plan([a for a in sys.argv[1:] if a != "--quantize"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--graph", default="transformer", help=argparse.SUPPRESS)
@@ -354,6 +360,9 @@ def main() -> None:
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--lean", action="store_true", help="lean vs plain export from bf16 sharded checkpoints")
+    parser.add_argument("--quantize", action="store_true",
+                        help="quantize's peak memory and time at full width + a memory plan per stage "
+                             "(bench/memory_plan.py; see its --help)")
     parser.add_argument("--lean-layers", type=int, nargs="*", default=[2, 4])
     parser.add_argument("--lean-32", choices=["skip", "trace", "stream"], default="stream",
                         help="32-layer transformer: graph trace only, or also its weights streamed (~42 GB disk)")

@@ -8,7 +8,10 @@
    realistic width (``--wide``, ``--wide-layers`` blocks, random weights, ``--wide-tokens`` image
    tokens + 64 text tokens): fp32 vs int8 (fp8 runs unfused on the CPU: a correctness check);
 3. end to end through the torch-free runtime on held-out prompts, same seeds: PSNR / SSIM of the
-   int8 / fp8 images against fp32, per-step latent cosine, and the demo judge's prompt adherence.
+   int8 / fp8 images against fp32, per-step latent cosine, and the demo judge's prompt adherence;
+4. ``--bf16``: the same int8 / fp8 quantization calibrated in bf16 (``quantize --dtype bf16``) against
+   the fp32-calibrated export: image PSNR and the change in adherence (the full-size issue's goal:
+   >= 35 dB, within 2 points).
 """
 
 from __future__ import annotations
@@ -189,6 +192,7 @@ def main(argv=None) -> None:
     p.add_argument("--wide-layers", type=int, default=2)
     p.add_argument("--wide-tokens", type=int, default=1024)
     p.add_argument("--work", default=None, help="keep the exports here (default: a temporary folder)")
+    p.add_argument("--bf16", action="store_true", help="also calibrate in bf16 and compare (table 4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -204,15 +208,19 @@ def main(argv=None) -> None:
     model = load_model(args.model)
     export_quantized(model, None, dirs["fp32"], overwrite=True)  # the same writer, every graph fp32
     quant_s = {}
-    for prec in ("int8", "fp8"):
+    runs = [(prec, prec, "fp32") for prec in ("int8", "fp8")]
+    if args.bf16:
+        runs += [(f"{prec}-bf16", prec, "bf16") for prec in ("int8", "fp8")]
+        dirs.update({name: work / name for name, _, _ in runs})
+    for name, prec, dtype in runs:
         start = time.perf_counter()
-        quantize_model(args.model, prec, dirs[prec], calib_size=args.calib_size,
+        quantize_model(args.model, prec, dirs[name], calib_size=args.calib_size, device="cpu", dtype=dtype,
                        settings=CalibrationSettings(batch_size=8), overwrite=True, progress=False)
-        quant_s[prec] = time.perf_counter() - start
+        quant_s[name] = time.perf_counter() - start
     print(f"model {args.model}: exports in {work} ({time.perf_counter() - t0:.0f} s; calibration + quantization + "
           f"export int8 {quant_s['int8']:.0f} s, fp8 {quant_s['fp8']:.0f} s, {args.calib_size} prompts)\n")
 
-    sizes = {prec: graph_sizes(d) for prec, d in dirs.items()}
+    sizes = {prec: graph_sizes(dirs[prec]) for prec in PRECISIONS}
     rows = [["graph", "fp32 bytes", "int8 bytes", "fp8 bytes", "int8/fp32", "fp8/fp32"]]
     for g in sizes["fp32"]:
         f, i, e = sizes["fp32"][g], sizes["int8"][g], sizes["fp8"][g]
@@ -225,8 +233,8 @@ def main(argv=None) -> None:
     cfg = model.config
     res = cfg.pipeline.output_resolution // 16
     demo_feeds = feeds_of(transformer_inputs(cfg, 1, 24, (res, res), seed=1))
-    lat = {prec: step_ms(d / "transformer" / "model.onnx", demo_feeds, args.threads, args.repeats)
-           for prec, d in dirs.items()}
+    lat = {prec: step_ms(dirs[prec] / "transformer" / "model.onnx", demo_feeds, args.threads, args.repeats)
+           for prec in PRECISIONS}
     d = cfg.transformer
     rows = [["transformer step", "fp32 ms", "int8 ms", "fp8 ms", "int8 speed-up", "int8 bytes/fp32"]]
     rows.append([f"demo: D={d.hidden_size}, {d.num_layers} blocks, L={24 + res * res}", f"{lat['fp32']:.2f}",
@@ -263,6 +271,28 @@ def main(argv=None) -> None:
         per = np.array([[cosine(a[s], b[s]) for s in marks] for a, b in zip(e2e[prec]["latents"], ref["latents"])])
         rows.append([prec] + [f"{v:.5f}" for v in per.mean(0)])
     print("Per-step latent cosine vs fp32 (mean over prompts)\n" + table(rows))
+    if args.bf16:
+        print("\n" + bf16_table(e2e, args.n))
+
+
+def adherence(r: dict) -> dict[str, float]:
+    return {k: float(np.mean([s[k] for s in r["scores"]])) for k in ("color", "shape", "position", "background")}
+
+
+def bf16_table(e2e: dict, n: int) -> str:
+    """Calibrated in bf16 vs in fp32, same precision: image PSNR and adherence points."""
+    rows = [["precision", "PSNR dB median", "PSNR dB min", "color", "shape", "position", "background",
+             "max |points|", "goal met"]]
+    for prec in ("int8", "fp8"):
+        a, b = e2e[f"{prec}-bf16"], e2e[prec]
+        ps = [psnr(x, y) for x, y in zip(a["images"], b["images"])]
+        da, db = adherence(a), adherence(b)
+        diff = {k: 100 * (da[k] - db[k]) for k in da}
+        worst = max(abs(v) for v in diff.values())
+        rows.append([prec, f"{np.median(ps):.1f}", f"{min(ps):.1f}"] + [f"{v:+.1f}" for v in diff.values()]
+                    + [f"{worst:.1f}", "yes" if np.median(ps) >= 35 and worst <= 2 else "NO"])
+    return (f"Calibrated in bf16 vs in fp32 (same precision, {n} held-out prompts, same seeds; adherence in "
+            "points, bf16 minus fp32; goal: PSNR >= 35 dB, within 2 points)\n" + table(rows))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,9 @@ the graph's dtype, into one data file. Neither path holds a whole tensor in memo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import onnx
 import torch
 
 from qwen_image2_ref.checkpoint import find_weight_files
+from qwen_image2_ref.shards import ShardEntry, read_header, read_tensor  # noqa: F401 (re-exported)
 from qwen_image_edge.runtime.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,46 +58,6 @@ def onnx_dtype(dtype: torch.dtype) -> int:
     if dtype not in _TORCH_TO_ONNX:
         raise ConfigError(f"dtype {dtype}: no ONNX tensor type; expected one of {sorted(map(str, _TORCH_TO_ONNX))}")
     return _TORCH_TO_ONNX[dtype]
-
-
-@dataclass(frozen=True)
-class ShardEntry:
-    """Where one checkpoint tensor's bytes are: ``file`` from byte ``offset``, ``nbytes`` long."""
-
-    key: str
-    file: Path
-    dtype: str  # safetensors code, e.g. "BF16"
-    shape: tuple[int, ...]
-    offset: int  # from the start of the file
-    nbytes: int
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _ST_DTYPES[self.dtype][0]
-
-
-def read_header(path: Path) -> dict[str, ShardEntry]:
-    """The tensors of one safetensors file, from its header only."""
-    try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > 100 << 20:
-                raise CheckpointError(f"{path}: safetensors header of {size} bytes; expected < 100 MB")
-            header = json.loads(fh.read(size))
-        file_size = path.stat().st_size
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        entry = ShardEntry(key, path, info["dtype"], tuple(info["shape"]), 8 + size + begin, end - begin)
-        if entry.offset + entry.nbytes > file_size:
-            raise CheckpointError(f"{path}: tensor {key!r} ends at byte {entry.offset + entry.nbytes}, "
-                                  f"past the end of the file ({file_size} bytes); the shard is truncated")
-        out[key] = entry
-    return out
 
 
 def checkpoint_entries(folder: Path) -> dict[str, ShardEntry]:
@@ -231,16 +190,6 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 def _byte_view(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy for a contiguous tensor
-
-
-def read_tensor(entry: ShardEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One checkpoint tensor, read from its shard (plain file read, not mmap), cast to ``dtype``."""
-    with open(entry.file, "rb") as fh:
-        fh.seek(entry.offset)
-        raw = bytearray(fh.read(entry.nbytes))
-    t = torch.frombuffer(raw, dtype=entry.torch_dtype).reshape(entry.shape) if raw else \
-        torch.empty(entry.shape, dtype=entry.torch_dtype)
-    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
 def _copy_converted(fh_in, fh_out, entry: ShardEntry, dst: torch.dtype) -> None:

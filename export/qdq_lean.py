@@ -13,7 +13,7 @@ fake tensors. Each policy layer's ``W -> Transpose -> MatMul`` then becomes what
 and ``W_q^T`` (int8 or float8e4m3fn, pre-transposed ``[in, out]``) is computed one tensor at a time
 while the weights stream from the checkpoint shards into external data: read in fp32, smoothed
 (``W / pre_quant_scale``, modelopt's fold), quantized by the Q node's own formula
-(``qdq._quantize_weight``). The scales are modelopt's export formulas on the same fp32 ranges
+(in place, as ``qdq._quantize_weight`` computes it). The scales are modelopt's export formulas on the same fp32 ranges
 (INT8 ``amax / 127``; FP8 ``1 / (448 / amax)`` in double, then fp32), so for an fp32 checkpoint the
 graph stores the very bytes the TorchScript path stores.
 """
@@ -30,7 +30,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qwen_image_edge.calib.policy import QuantPolicy
 from qwen_image_edge.export.external_data import ShardEntry, WeightSource, read_tensor
-from qwen_image_edge.export.qdq import _quantize_weight
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.manifest import Precision
 
@@ -108,15 +107,22 @@ def _const(name: str, value: np.ndarray, onnx_type: int = TensorProto.FLOAT) -> 
 
 
 def quantized_weight(entry: ShardEntry, layer: LayerScales, precision: Precision) -> torch.Tensor:
-    """``W_q^T`` of one layer, ``[in, out]`` int8 (or float8e4m3fn bytes as uint8), from its shard."""
-    w = read_tensor(entry, torch.float32)  # [out, in]; the only fp32 copy, one tensor at a time
+    """``W_q^T`` of one layer, ``[in, out]`` int8 (or float8e4m3fn bytes as uint8), from its shard.
+
+    The Q node's formula (``qdq._quantize_weight``: ``saturate(round_half_even(W / scale))``) done in
+    place on the one fp32 copy: the largest full-width weight (16384 x 4096, 256 MiB in fp32) is
+    read, smoothed, scaled, rounded and clipped without a second fp32 buffer."""
+    w = read_tensor(entry, torch.float32)  # [out, in]
     if layer.pre_quant_scale is not None:
-        w = w * (1.0 / torch.from_numpy(layer.pre_quant_scale))[None, :]
-    scale = _scale(layer.weight_amax, precision)
-    zero_point = np.zeros(scale.shape, np.int8 if precision is Precision.INT8 else np.float32)  # int8 picks the grid
-    raw, _ = _quantize_weight(w.numpy(), scale, zero_point, axis=0)
-    q = np.frombuffer(raw, np.int8 if precision is Precision.INT8 else np.uint8).reshape(w.shape)
-    return torch.from_numpy(np.ascontiguousarray(q.T))
+        w.mul_((1.0 / torch.from_numpy(layer.pre_quant_scale))[None, :])
+    scale = torch.from_numpy(_scale(layer.weight_amax, precision))
+    w.div_(scale[:, None] if scale.ndim else scale)
+    if precision is Precision.INT8:
+        q = w.round_().clamp_(-128, 127).to(torch.int8)
+    else:
+        q = w.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    del w
+    return q.t().contiguous()
 
 
 def insert_qdq(model: onnx.ModelProto, sources: list[WeightSource], scales: CalibratedScales,

@@ -13,8 +13,8 @@ Loading is memory-lean. Build the module without storage, then fill it shard by 
         model = PeerModel.from_config(read_config(folder))
     load_into(model, folder, dtype=torch.float32)
 
-Each checkpoint tensor is read once from its mmapped file, cast, and assigned into the module, so the
-weights never exist twice. Non-persistent buffers are not in a checkpoint: after loading, every
+Each checkpoint tensor is read once (a plain read into its own storage, ``qwen_image2_ref.shards``),
+cast, and assigned into the module, so the weights never exist twice. Non-persistent buffers are not in a checkpoint: after loading, every
 submodule that defines ``reset_buffers()`` has it called under ``torch.device(device)`` so it can
 recompute them there. Weights tied between two names are not re-tied; tie them again afterwards.
 """
@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qwen_image2_ref.shards import read_header, read_tensor
 from qwen_image_edge.runtime.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -206,9 +207,14 @@ def _mismatch_report(folder: Path, expected: Mapping[str, torch.Size], found: Ma
 
 def _load_shard(module: nn.Module, path: Path, keys: list[str], dtypes: Mapping[str, torch.dtype | None],
                 device: torch.device) -> None:
-    """Assign one file's tensors into ``module``; only this file's tensors are held at once."""
-    with _open(path, device) as f:  # each tensor is cast as it is read: one source-dtype tensor alive at a time
-        partial = {k: _cast(f.get_tensor(k), dtypes[k], device) for k in keys}
+    """Assign one file's tensors into ``module``. Each tensor is read into its own storage by a plain
+    file read (``qwen_image2_ref.shards``: no mapped shard counted in resident memory), cast, and
+    moved to ``device``: one source tensor in host memory at a time."""
+    entries = read_header(path)
+    partial = {}
+    with open(path, "rb") as fh:
+        for k in keys:  # cast on the device (no host copy in a wider dtype); nothing else keeps the read
+            partial[k] = _cast(read_tensor(entries[k], fh=fh).to(device), dtypes[k])
     result = module.load_state_dict(partial, strict=False, assign=True)
     if result.unexpected_keys:  # cannot happen after the header check; guards against hooks renaming keys
         raise CheckpointError(f"{path}: module refused keys {_listing(sorted(result.unexpected_keys))}")

@@ -127,7 +127,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     with quiet_third_party_warnings():
         quantize_model(args.model, args.precision, args.out, policy=args.policy, prompts=args.prompts,
                        calib_size=args.calib_size, settings=settings, max_resolution=args.max_resolution,
-                       overwrite=args.overwrite, progress=True, device=args.device, dtype=args.dtype)
+                       overwrite=args.overwrite, progress=True, device=args.device, dtype=args.dtype,
+                       lean=args.lean)
     print(f"quantized export ({args.precision}) written to {args.out}")
     return 0
 

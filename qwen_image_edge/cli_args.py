@@ -135,6 +135,11 @@ def _add_quantize(add) -> None:
     quant.add_argument("--guidance", type=float, default=None, help="calibration guidance (default: the model's)")
     _max_resolution(quant)
     add_placement_arguments(quant, "calibration (fp16 is refused: its range overflows; ranges are kept in fp32)")
+    quant.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
+                       help="calibrate the model in place, keep only its scales, and write the graphs traced "
+                            "without weights, quantizing each weight as it streams from the shards (peak memory: "
+                            "about the model in --dtype; default: when the fp32 weights exceed 40%% of the "
+                            "available memory)")
     quant.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
 
 

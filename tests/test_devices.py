@@ -95,39 +95,21 @@ def test_the_loaded_pair_is_logged(tiny_model_dir, caplog):
 
 
 class _Spy:
-    """Wraps safetensors' safe_open: records the device asked and the fp32 bytes alive at once among
-    the tensors it hands out (each released tensor leaves the count through a weakref finalizer)."""
+    """Wraps the loader's tensor reader: records the fp32 bytes alive at once among the tensors it
+    hands out (each released tensor leaves the count through a weakref finalizer) and the devices
+    they were made on."""
 
     def __init__(self, real):
         self.real, self.devices, self.live, self.peak = real, [], 0, 0
 
-    def __call__(self, path, framework, device="cpu"):
-        self.devices.append(device)
-        spy, handle = self, self.real(path, framework=framework, device=device)
-
-        class Handle:
-            def __enter__(self):
-                self.f = handle.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return handle.__exit__(*exc)
-
-            def keys(self):
-                return self.f.keys()
-
-            def get_slice(self, key):
-                return self.f.get_slice(key)
-
-            def get_tensor(self, key):
-                t = self.f.get_tensor(key)
-                if t.dtype is torch.float32:
-                    spy.live += t.nbytes
-                    spy.peak = max(spy.peak, spy.live)
-                    weakref.finalize(t, spy.release, t.nbytes)
-                return t
-
-        return Handle()
+    def __call__(self, entry, *args, **kwargs):
+        t = self.real(entry, *args, **kwargs)
+        self.devices.append(str(t.device))
+        if t.dtype is torch.float32:
+            self.live += t.nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self.release, t.nbytes)
+        return t
 
     def release(self, nbytes):
         self.live -= nbytes
@@ -140,8 +122,8 @@ def test_a_sharded_fp32_checkpoint_loads_in_bf16_one_tensor_at_a_time(tmp_path, 
     folder = checkpoint.save_component(source, tmp_path / "c", {}, max_shard_size=40_000)
     files, _ = checkpoint.find_weight_files(folder)
     assert len(files) >= 3  # really sharded
-    spy = _Spy(checkpoint.safe_open)
-    monkeypatch.setattr(checkpoint, "safe_open", spy)
+    spy = _Spy(checkpoint.read_tensor)
+    monkeypatch.setattr(checkpoint, "read_tensor", spy)
     with torch.device("meta"):
         target = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(6)))
     checkpoint.load_into(target, folder, dtype=torch.bfloat16, device="cpu")
@@ -156,8 +138,8 @@ def test_a_sharded_fp32_checkpoint_loads_in_bf16_one_tensor_at_a_time(tmp_path, 
 def test_a_bf16_checkpoint_makes_no_fp32_tensor(tmp_path, monkeypatch):
     source = torch.nn.Linear(32, 32)
     folder = checkpoint.save_component(source, tmp_path / "c", {}, dtype=torch.bfloat16)
-    spy = _Spy(checkpoint.safe_open)
-    monkeypatch.setattr(checkpoint, "safe_open", spy)
+    spy = _Spy(checkpoint.read_tensor)
+    monkeypatch.setattr(checkpoint, "read_tensor", spy)
     with torch.device("meta"):
         target = torch.nn.Linear(32, 32)
     checkpoint.load_into(target, folder, dtype=torch.bfloat16)

@@ -152,3 +152,22 @@ def test_lean_export_refuses_a_modelopt_module(exports, tmp_path) -> None:
     with pytest.raises(ConfigError, match="CalibratedScales"):
         export_quantized(load_lazy_model(model.path), q, tmp_path / "x", graphs=["transformer"])
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_quantize_lean_passes_its_gate_and_runs(exports, tmp_path, capsys) -> None:
+    """`quantize --lean`: calibrated in place, exported lean, validated by its gate (a failure would
+    exit non-zero), and the runtime generates from it."""
+    from qwen_image_edge.cli import main
+    from qwen_image_edge.runtime.pipeline import Pipeline
+
+    model = exports["int8"][3]
+    out = tmp_path / "lean-cli"
+    code = main(["quantize", "--model", str(model.path), "--precision", "int8", "--out", str(out), "--lean",
+                 "--calib-size", "2", "--batch-size", "2", "--steps", "2", "--prompts", "general",
+                 "--device", "cpu", "--dtype", "bf16"])
+    assert code == 0, capsys.readouterr().err
+    pipe = Pipeline.load(out)
+    assert pipe.manifest.provenance.exporter.startswith("lean")
+    assert pipe.manifest.graph("transformer").precision is Precision.INT8
+    assert pipe.manifest.provenance.calibration["summary"]["dtype"] == "bfloat16"
+    assert np.asarray(pipe.generate("a red cat", steps=2, seed=1, width=64, height=64)).std() > 0
