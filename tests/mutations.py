@@ -419,4 +419,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_demo_captions.py::test_v2_captions_name_every_attribute_and_the_background_only_when_asked",
          "tests/test_demo_captions.py::test_v2_background_is_optional_at_its_share_and_every_template_takes_one_or_two_objects"),
     ),
+    # -------------------------------------------- the lean quantized export (full size) stores what the TorchScript one does
+    Mutation(
+        "qdq-lean-no-smoothing", "export", "export/qdq_lean.py",
+        "the lean export quantizes the checkpoint weight without SmoothQuant's fold (W, not W / pre_quant_scale)",
+        "        w.mul_((1.0 / torch.from_numpy(layer.pre_quant_scale))[None, :])",
+        "        pass",
+        ("tests/test_quant_lean.py::test_lean_graph_stores_the_torchscript_paths_bytes",),
+    ),
+    Mutation(
+        "qdq-lean-links-shards", "export", "export/lean.py",
+        "the quantized graph links the checkpoint shards (the unquantized weights travel with the export)",
+        "data_files = attach_weights(proto, sources, graph_dir, name, link=scales is None)",
+        "data_files = attach_weights(proto, sources, graph_dir, name, link=True)",
+        ("tests/test_quant_lean.py::test_lean_graph_holds_no_unquantized_copy",),
+    ),
 )
