@@ -6,6 +6,10 @@ The demo model learned from captions that ``data.caption`` writes and instructio
 ``data.sample_edit`` writes, and nothing else: one or two shapes in named colours at named
 positions, always with a background phrase, sometimes a big glyph. Words outside that language
 reach the model as byte pieces it never saw in training, so it draws something unrelated.
+
+That is caption language "v1" (``captions.CaptionStyle``), the shipped model's; ``vocabulary`` and
+``prompt_warnings`` also take "v2", the language of the next model (background phrase optional,
+more paraphrases), which therefore never warns about a missing background.
 """
 
 from __future__ import annotations
