@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from qwen_image2_ref.config import ModelConfig
 from qwen_image2_ref.demo import data
 from qwen_image2_ref.demo.captions import CaptionStyle, caption_v2
-from qwen_image2_ref.demo.parts import build_encoder, load_vae
+from qwen_image2_ref.demo.parts import encoder_for, load_vae
 from qwen_image2_ref.demo.resume import TrainState, run_steps
 from qwen_image2_ref.demo.resume import start as resume_or_start
 from qwen_image2_ref.demo.stage_io import load_groups, load_stage, save_groups, save_module
@@ -227,9 +227,10 @@ def smoothed(losses: list[float], every: int = 500) -> list[tuple[int, float]]:
 
 
 def load_encoder(out, config: ModelConfig, args):
-    encoder = build_encoder(out, config, args.seed, CaptionStyle(args.style))
+    """The encoder stage's tokenizer and weights (whatever ``--style`` says now: they were made once)."""
+    encoder = encoder_for(out, config)
     encoder.model.load_state_dict(load_stage(out / "encoder")[0])
-    return encoder
+    return encoder.requires_grad_(False)
 
 
 def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dict:
