@@ -92,6 +92,17 @@ def test_trainer_seed_changes_the_run_and_save_writes_a_loadable_folder(tmp_path
     assert load_model(tmp_path / "c" / "weights").config.transformer == load_model("demo").config.transformer
 
 
+def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    tmp_path.joinpath("train.lock").touch()
+    with open(tmp_path / "train.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running trainer holds it
+        with pytest.raises(SystemExit, match="another trainer is running"):
+            train.main(_args(tmp_path, 0, "vae"))
+        assert not (tmp_path / "ckpt_vae.safetensors").exists()
+
+
 def _state(seed: int, steps: int = 3) -> resume.TrainState:
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 3)

@@ -23,6 +23,7 @@ stages, exactly as if it had never stopped (same options and thread count).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import signal
@@ -106,6 +107,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+TRAINING_STAGES = {"vae", "encoder", "data", "dit"}
+
+
+def _lock(out: Path, stages: list[str]):
+    """An exclusive lock on OUT/train.lock while training stages run (two trainers on one folder would
+    overwrite each other's checkpoints); ``--stages save`` alone only reads, and takes none."""
+    if not TRAINING_STAGES & set(stages):
+        return None
+    handle = open(out / "train.lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SystemExit(f"{out}: another trainer is running there (it holds {out / 'train.lock'}); "
+                         "stop it first or use another --out") from None
+    return handle
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -116,7 +135,16 @@ def main(argv=None) -> dict:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"--stages: unknown {sorted(unknown)}, expected a subset of {STAGES}")
-    config = DEMO
+    lock = _lock(out, stages)
+    try:
+        return _run(args, stages)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run(args, stages: list[str]) -> dict:
+    out, config = args.out, DEMO
     resume.STOP.clear()
     progress = not args.no_progress
     report: dict = {}
