@@ -59,6 +59,10 @@ THRESHOLDS: dict[Precision, Threshold] = {
     Precision.BF16: Threshold(2e-2, 0.9995),
     Precision.INT8: Threshold(0.25, 0.97),
     Precision.FP8: Threshold(0.25, 0.97),
+    # int4 weight-only (the text encoder's language model, AWQ): the same sanity bound; the encoder's
+    # own figure is its hidden states' cosine over the calibration prompts (>= 0.99, measured in
+    # tests/test_encoder_quant.py with outlier channels), and images are gated end to end.
+    Precision.INT4: Threshold(0.25, 0.97),
 }
 
 # End to end: runtime vs reference images, same seed, PSNR over RGBA in [0, 1]. fp32: measured
@@ -72,6 +76,7 @@ ENDTOEND: dict[Precision, EndToEndBound] = {
     Precision.BF16: EndToEndBound(35.0, 12.5),
     Precision.INT8: EndToEndBound(25.0, 12.5),
     Precision.FP8: EndToEndBound(25.0, 12.5),
+    Precision.INT4: EndToEndBound(25.0, 12.5),
 }
 
 
@@ -216,7 +221,7 @@ def validate_graph(export_dir: Path, manifest: Manifest, name: str, model) -> Gr
 
 def _precision_of(manifest: Manifest) -> Precision:
     """The export's precision for the end-to-end bound: the lowest of its graphs'."""
-    order = [Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8, Precision.INT8]
+    order = [Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8, Precision.INT8, Precision.INT4]
     return max((g.precision for g in manifest.graphs.values()), key=order.index)
 
 
