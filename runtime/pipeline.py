@@ -47,6 +47,7 @@ from qwen_image_edge.runtime.sampling import (
     one_or_list,
     resolve_request,
 )
+from qwen_image_edge.runtime.staging import Memory, StagedSessions, parse_memory
 from qwen_image_edge.runtime.stats import GenerationStats
 from qwen_image_edge.runtime.tokens import PromptTokenizer, mrope_position_ids, postprocess_hidden_states
 from qwen_image_edge.runtime.vision import vision_feeds, visual_index
@@ -100,7 +101,7 @@ class Pipeline:
     def load(cls, export_dir: str | os.PathLike, backend: str = "onnxruntime", *, providers: list[str] | None = None,
              threads: int | None = None, verify_hashes: bool = True,
              backend_options: dict | None = None, kv_cache: bool | None = None,
-             device_loop: bool | None = None) -> Pipeline:
+             device_loop: bool | None = None, memory: str = "default") -> Pipeline:
         """Verify the manifest (hashes included by default) and open the graphs a generation uses.
 
         ``kv_cache``: None uses the condition KV cache pair (``transformer_prefill`` +
@@ -118,7 +119,11 @@ class Pipeline:
         then no longer caught here and may run, giving a wrong image or an onnxruntime/TensorRT error
         instead of a ManifestError. The manifest's structure and the graphs' declared inputs and
         outputs are still checked.
+
+        ``memory="low"`` opens each graph when its stage starts and releases the other stages' graphs
+        (``qwen_image_edge.runtime.staging``); "default" keeps them all open from here on.
         """
+        memory = parse_memory(memory)
         export_dir = Path(export_dir)
         manifest = load_manifest(export_dir, verify_hashes=verify_hashes)
         missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
@@ -157,8 +162,10 @@ class Pipeline:
             unused.add(SAMPLER_GRAPH)
             device = None
         start = time.perf_counter()
-        sessions = {name: be.open(spec, resolve_path(export_dir, spec.file))
-                    for name, spec in manifest.graphs.items() if name not in unused}
+        specs = {name: (spec, resolve_path(export_dir, spec.file)) for name, spec in manifest.graphs.items()
+                 if name not in unused}
+        sessions = StagedSessions(be.open, specs) if memory is Memory.LOW else {
+            name: be.open(*spec) for name, spec in specs.items()}
         log.info("opened %d graphs in %.2f s", len(sessions), time.perf_counter() - start)
         log.info("denoising loop: %s", f"on the device ({device.name})" if device is not None else "numpy on the host")
         return cls(export_dir, manifest, sessions, tokenizer, backend=be, device=device)
