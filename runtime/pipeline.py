@@ -121,7 +121,8 @@ class Pipeline:
         outputs are still checked.
 
         ``memory="low"`` opens each graph when its stage starts and releases the other stages' graphs
-        (``qwen_image_edge.runtime.staging``); "default" keeps them all open from here on.
+        (``qwen_image_edge.runtime.staging``), with the single transformer graph unless ``kv_cache=True``;
+        "default" keeps them all open from here on.
         """
         memory = parse_memory(memory)
         export_dir = Path(export_dir)
@@ -133,7 +134,8 @@ class Pipeline:
         if kv_cache and not pair:
             raise ManifestError(f"{export_dir}: kv_cache=True needs the graphs {list(KV_CACHE_GRAPHS)}; found "
                                 f"{sorted(manifest.graphs)}; re-export to add them")
-        use_pair = pair if kv_cache is None else kv_cache
+        # low memory: the pair holds the transformer's weights twice, so the single graph by default
+        use_pair = (pair and memory is Memory.DEFAULT) if kv_cache is None else kv_cache
         unused = {"transformer"} if use_pair else set(KV_CACHE_GRAPHS)
         if device_loop and SAMPLER_GRAPH not in manifest.graphs:
             raise ManifestError(f"{export_dir}: device_loop=True needs the graph {SAMPLER_GRAPH!r}; found "
