@@ -1,0 +1,110 @@
+"""Low-memory mode (runtime/staging.py): which graphs are open when, identical images, peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.pipeline import Pipeline
+from qwen_image_edge.runtime.staging import StagedSessions, parse_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Session:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def close(self) -> None:
+        self.log.append(("close", self.name))
+
+
+def _staged(names):
+    log: list = []
+
+    def open_graph(spec, path):
+        log.append(("open", spec))
+        return _Session(spec, log)
+
+    return StagedSessions(open_graph, {n: (n, Path(n)) for n in names}), log
+
+
+def test_stages_release_before_the_next_opens():
+    sessions, log = _staged(["text_encoder", "vision_encoder", "transformer", "sampler_step", "vae_decoder"])
+    assert "transformer" in sessions and sessions.resident == ()  # membership opens nothing
+    sessions["vision_encoder"], sessions["text_encoder"], sessions["text_encoder"]
+    sessions["transformer"], sessions["sampler_step"], sessions["transformer"]
+    sessions["vae_decoder"]
+    assert log == [("open", "vision_encoder"), ("open", "text_encoder"),
+                   ("close", "vision_encoder"), ("close", "text_encoder"), ("open", "transformer"),
+                   ("open", "sampler_step"),
+                   ("close", "transformer"), ("close", "sampler_step"), ("open", "vae_decoder")]
+    assert sessions.resident == ("vae_decoder",) and sessions.opened == 5
+    with pytest.raises(KeyError):
+        sessions["transformer_step"]  # not one of this pipeline's graphs
+    sessions.release()
+    assert sessions.resident == () and log[-1] == ("close", "vae_decoder")
+
+
+def test_bad_memory_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="expected one of"):
+        parse_memory("tiny")
+
+
+def test_low_memory_images_equal_the_default(tiny_export, runtime_pipe):
+    low = Pipeline.load(tiny_export[1], threads=1, memory="low")
+    assert not low.uses_kv_cache  # the pair would hold the transformer twice
+    for kw in ({"seed": 1}, {"seed": 2, "guidance": 3.0, "negative_prompt": "blurry", "width": 96}):
+        ref = runtime_pipe.generate("a red cat", steps=3, output="np", **kw)
+        single = Pipeline.load(tiny_export[1], threads=1, kv_cache=False).generate(
+            "a red cat", steps=3, output="np", **kw)
+        got = low.generate("a red cat", steps=3, output="np", **kw)
+        np.testing.assert_array_equal(got, single)  # same graphs, same image
+        np.testing.assert_allclose(got, ref, atol=1e-5)  # the pair vs the single graph: float order only
+    assert low.sessions.resident == ("vae_decoder",)
+    image = np.zeros((64, 64, 3), np.uint8)
+    np.testing.assert_array_equal(low.edit(image, "make it blue", steps=2, seed=0, output="np"),
+                                  Pipeline.load(tiny_export[1], threads=1, kv_cache=False)
+                                  .edit(image, "make it blue", steps=2, seed=0, output="np"))
+
+
+def _probe(*args) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "tests.rss_probe", *args], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_low_memory_peak_is_the_largest_graph_plus_30_percent(demo_default_export, tmp_path):
+    """VmHWM in fresh processes: a low-memory generation costs at most 1.3x the largest graph it
+    opens (opened and run alone, on the feeds the generation gave it)."""
+    feeds: dict[str, dict] = {}
+    pipe = Pipeline.load(demo_default_export, threads=1, memory="low")
+    opener = pipe.sessions._open_graph
+
+    def recording(spec, path):
+        session = opener(spec, path)
+        run = session.run
+        session.run = lambda f: (feeds.setdefault(spec.name, dict(f)), run(f))[1]
+        return session
+
+    pipe.sessions._open_graph = recording
+    pipe.generate("a red circle on the left", steps=2, seed=3, output="np")
+    graph_cost = {}
+    for name, f in feeds.items():
+        np.savez(tmp_path / f"{name}.npz", **f)
+        r = _probe("graph", str(demo_default_export), name, str(tmp_path / f"{name}.npz"))
+        graph_cost[name] = r["peak"] - r["baseline"]
+    low, default = (_probe("generate", str(demo_default_export), m) for m in ("low", "default"))
+    assert low["image_sum"] == default["image_sum"]
+    low_cost, default_cost = low["peak"] - low["baseline"], default["peak"] - default["baseline"]
+    largest = max(graph_cost.values())
+    assert low_cost <= 1.3 * largest, (low_cost, graph_cost)
+    assert default_cost > low_cost  # all-resident holds more than one stage at once
