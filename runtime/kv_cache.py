@@ -10,8 +10,9 @@ and the prefix block of the block-causal mask for the prefill; the target rows a
 ``[B, L_prefix + N_t]`` (target queries see every valid key) for the step.
 
 Where the backend can keep an output on the device (TensorRT's ``run_kept``), the cache stays
-there and every step binds it by address; otherwise it is a numpy array fed at each step (on
-onnxruntime's CUDA provider that is one host-to-device copy of the cache per step: a known gap).
+there and every step binds it by address; otherwise it is a numpy array fed at each step. The
+device loop (``qwen_image_edge.runtime.device_loop``) prefills into a device buffer instead, on
+every backend with a device (onnxruntime's CUDA / TensorRT providers included).
 """
 
 from __future__ import annotations
