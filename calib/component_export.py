@@ -25,7 +25,7 @@ from qwen_image_edge.calib.components import ComponentPolicy, parse_component_po
 from qwen_image_edge.calib.encoder_quant import EncoderQuantPolicy, quantize_text_encoder
 from qwen_image_edge.calib.policy import QuantPolicy
 from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
-from qwen_image_edge.runtime.errors import InputError, NumericalError
+from qwen_image_edge.runtime.errors import ConfigError, InputError, NumericalError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES, check_graph_names
 from qwen_image_edge.runtime.manifest import GraphSpec, Manifest, Precision, load_manifest
 
@@ -45,17 +45,22 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
                         encoder_policy: EncoderQuantPolicy | None = None, prompts: str | None = None,
                         calib_size: int = 32, settings: CalibrationSettings | None = None,
                         max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
-                        device: DeviceArg = None, dtype: DtypeArg = None, graphs=None, gate: bool = True) -> Manifest:
+                        device: DeviceArg = None, dtype: DtypeArg = None, graphs=None, gate: bool = True,
+                        lean: bool | None = None) -> Manifest:
     """``qwen-image-edge quantize``: ``precision`` is ``int8`` / ``fp8`` (transformer only), a preset, a
     ``part=precision,...`` list or a JSON file (``qwen_image_edge.calib.components``); ``policy`` is the
-    transformer's QuantPolicy (or its JSON file). Every argument is checked before the model loads."""
+    transformer's QuantPolicy (or its JSON file). Every argument is checked before the model loads.
+    ``lean`` (the transformer-only path's streaming export) is not available with other parts yet."""
     components = parse_component_policy(precision)
     if components.transformer_only and components.transformer is not Precision.FP32:
         from qwen_image_edge.calib.quantize import quantize_model
 
         return quantize_model(model, components.transformer, out, policy=policy, prompts=prompts,
                               calib_size=calib_size, settings=settings, max_resolution=max_resolution,
-                              overwrite=overwrite, progress=progress, device=device, dtype=dtype)
+                              overwrite=overwrite, progress=progress, device=device, dtype=dtype, lean=lean)
+    if lean:
+        raise ConfigError(f"quantize --lean: only for a transformer-only precision (int8 or fp8), not "
+                          f"{components.name!r}; drop --lean")
     transformer_policy = (None if components.transformer is Precision.FP32
                           else _transformer_policy(policy, components.transformer))
     if components.text_encoder is not Precision.FP32:

@@ -3,7 +3,7 @@
 fp16 holds magnitudes up to 65504. A VAE decoder's late up-blocks and its norms' sums of squares
 are where image models overflow (SD-XL's VAE is the known case), so before converting, every
 float tensor of the fp32 graph is run in onnxruntime on sample feeds and its abs max recorded:
-a node whose output exceeds ``FP16_MAX / HEADROOM`` stays fp32, and so do the reductions whose
+a node that reads or writes a tensor past ``FP16_MAX / HEADROOM`` stays fp32, and so do the reductions whose
 internal sums grow as the square of their inputs (``ReduceL2``, ``ReduceSumSquare``, ``Pow``).
 The rest runs in fp16 (onnxconverter-common's converter, inputs and outputs kept fp32 so the
 runtime and the manifest's IOSpec do not change). What was kept, and the measured maximum, are
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,24 @@ def to_half(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
     if not feeds:
         raise ValueError("to_half: expected sample feeds to measure activations, got none")
     maxima = activation_maxima(model, feeds)
+    for init in model.graph.initializer:  # constants too: the converter would clip them
+        values = numpy_helper.to_array(init)
+        if values.dtype.kind == "f" and values.size:
+            maxima[init.name] = float(np.abs(values[np.isfinite(values)]).max(initial=0.0))
+    for feed in feeds:
+        for name, value in feed.items():
+            if np.asarray(value).dtype.kind == "f" and np.asarray(value).size:
+                maxima[name] = max(maxima.get(name, 0.0), float(np.abs(value).max()))
     bound = FP16_MAX / headroom
-    hot = {node.name for node in model.graph.node if any(maxima.get(o, 0.0) > bound for o in node.output)}
+    # a node reading or writing a tensor past the bound stays fp32 (a cast into fp16 would overflow too)
+    hot = {node.name for node in model.graph.node
+           if any(maxima.get(t, 0.0) > bound for t in list(node.input) + list(node.output))}
     squaring = {node.name for node in model.graph.node if node.op_type in SQUARING_OPS}
     kept = hot | squaring
     casts = {n.name for n in model.graph.node if n.op_type == "Cast"}
+    # max_finite_val: the converter's default clips every constant to 1e4, well inside fp16's range
     half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(kept),
-                                            disable_shape_infer=False)
+                                            max_finite_val=FP16_MAX)
     _fix_casts(half, casts, kept)
     record = HalfRecord(max(maxima.values(), default=0.0), bound, tuple(sorted(hot)),
                         tuple(sorted({n.op_type for n in model.graph.node if n.name in squaring})), len(feeds))

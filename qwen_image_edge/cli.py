@@ -119,16 +119,19 @@ def quiet_third_party_warnings():
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from qwen_image_edge.calib.components import parse_component_policy
+
+    components = parse_component_policy(args.precision)  # a bad part or precision: one line, before any work
     _threads(args)
     from qwen_image_edge.calib.collect import CalibrationSettings
-    from qwen_image_edge.calib.quantize import quantize_model
+    from qwen_image_edge.calib.component_export import quantize_components
 
     settings = CalibrationSettings(batch_size=args.batch_size, steps=args.steps, guidance=args.guidance)
     with quiet_third_party_warnings():
-        quantize_model(args.model, args.precision, args.out, policy=args.policy, prompts=args.prompts,
-                       calib_size=args.calib_size, settings=settings, max_resolution=args.max_resolution,
-                       overwrite=args.overwrite, progress=True, device=args.device, dtype=args.dtype,
-                       lean=args.lean)
+        quantize_components(args.model, components, args.out, policy=args.policy, prompts=args.prompts,
+                            calib_size=args.calib_size, settings=settings, max_resolution=args.max_resolution,
+                            overwrite=args.overwrite, progress=True, device=args.device, dtype=args.dtype,
+                            lean=args.lean)
     print(f"quantized export ({args.precision}) written to {args.out}")
     return 0
 
@@ -278,7 +281,8 @@ def _runtime_generate(export_dir, args: argparse.Namespace, outputs: _Outputs, i
 def _cmd_run(args: argparse.Namespace) -> int:
     outputs = _check_request_args(args)
     return _runtime_generate(args.export, args, outputs, images=args.image, backend=args.backend,
-                             providers=args.providers, verify_hashes=not args.no_verify)
+                             providers=args.providers, verify_hashes=not args.no_verify,
+                             memory="low" if args.low_memory else "default")
 
 
 def _warn_demo_prompt(prompt: str) -> None:

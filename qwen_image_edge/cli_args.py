@@ -118,13 +118,21 @@ def _add_export(add) -> None:
 def _add_quantize(add) -> None:
     quant = add(
         "quantize", computes=True,
-        help="INT8 / FP8 transformer with timestep-aware calibration -> QDQ ONNX export",
+        help="INT8 / FP8 transformer (timestep-aware calibration), INT8 / INT4 text encoder, fp16 VAE -> ONNX export",
         description="Calibrate the transformer over the reference pipeline's denoising steps, quantize it "
         "with NVIDIA modelopt (INT8 SmoothQuant or FP8 E4M3, W8A8) and write an export directory whose "
-        "transformer is a standard QDQ ONNX graph (the VAE and text encoder stay fp32).",
+        "transformer is a standard QDQ ONNX graph. With a per-component --precision, the text encoder's "
+        "language model is quantized too (INT8 SmoothQuant, or INT4 weight-only AWQ as block-wise "
+        "DequantizeLinear) and the vision tower / VAE converted to fp16 (fp32 kept where fp16 would "
+        "overflow); unnamed parts stay fp32. Each graph's precision is recorded in the manifest.",
     )
     quant.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
-    quant.add_argument("--precision", required=True, help="int8 or fp8")
+    quant.add_argument("--precision", required=True,
+                       help="int8 or fp8 (the transformer only); a preset: edge (transformer fp8, text encoder int4 "
+                       "AWQ, vision tower and VAE fp16); part=precision pairs, e.g. "
+                       "transformer=fp8,text_encoder=int4,vae=fp16 (parts: transformer int8|fp8, text_encoder "
+                       "int8|int4, vision_encoder fp16, vae fp16; unnamed parts stay fp32); or a .json file of "
+                       "such pairs")
     quant.add_argument("--out", required=True, help="export directory to create")
     quant.add_argument("--calib-size", type=int, default=32, help="calibration prompts (default: %(default)s)")
     quant.add_argument("--prompts", default=None,
@@ -228,6 +236,9 @@ def _add_run(add) -> None:
     run.add_argument("--providers", nargs="+", default=None,
                      help="onnxruntime execution providers in order (default: CUDA if present, then CPU)")
     run.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+    run.add_argument("--low-memory", action="store_true",
+                     help="open each graph when its stage starts and release it after (encoders before denoising, "
+                     "the VAE decoder after): peak memory about the largest graph, slower (graphs reopen per image)")
 
 
 def _add_demo(add) -> None:
