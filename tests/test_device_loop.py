@@ -185,3 +185,27 @@ def test_demo_device_loop_matches_the_host_loop(demo_export):
         a, b = a.astype(np.float64), b.astype(np.float64)
         assert psnr(a, b) >= 45.0, f"PSNR {psnr(a, b):.1f} dB"
         assert attributes(a) == attributes(b)
+
+
+def test_bound_calls_refuse_aliased_missing_and_mistyped_buffers(pipes):
+    """A bound call checks its device tensors as check_feeds checks arrays, needs a buffer per
+    output, and refuses an input that is also an output (the graph would read what it overwrites)."""
+    from qwen_image_edge.runtime.errors import ShapeError
+
+    _, device, _ = pipes[True]
+    ops, session = device.device, device.sessions["sampler_step"]
+    x = ops.upload(np.zeros((1, 4, 64), np.float32))
+    scalars = {k: np.float32([1.0]) for k in ("guidance", "sigma", "sigma_next")}
+    feeds = {"latents": x, "velocity": x, "velocity_uncond": x, "latent_grid": ops.upload(np.zeros((2, 2), bool)),
+             **scalars}
+    z = ops.empty((1, 64, 2, 2), "float32")
+    with pytest.raises(BackendError, match="input 'latents' is also an output buffer of this call"):
+        session.run_bound(feeds, {"latents_next": x, "vae_latents": z})
+    with pytest.raises(ShapeError, match=r"output buffers for \['latents_next'\], expected"):
+        session.run_bound(feeds, {"latents_next": ops.empty((1, 4, 64), "float32")})
+    with pytest.raises(ShapeError, match=r"input 'latents': expected float32\[B, N_t, 64\], got float16\[1, 4, 64\]"):
+        session.run_bound({**feeds, "latents": ops.upload(np.zeros((1, 4, 64), np.float16))},
+                          {"latents_next": ops.empty((1, 4, 64), "float32"), "vae_latents": z})
+    out = ops.empty((1, 4, 64), "float32")
+    session.run_bound(feeds, {"latents_next": out, "vae_latents": z})
+    np.testing.assert_array_equal(ops.download(out), np.zeros((1, 4, 64), np.float32))
