@@ -61,10 +61,24 @@ def test_trainer_resumes_bit_exact_after_interruptions_in_every_stage(tmp_path, 
     assert resume.read_checkpoint(out / "ckpt_vae.safetensors")[1]["step"] == 2
     with pytest.raises(ConfigError, match="--resume"):  # never silently restarts over a checkpoint
         train.main(_args(out))
-    for stage in ("encoder", "dit"):
-        _stop_at(monkeypatch, stage, 1 if stage == "encoder" else 3)
-        with pytest.raises(resume.Interrupted):
-            train.main(_args(out, 0, "vae,encoder,data,dit", "--resume"))
+    _stop_at(monkeypatch, "encoder", 1)
+    with pytest.raises(resume.Interrupted):
+        train.main(_args(out, 0, "vae,encoder,data,dit", "--resume"))
+    # a SIGTERM outside a training loop (rendering and encoding the data) stops at once, writing nothing
+    real_build = train_dit.build_data
+
+    def build_data(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(train_dit, "build_data", build_data)
+    with pytest.raises(SystemExit) as stopped:
+        train.cli(_args(out, 0, "vae,encoder,data,dit", "--resume"))
+    assert stopped.value.code == 3 and not (out / "data.json").exists()
+    monkeypatch.setattr(train_dit, "build_data", real_build)
+    _stop_at(monkeypatch, "dit", 3)
+    with pytest.raises(resume.Interrupted):
+        train.main(_args(out, 0, "vae,encoder,data,dit", "--resume"))
     monkeypatch.undo()
     # mid-run, the dit stage file (what `--stages save` writes a folder from) is the checkpoint's EMA
     ckpt, meta = resume.read_checkpoint(out / "ckpt_dit.safetensors")

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Set (e.g. by a SIGTERM handler) to make ``run_steps`` checkpoint after the current step and stop.
 STOP = threading.Event()
+# Set while ``run_steps`` loops: a handler may then leave the stopping to it (else stop at once).
+IN_STEPS = threading.Event()
 
 
 class Interrupted(Exception):
@@ -149,6 +151,14 @@ def run_steps(state: TrainState, step_fn: Callable[[TrainState], float], path: P
     """Call ``step_fn`` until ``state.total`` steps; checkpoint to ``path`` every ``every_s`` seconds,
     at the end (marked done) and when ``STOP`` is set (then raise ``Interrupted``), each time
     followed by ``on_checkpoint(state)``."""
+    IN_STEPS.set()
+    try:
+        _loop(state, step_fn, path, every_s, desc, progress, log_every, on_checkpoint)
+    finally:
+        IN_STEPS.clear()
+
+
+def _loop(state, step_fn, path, every_s, desc, progress, log_every, on_checkpoint) -> None:
     bar = tqdm(total=state.total, initial=state.step, desc=desc, disable=not progress)
     last = time.monotonic()
     while state.step < state.total:

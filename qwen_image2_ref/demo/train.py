@@ -171,9 +171,18 @@ def _run(args, stages: list[str]) -> dict:
     return report
 
 
+def _on_sigterm(signum, frame) -> None:
+    """In a training loop: checkpoint after this step, then stop. Elsewhere (rendering and encoding
+    the data, saving): stop now; those stages write atomically, so nothing half-written is kept,
+    and a resumed run redoes the stage."""
+    resume.STOP.set()
+    if not resume.IN_STEPS.is_set():
+        raise resume.Interrupted("stopped by SIGTERM outside a training loop (the stage will run again)")
+
+
 def cli(argv=None) -> None:
-    """``main`` with SIGTERM turned into "checkpoint after this step and stop" (exit 3)."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: resume.STOP.set())
+    """``main`` with SIGTERM turned into a prompt stop that loses at most the current step (exit 3)."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main(argv)
     except resume.Interrupted as exc:
