@@ -434,4 +434,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "data_files = attach_weights(proto, sources, graph_dir, name, link=True)",
         ("tests/test_quant_lean.py::test_lean_graph_holds_no_unquantized_copy",),
     ),
+    # -------------------------------------------- edge footprint: staged loading, the int4 encoder
+    Mutation(
+        "staging-never-releases", "runtime", "runtime/staging.py",
+        "low memory opens each graph lazily but never releases the previous stage's (peak = all graphs)",
+        'for name in [n for n in self._open if stage_of(n) != stage]:',
+        'for name in [n for n in self._open if stage_of(n) != stage and not stage]:',
+        ("tests/test_staging.py::test_stages_release_before_the_next_opens",),
+    ),
+    Mutation(
+        "encoder-int4-scale-off", "calib", "calib/encoder_quant.py",
+        "the int4 export's block scales use 8 levels (amax / 8) where modelopt's simulation used 7",
+        "scales = np.maximum(amax, 1e-12) / INT4_MAX",
+        "scales = np.maximum(amax, 1e-12) / (INT4_MAX + 1)",
+        ("tests/test_encoder_quant.py::test_int4_export_is_blockwise_dequantize_linear_in_opset_21",),
+    ),
 )
