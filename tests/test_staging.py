@@ -108,3 +108,25 @@ def test_low_memory_peak_is_the_largest_graph_plus_30_percent(demo_default_expor
     largest = max(graph_cost.values())
     assert low_cost <= 1.3 * largest, (low_cost, graph_cost)
     assert default_cost > low_cost  # all-resident holds more than one stage at once
+
+
+def test_run_low_memory_flag(tiny_export, tmp_path, monkeypatch):
+    """`run --low-memory` loads with memory="low" and writes the staged pipeline's image."""
+    from PIL import Image
+
+    from qwen_image_edge.cli import main
+
+    seen = {}
+    load = Pipeline.load
+
+    def spy(*args, **kwargs):
+        seen["memory"] = kwargs.get("memory")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "load", spy)
+    out = tmp_path / "low.png"
+    assert main(["run", "--export", str(tiny_export[1]), "a red cat", "-o", str(out), "--seed", "4", "--steps", "2",
+                 "--threads", "1", "--low-memory"]) == 0
+    assert seen["memory"] == "low"
+    want = load(tiny_export[1], threads=1, memory="low").generate("a red cat", steps=2, seed=4)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
