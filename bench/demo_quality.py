@@ -107,6 +107,15 @@ def mean(scores: list[dict], key: str) -> float:
     return float(np.mean([s[key] for s in scores])) if scores else float("nan")
 
 
+def model_style(model: str) -> str:
+    """The caption language a demo trainer's folder records (``demo_caption_style``), else "v1"."""
+    from qwen_image2_ref.demo.train_dit import CAPTION_STYLE_KEY
+    from qwen_image2_ref.model_folder import EDGE_KEY, MODEL_INDEX, resolve_model_path
+
+    index = json.loads((resolve_model_path(model) / MODEL_INDEX).read_text())
+    return (index.get(EDGE_KEY) or {}).get(CAPTION_STYLE_KEY, "v1")
+
+
 def median_color_error(scores: list[dict]) -> float:
     errors = [e for s in scores for e in s.get("color_errors", ())]
     return float(np.median(errors)) if errors else float("nan")
@@ -183,8 +192,9 @@ def _t2i_row(pipe, task: str, prompts, steps: int, guidance: float) -> tuple[dic
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo")
-    p.add_argument("--style", default="v1", choices=[s.value for s in CaptionStyle],
-                   help="the model's caption language (v1: the shipped demo model)")
+    p.add_argument("--style", default=None, choices=[s.value for s in CaptionStyle],
+                   help="the caption language of the prompts (default: the one the model folder records, "
+                        "else v1, the shipped demo model's)")
     p.add_argument("--n", type=int, default=64, help="held-out one-object prompts (t2i and t2i-nb rows)")
     p.add_argument("--edits", type=int, default=None, help="held-out edits (default: --n)")
     p.add_argument("--pairs", type=int, default=None, help="two-object held-out prompts (t2i-2 row; default: --n)")
@@ -201,7 +211,7 @@ def main(argv=None) -> list[dict]:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
-    style = CaptionStyle(args.style)
+    style = CaptionStyle(args.style or model_style(args.model))
     guidance = args.guidance if args.guidance is not None else pipe.config.pipeline.guidance_scale
     prompts = heldout_prompts(args.n, 1000 + args.seed, style, background=True)
     bare = heldout_prompts(args.n, 1000 + args.seed, style, background=False) if args.no_background_row else []

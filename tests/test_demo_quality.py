@@ -4,6 +4,7 @@ the goal lines, and a short run that prints every row."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def test_recolor_two_and_goal_lines(bench):
     assert by_label["two-object recolours applied"].endswith("not measured")
     assert "30.0" in by_label["median colour error, one object (RGB distance)"]
     assert by_label["median colour error, one object (RGB distance)"].endswith(" met")
+
+
+def test_the_prompts_follow_the_caption_language_the_folder_records(bench, tmp_path):
+    import shutil
+
+    from qwen_image2_ref.demo import weights_path
+
+    assert bench.model_style("demo") == "v1"  # the shipped model records none: v1
+    folder = tmp_path / "m"
+    shutil.copytree(weights_path(), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["qwen_image_edge"]["demo_caption_style"] = "v2"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert bench.model_style(str(folder)) == "v2"
 
 
 def test_a_short_run_prints_every_row_and_the_goals(bench, capsys, tmp_path):

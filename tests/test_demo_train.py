@@ -3,6 +3,7 @@ checkpoints survive a kill mid-write."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,6 +105,8 @@ def test_trainer_seed_changes_the_run_and_save_writes_a_loadable_folder(tmp_path
     assert all(np.isfinite(c["vae"]["losses"] + c["encoder"]["losses"] + c["dit"]["losses"]))
     assert not list((tmp_path / "c").rglob("*.pt"))  # safetensors + json, never pickle
     assert load_model(tmp_path / "c" / "weights").config.transformer == load_model("demo").config.transformer
+    index = json.loads((tmp_path / "c" / "weights" / "model_index.json").read_text())
+    assert index["qwen_image_edge"][train_dit.CAPTION_STYLE_KEY] == "v2"  # the language it learned
 
 
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):

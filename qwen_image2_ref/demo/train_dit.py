@@ -39,6 +39,8 @@ from qwen_image_edge.runtime.layout import image_slot_prefix, padded_batch
 
 log = logging.getLogger(__name__)
 
+# model_index.json's qwen_image_edge entry naming the caption language (captions.CaptionStyle value).
+CAPTION_STYLE_KEY = "demo_caption_style"
 # Checkpoint file of each training stage, under the work folder.
 CHECKPOINTS = {"vae": "ckpt_vae.safetensors", "encoder": "ckpt_encoder.safetensors", "dit": "ckpt_dit.safetensors"}
 NEGATIVE_PROMPT = " "  # the unconditional prompt of caption dropout and of guidance
@@ -277,7 +279,9 @@ def save_weights(out, config: ModelConfig, stats: dict, args):
     dtype = torch.bfloat16 if n_params * 4 > 24e6 else None
     folder = args.weights or (out / "weights")
     log.info("saving %d parameters (%s) to %s", n_params, dtype or "float32", folder)
-    return save_model(folder, full, model, vae, encoder, dtype=dtype, overwrite=True)
+    # the caption language it learned: bench/demo_quality.py words its prompts in it
+    return save_model(folder, full, model, vae, encoder, dtype=dtype, overwrite=True,
+                      extra_index={CAPTION_STYLE_KEY: args.style})
 
 
 def latent_stats_ok(stats: dict) -> bool:
