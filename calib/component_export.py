@@ -22,9 +22,13 @@ from qwen_image2_ref.devices import resolve_placement
 from qwen_image2_ref.model_folder import DeviceArg, DtypeArg, LoadedModel, ModelSource, open_model
 from qwen_image_edge.calib.collect import CalibrationSettings
 from qwen_image_edge.calib.components import ComponentPolicy, parse_component_policy
-from qwen_image_edge.calib.encoder_quant import EncoderQuantPolicy, quantize_text_encoder
+from qwen_image_edge.calib.encoder_quant import (
+    EncoderQuantPolicy,
+    demo_condition_images,
+    quantize_text_encoder,
+)
 from qwen_image_edge.calib.policy import QuantPolicy
-from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
+from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
 from qwen_image_edge.runtime.errors import ConfigError, InputError, NumericalError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES, check_graph_names
 from qwen_image_edge.runtime.manifest import GraphSpec, Manifest, Precision, load_manifest
@@ -81,7 +85,10 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
         qt.summary["prompt_source"] = str(prompts or default_prompt_set(loaded.path))
     _to_cpu_fp32(loaded, qt)
     if encoder_policy is not None:
-        qe = quantize_text_encoder(loaded, encoder_policy, texts, progress=progress)
+        # the text encoder graph also reads visual rows: the demo calibrates them on rendered scenes
+        # (a real checkpoint ships no images; its edits are then calibrated on text only)
+        images = demo_condition_images(4) if is_demo_folder(loaded.path) else None
+        qe = quantize_text_encoder(loaded, encoder_policy, texts, images=images, progress=progress)
     manifest = export_components(loaded, components, out, qt, qe, graphs=graphs, max_resolution=max_resolution,
                                  overwrite=overwrite)
     if gate:

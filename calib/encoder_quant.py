@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qwen_image_edge.runtime.errors import ConfigError, InputError
+from qwen_image_edge.runtime.images import load_image, vision_patches
 from qwen_image_edge.runtime.manifest import Precision
 from qwen_image_edge.runtime.tokens import mrope_position_ids
 from qwen_image_edge.runtime.vision import visual_index
@@ -150,17 +151,16 @@ def graph_inputs(model, prompts: Sequence[str], images: Sequence | None = None) 
     enc = model.encoder
     d = model.config.encoder.hidden_size
     n_ds = len(model.config.encoder.deepstack_visual_indexes)
-    batch, pixels = enc.tokenize(list(prompts), images)
+    pixels, grid = vision_patches([load_image(i) for i in images], enc.vision) if images else (None, None)
+    batch = enc.tokenizer.encode(list(prompts), grid)
     pos = mrope_position_ids(batch, enc.vision.merge_size)
     if pixels is None:
         visual, deep = np.zeros((0, d), np.float32), np.zeros((n_ds, 0, d), np.float32)
         index = np.zeros_like(batch.input_ids)
     else:
-        qwen = enc.model
-        n_img = pixels.shape[0] // len(prompts)  # the encoder repeats the patches per prompt; the graph once
+        qwen = enc.model  # the fp32 tower: its outputs are the graph's visual inputs, once for the batch
         with torch.no_grad():
-            out = qwen.model.visual(torch.from_numpy(pixels[:n_img]).to(qwen.dtype),
-                                    grid_thw=torch.from_numpy(batch.image_grid_thw))
+            out = qwen.model.visual(torch.from_numpy(pixels).to(qwen.dtype), grid_thw=torch.from_numpy(grid))
         visual = out.pooler_output.float().numpy()  # [N_vis, D]
         deep = torch.stack(out.deepstack_features).float().numpy()  # [n_ds, N_vis, D]
         index = visual_index(batch, visual.shape[0])
@@ -182,6 +182,15 @@ def calibration_batches(model, prompts: Sequence[str], batch_size: int = 8,
     for i, c in enumerate(chunks if images else []):
         batches.append(graph_inputs(model, c, [images[i % len(images)]]))
     return batches
+
+
+def demo_condition_images(count: int, seed: int = 20261127) -> list:
+    """Condition images for the demo model's vision path: rendered scenes of its training split
+    (the held-out split stays for evaluation)."""
+    from qwen_image2_ref.demo import data
+
+    rng = np.random.default_rng(seed)
+    return [data.render(data.sample_scene(rng, 128, 128, "train")) for _ in range(count)]
 
 
 # ----------------------------------------------------------------------------- quantize

@@ -177,3 +177,17 @@ def test_bad_policy_is_one_line(kwargs, match):
     with pytest.raises(ConfigError, match=match) as err:
         EncoderQuantPolicy(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_calibration_batches_carry_condition_images(model, prompts):
+    """With condition images, a second pass feeds the graph's visual rows (the vision path)."""
+    from qwen_image_edge.calib.encoder_quant import calibration_batches, demo_condition_images
+
+    batches = calibration_batches(model, prompts[:16], 8, demo_condition_images(2))
+    assert len(batches) == 4
+    for args in batches[:2]:
+        assert args[3].shape[0] == 0 and int(args[5].max()) == 0  # text only
+    for args in batches[2:]:
+        n_vis = args[3].shape[0]
+        assert n_vis > 0 and int(args[5].max()) == n_vis and args[4].shape[1] == n_vis
+        assert torch.isfinite(TextEncoderGraph(model.encoder.model)(*args)).all()
