@@ -13,6 +13,7 @@ returned for the manifest's provenance.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -101,8 +102,12 @@ def to_half(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
     kept = hot | squaring
     casts = {n.name for n in model.graph.node if n.op_type == "Cast"}
     # max_finite_val: the converter's default clips every constant to 1e4, well inside fp16's range
-    half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(kept),
-                                            max_finite_val=FP16_MAX)
+    with warnings.catch_warnings(record=True) as notes:  # constants it clips (e.g. -inf mask fills to -65504)
+        warnings.simplefilter("always")
+        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(kept),
+                                                max_finite_val=FP16_MAX)
+    for note in notes:
+        log.info("fp16 converter: %s", note.message)
     _fix_casts(half, casts, kept)
     record = HalfRecord(max(maxima.values(), default=0.0), bound, tuple(sorted(hot)),
                         tuple(sorted({n.op_type for n in model.graph.node if n.name in squaring})), len(feeds))

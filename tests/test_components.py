@@ -161,3 +161,16 @@ def test_cli_quantizes_a_mixed_policy(tiny_model_dir, tmp_path, capsys):
     manifest = load_manifest(out)
     assert manifest.graph("text_encoder").precision is P.INT8 and manifest.graph("vae_decoder").precision is P.FP16
     assert json.loads((out / "validation.json").read_text())["passed"]  # quantize's own gate ran
+
+
+def test_footprint_reads_the_bytes_per_parameter_the_export_wrote(mixed):
+    """bench/footprint.py projects full-size bytes from these rates: int4 codes (half a byte) plus one
+    fp32 scale per block, fp16 at 2 bytes, fp32 at 4."""
+    from bench.footprint import group_rates
+
+    rates = group_rates(mixed)
+    assert 0.5 + 4 / 64 <= rates["text_encoder"]["quantized"] <= 0.5 + 4 / 32  # blocks of 32..64 on the tiny model
+    assert rates["text_encoder"]["rest"] == 4.0  # the embedding table stays fp32
+    assert rates["transformer"] == {"quantized": 0.0, "rest": 4.0}
+    for name in ("vae_decoder", "vae_encoder", "vision_encoder"):
+        assert 2.0 <= rates[name]["rest"] < 2.2 and rates[name]["quantized"] == 0.0
