@@ -206,7 +206,7 @@ def test_tensorrt_builds_the_pair_and_keeps_the_cache_on_the_device(exported, tm
     monkeypatch.setattr(kv_cache.KVCache, "release", lambda self: (released.append(self.on_device),
                                                                    real_release(self)))
     kw = dict(width=64, height=32, steps=2, seed=3, output="np", guidance=3.0, negative_prompt="blurry")
-    pipe = Pipeline.load(out, backend="tensorrt")
+    pipe = Pipeline.load(out, backend="tensorrt", device_loop=False)  # the numpy loop: the cache via run_kept
     assert pipe.uses_kv_cache and "transformer" not in pipe.sessions  # no engine needed for the single graph
     ours = pipe.generate("a red circle", **kw)
     ref = Pipeline.load(out, threads=1, kv_cache=False).generate("a red circle", **kw)
@@ -216,6 +216,12 @@ def test_tensorrt_builds_the_pair_and_keeps_the_cache_on_the_device(exported, tm
     cache_bytes = {4 * np.prod(s) for s in _cache_shapes(pipe, kw)}
     assert not cache_bytes & set(uploads)
     assert released == [True, True]  # both device caches are freed after the loop
+    # the device loop (runtime/device_loop.py) prefills straight into its own device buffers
+    uploads.clear()
+    device = Pipeline.load(out, backend="tensorrt")
+    assert device.device is not None and device.uses_kv_cache
+    np.testing.assert_allclose(device.generate("a red circle", **kw), ref, rtol=0, atol=2e-6)
+    assert not cache_bytes & set(uploads) and device.device._owned == {}  # never uploaded; all freed
 
 
 def _cache_shapes(pipe, kw):
