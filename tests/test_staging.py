@@ -130,3 +130,28 @@ def test_run_low_memory_flag(tiny_export, tmp_path, monkeypatch):
     assert seen["memory"] == "low"
     want = load(tiny_export[1], threads=1, memory="low").generate("a red cat", steps=2, seed=4)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+
+def test_tensorrt_low_memory_closes_each_stages_engines(tiny_export, trt, tmp_path):
+    """TensorRT (the stand-in): the same images as all-resident engines; a released stage's sessions
+    are closed (stream destroyed, buffers freed) and its engine deserialized again next time."""
+    import shutil
+
+    from qwen_image_edge.export.tensorrt import build_engines
+    from qwen_image_edge.export.trt_profiles import BuildRanges
+    from tests.cuda_standin import CUDART
+
+    built = Path(shutil.copytree(tiny_export[1], tmp_path / "export"))
+    build_engines(built, ranges=BuildRanges(max_res=64))
+    kw = dict(width=64, height=32, steps=2, seed=3, output="np")
+    resident = Pipeline.load(built, backend="tensorrt", kv_cache=False)
+    ref = resident.generate("a red circle", **kw)
+    streams_resident = len(CUDART.streams)
+    low = Pipeline.load(built, backend="tensorrt", memory="low")
+    before = trt.CALLS.count("deserialize_cuda_engine")
+    for _ in range(2):
+        np.testing.assert_array_equal(low.generate("a red circle", **kw), ref)
+    used = {"text_encoder", "transformer", "vae_decoder"} | ({"sampler_step"} if low.device is not None else set())
+    assert trt.CALLS.count("deserialize_cuda_engine") - before == 2 * len(used)  # reopened per call
+    assert low.sessions.resident == ("vae_decoder",)
+    assert len(CUDART.streams) - streams_resident <= 2  # the decoder's session (+ the loop's copy stream)
