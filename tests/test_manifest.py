@@ -184,7 +184,7 @@ def test_each_required_field_mistyped_is_named(export_dir, path, annotation):
     ("image.min_resolution", 96, "image.min_resolution: 96 is above output_resolution 64"),
     ("image.condition.max_aspect", 0.5, "image.condition.max_aspect: expected a ratio >= 1"),
     ("image.target.max_tokens", 0, "image.target.max_tokens: expected >= 1, got 0"),
-    ("graphs.vae_decoder.precision", "int4", r"graphs.vae_decoder.precision: expected one of \['fp32'"),
+    ("graphs.vae_decoder.precision", "int2", r"graphs.vae_decoder.precision: expected one of \['fp32'"),
     ("image.vae_scale_factor", 8, "image.vae_scale_factor: 8, but model.vae.scale_factor_spatial is 16"),
 ])
 def test_mistyped_or_inconsistent_field(export_dir, path, value, message):
