@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import io
 import logging
 import os
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwen_image2_ref.devices import resolve_placement
+from qwen_image2_ref.devices import release_memory, resolve_placement
 from qwen_image2_ref.model_folder import (
     DeviceArg,
     DtypeArg,
@@ -232,6 +231,10 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
         raise InputError(f"calibration size: expected >= 1 prompt, got {calib_size}")
     texts = load_prompts(prompts, calib_size) if prompts else None  # a bad prompt file fails before loading
     placement = resolve_placement(device, dtype, stage="quantize")
+    # modelopt first: a missing 'quant' extra fails before any load, and its import keeps the stack
+    # it ran under alive (an exception it stores from a plugin import holds those frames); imported
+    # later, that stack held the calibrated model, which then could not be freed before the export.
+    _modelopt()
     lean = choose_lean(model, list(GRAPH_NAMES)) if lean is None else lean
     owned = not isinstance(model, LoadedModel)  # ours to quantize in place
     loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize")
@@ -242,25 +245,25 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
                     policy.reduction.value)
     quantized = quantize_transformer(loaded, policy, texts, settings, progress, copy_module=not (lean and owned))
     quantized.summary["prompt_source"] = str(source)
-    if lean:
-        return _export_lean(loaded, quantized, Path(out), placement, max_resolution, overwrite)
+    if lean:  # only the scales go on: the calibrated model is let go before the export
+        scales = calibrated_scales(quantized)
+        path, name = loaded.path, loaded.config.name
+        del quantized, loaded, model
+        release_memory()
+        return _export_lean(path, name, scales, Path(out), placement, max_resolution, overwrite)
     _to_trace_placement(loaded, quantized)
     manifest = export_quantized(loaded, quantized, Path(out), max_resolution=max_resolution, overwrite=overwrite)
     _gate(Path(out), loaded, precision)
     return manifest
 
 
-def _export_lean(loaded: LoadedModel, quantized: QuantizedTransformer, out: Path, placement, max_resolution,
-                 overwrite: bool):
-    """The lean export of a calibration: scales out, model freed, graphs from the shards, then the
-    gate against a freshly loaded reference (the calibrated module is no longer one)."""
-    scales = calibrated_scales(quantized)
-    path, name = loaded.path, loaded.config.name
-    del quantized, loaded
-    gc.collect()
+def _export_lean(path: Path, name: str, scales, out: Path, placement, max_resolution, overwrite: bool):
+    """The lean export of a calibration's scales (graphs from the shards, weights quantized as they
+    stream), then the gate against a freshly loaded reference (the calibrated module is not one)."""
     lazy = load_lazy_model(path, name=name)
     manifest = export_quantized(lazy, scales, out, max_resolution=max_resolution, overwrite=overwrite)
     del lazy
+    release_memory()
     reference = open_model(path, device=placement.device, dtype=placement.dtype, stage="validate")
     reference.config = dataclasses.replace(reference.config, name=name)
     _gate(out, reference, scales.precision)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qwen_image_edge.calib.policy import QuantPolicy
 from qwen_image_edge.export.external_data import ShardEntry, WeightSource, read_tensor
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.manifest import Precision
@@ -51,7 +51,7 @@ class CalibratedScales:
     """What the export needs of a calibration: the policy, its layers and their scales. It stands in
     for a ``QuantizedTransformer`` in ``export_quantized`` (same ``policy``/``layers``/``summary``)."""
 
-    policy: QuantPolicy
+    policy: Any  # a qwen_image_edge.calib.policy.QuantPolicy (export does not import the stages above it)
     layers: tuple[str, ...]
     summary: dict
     scales: dict[str, LayerScales]

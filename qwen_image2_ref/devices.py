@@ -116,3 +116,23 @@ def resolve_placement(device: str | torch.device | None = None, dtype: str | tor
     # DEBUG: the loader logs the pair at INFO with what it loaded (resolution may run twice per command)
     log.debug("%s: running on %s in %s", stage or "torch reference", placement.device, placement.dtype_name)
     return placement
+
+
+def release_memory() -> None:
+    """Give freed model memory back after dropping the last reference to a model: collect cycles,
+    empty CUDA's cache, and ask glibc to return free heap pages (tensors below its mmap threshold,
+    up to 32 MiB each, are freed into the heap, which otherwise keeps them resident)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
