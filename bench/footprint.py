@@ -46,20 +46,33 @@ QUANTIZED_TYPES = (3, 17, 22)  # onnx TensorProto INT8, FLOAT8E4M3FN, INT4
 
 
 def make_exports(policies: list[str], work: Path, calib_size: int) -> dict[str, Path]:
+    """One export per policy (reused when ``work`` has it), without quantize's validate gate."""
+    from qwen_image2_ref.model_folder import load_model
     from qwen_image_edge.calib.collect import CalibrationSettings
-    from qwen_image_edge.calib.component_export import quantize_components
+    from qwen_image_edge.calib.component_export import export_components, quantize_components
+    from qwen_image_edge.calib.components import parse_component_policy
+    from qwen_image_edge.calib.policy import QuantPolicy
+    from qwen_image_edge.calib.prompts import load_prompts
+    from qwen_image_edge.calib.quantize import quantize_transformer
     from qwen_image_edge.export.onnx_export import export_model
 
+    settings = CalibrationSettings(batch_size=4, steps=8)
     out = {}
     for policy in policies:
         path = work / policy
         if not (path / "manifest.json").is_file():
             start = time.perf_counter()
+            components = parse_component_policy(policy)
             if policy == "fp32":
                 export_model("demo", path)
+            elif components.transformer_only:  # what `quantize --precision int8|fp8` writes, ungated
+                model = load_model("demo")
+                qt = quantize_transformer(model, QuantPolicy(precision=components.transformer),
+                                          load_prompts("demo", calib_size), settings, progress=False)
+                export_components(model, components, path, qt=qt)
             else:
                 quantize_components("demo", policy, path, calib_size=calib_size, progress=False, gate=False,
-                                    settings=CalibrationSettings(batch_size=4, steps=8))
+                                    settings=settings)
             logging.getLogger("footprint").info("%s export: %.0f s", policy, time.perf_counter() - start)
         out[policy] = path
     return out
