@@ -97,12 +97,13 @@ class WeightSource:
     shape: tuple[int, ...]
     entry: ShardEntry | None = None
     computed: torch.Tensor | None = None
-    make: Callable[[], torch.Tensor] | None = None  # computed when written (a quantized weight), in its dtype
+    # computed when written (a quantized or LoRA-fused weight), in its dtype; ``entry`` is then its base
+    make: Callable[[], torch.Tensor] | None = None
 
     @property
     def direct(self) -> bool:
         """True when the checkpoint bytes are the initializer's bytes (same dtype)."""
-        return self.entry is not None and _ST_DTYPES[self.entry.dtype][1] == self.onnx_dtype
+        return self.entry is not None and self.make is None and _ST_DTYPES[self.entry.dtype][1] == self.onnx_dtype
 
     @property
     def nbytes(self) -> int:

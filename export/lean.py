@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -35,7 +36,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from tqdm.auto import tqdm
 
+from qwen_image2_ref.lora import fused_weight
 from qwen_image2_ref.model_folder import LoadedModel, ModelSource, resolve_model_path
+from qwen_image2_ref.shards import ShardEntry
 from qwen_image_edge.export.cleanup import cleanup_graph
 from qwen_image_edge.export.external_data import (
     WeightSource,
@@ -246,6 +249,18 @@ def _rename_to_checkpoint_keys(model: onnx.ModelProto, sources: list[WeightSourc
     return [dataclasses.replace(s, name=rename.get(s.name, s.name)) for s in sources]
 
 
+def _fused(entry: ShardEntry, key: str, adapters: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return fused_weight(read_tensor(entry, torch.float32), key, adapters).to(dtype)  # fp32 sum, then the graph's dtype
+
+
+def fuse_sources(sources: list[WeightSource], adapters: tuple) -> list[WeightSource]:
+    """The weights LoRA adapters touch, fused as they stream (one base tensor read at a time, never
+    the whole model); ``entry`` stays as the base so the QDQ pass quantizes the fused weight."""
+    touched = {k for a in adapters for k in a.layers}
+    return [dataclasses.replace(s, make=functools.partial(_fused, s.entry, s.name, adapters, torch_dtype(s.onnx_dtype)))
+            if s.name in touched and s.entry is not None else s for s in sources]
+
+
 def _cleanup(model: onnx.ModelProto, name: str, weight_names: set[str]) -> tuple[onnx.ModelProto, set[str]]:
     """Fold constants and drop dead nodes, then turn the weight inputs back into plain names."""
     model, _ = cleanup_graph(model, name)
@@ -325,6 +340,8 @@ def export_graph_lean(name: str, model, inputs: tuple, io: GraphIO, export_dir: 
     proto, used = _cleanup(proto, name, {w[0] for w in weights})
     sources = [s for s in sources if s.name in used]
     sources = _rename_to_checkpoint_keys(proto, sources, keys)
+    if graph.component.value == "transformer":
+        sources = fuse_sources(sources, model.loras)
     set_io_dims(proto, io)
     precision = Precision.FP32
     if scales is not None:

@@ -206,7 +206,9 @@ def provenance_section(model, lean: bool = False) -> Provenance:
     index_file = Path(model.path) / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     return Provenance(
-        source={"path": str(model.path), "name": model.config.name, "checkpoint_sha256": digests},
+        source={"path": str(model.path), "name": model.config.name, "checkpoint_sha256": digests,
+                # LoRA adapters fused into the transformer (file, sha256, scale, rank, layers touched)
+                **({"loras": [a.provenance() for a in model.loras]} if getattr(model, "loras", ()) else {})},
         tool_versions=tool_versions(),
         exporter=EXPORTERS[bool(lean)],
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -29,7 +29,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qwen_image_edge.export.external_data import ShardEntry, WeightSource, read_tensor
+from qwen_image_edge.export.external_data import WeightSource, read_tensor
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.manifest import Precision
 
@@ -106,13 +106,14 @@ def _const(name: str, value: np.ndarray, onnx_type: int = TensorProto.FLOAT) -> 
     return numpy_helper.from_array(np.asarray(value, helper.tensor_dtype_to_np_dtype(onnx_type)), name)
 
 
-def quantized_weight(entry: ShardEntry, layer: LayerScales, precision: Precision) -> torch.Tensor:
+def quantized_weight(source: WeightSource, layer: LayerScales, precision: Precision) -> torch.Tensor:
     """``W_q^T`` of one layer, ``[in, out]`` int8 (or float8e4m3fn bytes as uint8), from its shard.
 
     The Q node's formula (``qdq._quantize_weight``: ``saturate(round_half_even(W / scale))``) done in
     place on the one fp32 copy: the largest full-width weight (16384 x 4096, 256 MiB in fp32) is
     read, smoothed, scaled, rounded and clipped without a second fp32 buffer."""
-    w = read_tensor(entry, torch.float32)  # [out, in]
+    # [out, in]; a LoRA-fused source computes its weight (qwen_image_edge.export.lean.fuse_sources)
+    w = source.make().float() if source.make is not None else read_tensor(source.entry, torch.float32)
     if layer.pre_quant_scale is not None:
         w.mul_((1.0 / torch.from_numpy(layer.pre_quant_scale))[None, :])
     scale = torch.from_numpy(_scale(layer.weight_amax, precision))
@@ -158,7 +159,7 @@ def insert_qdq(model: onnx.ModelProto, sources: list[WeightSource], scales: Cali
         out, inp = src.shape
         dtype = TensorProto.INT8 if precision is Precision.INT8 else TensorProto.FLOAT8E4M3FN
         replaced[key] = WeightSource(f"{layer}.weight_quantized", dtype, (inp, out),
-                                     make=functools.partial(quantized_weight, src.entry, ls, precision))
+                                     make=functools.partial(quantized_weight, src, ls, precision))
     kept = [replaced.get(s.name, s) for s in sources]
     return kept, len(replaced)
 

@@ -33,6 +33,7 @@ from qwen_image2_ref.config import ModelConfig, PipelineConfig, TransformerConfi
 from qwen_image2_ref.demo import SHIPPED_MODELS
 from qwen_image2_ref.devices import resolve_placement
 from qwen_image2_ref.encoder import ConditionEncoder, read_image_processor_config
+from qwen_image2_ref.lora import LoraAdapter, LoraSpec, fuse_loras, module_shapes, read_loras
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import QwenImageTransformer
 from qwen_image2_ref.vae import QwenImageVAE
@@ -67,6 +68,8 @@ class LoadedModel:
     lazy: bool = False
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    # LoRA adapters fused into the transformer (a lazy model's are fused as its weights stream)
+    loras: tuple[LoraAdapter, ...] = ()
 
     def component(self, component: Component) -> nn.Module:
         """The module whose state dict is the checkpoint folder ``<path>/<component>``."""
@@ -134,7 +137,8 @@ DtypeArg = str | torch.dtype | None
 
 
 def open_model(model: ModelSource, *, lazy: bool = False, dtype: DtypeArg = torch.float32,
-               device: DeviceArg = "cpu", stage: str | None = None) -> LoadedModel:
+               device: DeviceArg = "cpu", stage: str | None = None,
+               loras: list[LoraSpec] | None = None) -> LoadedModel:
     """The one place a stage's ``model`` argument becomes a :class:`LoadedModel`: a folder or a
     shipped name is loaded (``lazy``: without weights); an open model is passed through, or reopened
     from its folder when it lacks the weights the caller needs (or holds ones it does not).
@@ -142,33 +146,42 @@ def open_model(model: ModelSource, *, lazy: bool = False, dtype: DtypeArg = torc
     ``device`` / ``dtype``: where the weights go (default the CPU in fp32, the precision graphs are
     traced and compared in; ``None`` picks the machine's default); checked before anything loads,
     ``stage`` names the caller in errors and in the logged choice. An open model is passed through
-    in whatever placement it has."""
+    in whatever placement it has.
+
+    ``loras``: adapter files, or (file, scale) pairs, fused into the transformer (:mod:`qwen_image2_ref.lora`);
+    an open model keeps the adapters it was opened with and refuses others."""
     if not isinstance(model, LoadedModel):
         if lazy:
-            return load_lazy_model(model)
-        return load_model(model, dtype=dtype, device=device, stage=stage)
+            return load_lazy_model(model, loras=loras)
+        return load_model(model, dtype=dtype, device=device, stage=stage, loras=loras)
+    if loras:
+        raise CheckpointError(f"model {model.path}: already open; pass the LoRA adapters when opening it")
     if model.lazy == lazy:
         return model
     if lazy:
-        return load_lazy_model(model.path, name=model.config.name)
-    return load_model(model.path, dtype=dtype, device=device, name=model.config.name, stage=stage)
+        return load_lazy_model(model.path, name=model.config.name, loras=model.loras)
+    return load_model(model.path, dtype=dtype, device=device, name=model.config.name, stage=stage,
+                      loras=model.loras)
 
 
 def load_model(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, device: DeviceArg = "cpu",
-               name: str | None = None, stage: str | None = None) -> LoadedModel:
+               name: str | None = None, stage: str | None = None,
+               loras: list[LoraSpec] | tuple[LoraAdapter, ...] | None = None) -> LoadedModel:
     """Build every component on the meta device and fill it from the folder's safetensors, each
     tensor read, cast to ``dtype`` and placed on ``device`` one shard at a time (never a full fp32
     copy in host memory); ``device="meta"``: leave the weights out (:func:`load_lazy_model`).
     ``None`` for either: the machine's default (:func:`qwen_image2_ref.devices.resolve_placement`)."""
     if str(device) == "meta":
-        return load_lazy_model(model, name=name)
+        return load_lazy_model(model, name=name, loras=loras)
     placement = resolve_placement(device, dtype, stage=stage)  # a device or dtype this machine lacks fails before loading
     device, dtype = placement.device, placement.dtype
     path = resolve_model_path(model)
     pipeline_cfg = read_pipeline_config(path)
     transformer, vae = meta_components(path)
     t_cfg, v_cfg = transformer.config, vae.config
+    adapters = _adapters(loras, transformer)  # a bad adapter fails before any weight is read
     load_into(transformer, path / "transformer", dtype=dtype, device=device)
+    fuse_loras(transformer, adapters)
     load_into(vae, path / "vae", dtype=dtype, device=device)
     encoder = ConditionEncoder.from_pretrained(
         path / "text_encoder", path / "processor", dtype=dtype,
@@ -178,15 +191,25 @@ def load_model(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, dev
                          pipeline=pipeline_cfg)
     log.info("loaded %s: transformer %d layers, hidden %d, on %s in %s", path, t_cfg.num_layers, t_cfg.hidden_size,
              device, placement.dtype_name)
-    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path, device=device, dtype=dtype)
+    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path, device=device, dtype=dtype,
+                       loras=adapters)
 
 
-def load_lazy_model(model: str | os.PathLike, *, name: str | None = None) -> LoadedModel:
+def _adapters(loras, transformer: nn.Module) -> tuple[LoraAdapter, ...]:
+    """Adapters already read pass through; files are read and checked against the transformer."""
+    if loras and all(isinstance(a, LoraAdapter) for a in loras):
+        return tuple(loras)
+    return read_loras(loras, module_shapes(transformer))
+
+
+def load_lazy_model(model: str | os.PathLike, *, name: str | None = None,
+                    loras: list[LoraSpec] | tuple[LoraAdapter, ...] | None = None) -> LoadedModel:
     """A :class:`LoadedModel` whose parameters are on ``meta``: configs, tokenizer and computed
     buffers only, no weight read (the lean export attaches them from the shards)."""
     path = resolve_model_path(model)
     pipeline = read_pipeline_config(path)
     transformer, vae = meta_components(path)
+    adapters = _adapters(loras, transformer)
     vae.reset_buffers()  # latents mean/std from the config, for real
     hf = Qwen3VLConfig.from_dict(read_config(path / "text_encoder"))
     with meta_parameters(), no_init_weights():  # rotary tables are computed in __init__
@@ -197,14 +220,14 @@ def load_lazy_model(model: str | os.PathLike, *, name: str | None = None) -> Loa
     encoder = ConditionEncoder(qwen, tokenizer, vision)
     config = ModelConfig(name=name or path.name, transformer=transformer.config, vae=vae.config,
                          encoder=encoder.config, pipeline=pipeline)
-    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path, lazy=True)
+    return LoadedModel(config, transformer.eval(), vae.eval(), encoder, path, lazy=True, loras=adapters)
 
 
 def load_pipeline(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, device: DeviceArg = "cpu",
-                  stage: str | None = None) -> QwenImagePipeline:
+                  stage: str | None = None, loras: list[LoraSpec] | None = None) -> QwenImagePipeline:
     """The reference pipeline of a folder or shipped name, in ``dtype`` on ``device`` (``None``:
     the machine's default, CUDA + bf16 where available, else CPU + fp32: what the CLI uses)."""
-    return load_model(model, dtype=dtype, device=device, stage=stage).pipeline()
+    return load_model(model, dtype=dtype, device=device, stage=stage, loras=loras).pipeline()
 
 
 def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae, encoder, *,
