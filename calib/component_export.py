@@ -50,7 +50,7 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
                         calib_size: int = 32, settings: CalibrationSettings | None = None,
                         max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
                         device: DeviceArg = None, dtype: DtypeArg = None, graphs=None, gate: bool = True,
-                        lean: bool | None = None) -> Manifest:
+                        lean: bool | None = None, loras=None) -> Manifest:
     """``qwen-image-edge quantize``: ``precision`` is ``int8`` / ``fp8`` (transformer only), a preset, a
     ``part=precision,...`` list or a JSON file (``qwen_image_edge.calib.components``); ``policy`` is the
     transformer's QuantPolicy (or its JSON file). Every argument is checked before the model loads.
@@ -61,7 +61,8 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
 
         return quantize_model(model, components.transformer, out, policy=policy, prompts=prompts,
                               calib_size=calib_size, settings=settings, max_resolution=max_resolution,
-                              overwrite=overwrite, progress=progress, device=device, dtype=dtype, lean=lean)
+                              overwrite=overwrite, progress=progress, device=device, dtype=dtype, lean=lean,
+                              loras=loras)
     if lean:
         raise ConfigError(f"quantize --lean: only for a transformer-only precision (int8 or fp8), not "
                           f"{components.name!r}; drop --lean")
@@ -75,7 +76,7 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
     graphs = check_graph_names(graphs or GRAPH_NAMES, where="quantize graphs")
     texts = load_prompts(prompts, calib_size) if prompts else None  # a bad prompt file fails before loading
     placement = resolve_placement(device, dtype, stage="quantize")
-    loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize")
+    loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize", loras=loras)
     texts = texts or load_prompts(default_prompt_set(loaded.path), calib_size)
     qt = qe = None
     if transformer_policy is not None:

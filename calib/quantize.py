@@ -209,7 +209,7 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
                    policy: QuantPolicy | str | os.PathLike | None = None, prompts: str | None = None,
                    calib_size: int = 32, settings: CalibrationSettings | None = None,
                    max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
-                   device: DeviceArg = None, dtype: DtypeArg = None, lean: bool | None = None):
+                   device: DeviceArg = None, dtype: DtypeArg = None, lean: bool | None = None, loras=None):
     """Load ``model`` (a folder, ``demo`` or a ``LoadedModel``), quantize its transformer, write a QDQ export to ``out``.
 
     ``device`` / ``dtype``: where calibration runs (default: CUDA + bf16 where available, else CPU +
@@ -237,7 +237,7 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
     _modelopt()
     lean = choose_lean(model, list(GRAPH_NAMES)) if lean is None else lean
     owned = not isinstance(model, LoadedModel)  # ours to quantize in place
-    loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize")
+    loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize", loras=loras)
     source = prompts or default_prompt_set(loaded.path)
     texts = texts or load_prompts(source, calib_size)
     if policy.reduction is not Reduction.MAX and len(texts) < 2:
@@ -247,24 +247,24 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
     quantized.summary["prompt_source"] = str(source)
     if lean:  # only the scales go on: the calibrated model is let go before the export
         scales = calibrated_scales(quantized)
-        path, name = loaded.path, loaded.config.name
+        path, name, adapters = loaded.path, loaded.config.name, loaded.loras  # LoRAs: fused again as they stream
         del quantized, loaded, model
         release_memory()
-        return _export_lean(path, name, scales, Path(out), placement, max_resolution, overwrite)
+        return _export_lean(path, name, scales, Path(out), placement, max_resolution, overwrite, adapters)
     _to_trace_placement(loaded, quantized)
     manifest = export_quantized(loaded, quantized, Path(out), max_resolution=max_resolution, overwrite=overwrite)
     _gate(Path(out), loaded, precision)
     return manifest
 
 
-def _export_lean(path: Path, name: str, scales, out: Path, placement, max_resolution, overwrite: bool):
+def _export_lean(path: Path, name: str, scales, out: Path, placement, max_resolution, overwrite: bool, loras=()):
     """The lean export of a calibration's scales (graphs from the shards, weights quantized as they
     stream), then the gate against a freshly loaded reference (the calibrated module is not one)."""
-    lazy = load_lazy_model(path, name=name)
+    lazy = load_lazy_model(path, name=name, loras=loras)
     manifest = export_quantized(lazy, scales, out, max_resolution=max_resolution, overwrite=overwrite)
     del lazy
     release_memory()
-    reference = open_model(path, device=placement.device, dtype=placement.dtype, stage="validate")
+    reference = open_model(path, device=placement.device, dtype=placement.dtype, stage="validate", loras=loras)
     reference.config = dataclasses.replace(reference.config, name=name)
     _gate(out, reference, scales.precision)
     return manifest

@@ -44,6 +44,7 @@ def export_model(
     overwrite: bool = False,
     external_threshold: int = PROTOBUF_LIMIT,
     lean: bool | None = None,
+    loras=None,
 ) -> Manifest:
     """Export the graphs of ``model`` (a checkpoint folder, ``"demo"`` or a ``LoadedModel``) to ``out``.
 
@@ -51,14 +52,15 @@ def export_model(
     defaults to the model's output resolution. ``out`` appears only once everything, manifest
     last, has been written. ``lean`` traces without weights and attaches them from the checkpoint
     (``qwen_image_edge.export.lean``); ``None`` chooses it for a checkpoint folder whose fp32 weights would take
-    more than 40% of the available memory.
+    more than 40% of the available memory. ``loras``: adapter files or (file, scale) pairs fused into
+    the transformer (``qwen_image2_ref.lora``), listed in the manifest's provenance.
     """
     if opset < 19:
         raise ConfigError(f"export opset: expected >= 19 (float8 / bf16 Q/DQ need it), got {opset}")
     graphs = check_graph_names(graphs or GRAPH_NAMES, where="export graphs")
     if max_resolution is not None:
         check_max_resolution(max_resolution)
-    model = open_model(model, lazy=choose_lean(model, graphs) if lean is None else lean)
+    model = open_model(model, lazy=choose_lean(model, graphs) if lean is None else lean, loras=loras)
     if model.lazy:
         for name in graphs:
             preflight(name, model)  # every graph's weights, before anything is written
