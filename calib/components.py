@@ -118,8 +118,9 @@ def parse_component_policy(text: str | os.PathLike | ComponentPolicy) -> Compone
     if "=" not in text:
         if text in (Precision.INT8.value, Precision.FP8.value):
             return ComponentPolicy(transformer=Precision(text), name=text)
-        raise ConfigError(f"quantize --precision {text!r}: expected int8, fp8, a preset {sorted(PRESETS)}, "
-                          "part=precision pairs (transformer=fp8,text_encoder=int4,vae=fp16) or a .json file")
+        raise ConfigError(f"quantize --precision {text!r}: expected one of ['int8', 'fp8'] (the transformer), a "
+                          f"preset {sorted(PRESETS)}, part=precision pairs (transformer=fp8,text_encoder=int4,vae=fp16) "
+                          "or a .json file")
     mapping: dict[str, str] = {}
     for item in filter(None, (i.strip() for i in text.split(","))):
         part, sep, value = (s.strip() for s in item.partition("="))

@@ -32,7 +32,6 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
-from qwen_image_edge.calib.encoder_quant import QuantizedEncoder, int4_weights
 from qwen_image_edge.export.cleanup import cleanup_graph
 from qwen_image_edge.export.qdq import to_standard_qdq
 from qwen_image_edge.export.registry import example_inputs, graph_io
@@ -51,6 +50,19 @@ log = logging.getLogger(__name__)
 
 NAME = "text_encoder"
 INT4_OPSET = 21  # int4 tensors and DequantizeLinear's block_size
+INT4_MAX = 7  # symmetric signed 4 bit: codes -8..7, scale amax / 7 (modelopt's INT4 rule)
+
+
+def int4_weights(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A calibrated INT4 linear's ``(codes int8 [out, in] in -8..7, scales float32 [out, in / block],
+    pre_quant_scale float32 [in] or None)``: ``W ~= codes * scales`` per block, input ``x * pqs``."""
+    w = layer.weight.detach().float().cpu().numpy()  # [out, in] (AWQ already divided its scales out)
+    amax = layer.weight_quantizer.amax.detach().float().cpu().numpy().reshape(w.shape[0], -1)  # [out, blocks]
+    scales = np.maximum(amax, 1e-12) / INT4_MAX
+    block = w.shape[1] // scales.shape[1]
+    codes = np.clip(np.rint(w / np.repeat(scales, block, axis=1)), -INT4_MAX - 1, INT4_MAX).astype(np.int8)
+    pqs = getattr(layer.input_quantizer, "pre_quant_scale", None)
+    return codes, scales.astype(np.float32), None if pqs is None else pqs.detach().float().cpu().numpy()
 
 
 class _DequantizedLinear(nn.Module):
@@ -65,7 +77,7 @@ class _DequantizedLinear(nn.Module):
         return F.linear(x if self.pqs is None else x * self.pqs, self.weight)
 
 
-def _stand_in(quantized: QuantizedEncoder) -> tuple[nn.Module, dict[str, tuple]]:
+def _stand_in(quantized) -> tuple[nn.Module, dict[str, tuple]]:
     """A plain fp32 copy of the graph module with every INT4 linear replaced by its dequantized twin."""
     module = quantized.module
     weights = {}
@@ -119,9 +131,10 @@ def rewrite_int4(model: onnx.ModelProto, weights: dict[str, tuple]) -> int:
     return done
 
 
-def export_quantized_text_encoder(quantized: QuantizedEncoder, cfg, export_dir: Path, max_resolution: int,
+def export_quantized_text_encoder(quantized, cfg, export_dir: Path, max_resolution: int,
                                   opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
-    """Trace, rewrite and save the quantized ``text_encoder`` graph under ``export_dir``."""
+    """Trace, rewrite and save the quantized ``text_encoder`` graph of ``quantized`` (a
+    ``qwen_image_edge.calib.encoder_quant.QuantizedEncoder``: module, policy, layers) under ``export_dir``."""
     start = time.perf_counter()
     io = graph_io(NAME, cfg, max_resolution)
     path = export_dir / NAME / ONNX_NAME
