@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwen_image_edge.cli_args import add_placement_arguments
+from qwen_image_edge.cli_args import add_lora_argument, add_placement_arguments, parse_lora_args
 
 DESCRIPTION = """\
 Distil a many-step teacher into a few-step student with guidance built in: the teacher samples a
@@ -17,6 +17,7 @@ Resumable: rerun the same command after an interruption. Several processes: torc
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder, or 'demo'")
+    add_lora_argument(p, "the teacher")
     p.add_argument("--out", required=True, help="work folder: pool, checkpoint, student/")
     p.add_argument("--steps", default="4",
                    help="student step count, or a comma list trained together (the first is the default "
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         steps = tuple(int(s) for s in str(args.steps).split(",") if s.strip())
     except ValueError:
         raise ConfigError(f"--steps: expected integers like 4 or 4,8, got {args.steps!r}") from None
+    loras = parse_lora_args(args.lora)
     from qwen_image2_ref.devices import resolve_placement
 
     resolve_placement(args.device, args.dtype, stage="distill")  # before the out folder is made
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                                teacher_steps=args.teacher_steps, guidance=args.guidance, pool_size=args.pool,
                                edit_size=args.edits)
     folder = distill(args.teacher, args.out, settings, progress=not args.no_progress, restart=args.restart,
-                     device=args.device, dtype=args.dtype)
+                     device=args.device, dtype=args.dtype, loras=loras)
     if folder is not None:
         print(f"student ({steps[0]} steps, guidance distilled) written to {folder}")
     return 0

@@ -18,6 +18,7 @@ teacher's layout whose ``model_index.json`` carries the student schedule (``num_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -306,14 +307,16 @@ def train_loop(student, opt, pool: Pool, table, settings: DistillSettings, run: 
 
 
 def distill(teacher: ModelSource, out: str | os.PathLike, settings: DistillSettings, *, progress: bool = True,
-            restart: bool = False, stop_after: int | None = None, device=None, dtype=None) -> Path | None:
+            restart: bool = False, stop_after: int | None = None, device=None, dtype=None,
+            loras=None) -> Path | None:
     """Run (or resume) a distillation; returns the student folder (rank 0) or None (other ranks).
 
     ``teacher``: a checkpoint folder, ``demo`` or a ``LoadedModel`` (trained in place).
     ``stop_after``: return after that many iterations of this call, checkpointed, without writing
     the student (tests use it to simulate an interruption). ``device`` / ``dtype``: where and in
     what precision the teacher samples the pool (default: CUDA + bf16 where available, else CPU +
-    fp32; checked before anything loads); the student trains in fp32 on that device.
+    fp32; checked before anything loads); the student trains in fp32 on that device. ``loras``:
+    adapter files or (file, scale) pairs fused into the teacher (and so into the student's start).
     """
     placement = resolve_placement(device, dtype, stage="distill")
     ranks = Ranks(*init_distributed(placement.device))
@@ -323,8 +326,8 @@ def distill(teacher: ModelSource, out: str | os.PathLike, settings: DistillSetti
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier(ranks.world)
-    model = open_model(teacher, device=ranks.device, dtype=placement.dtype, stage="distill")
-    digest = checkpoint_digest(model.path / "transformer")
+    model = open_model(teacher, device=ranks.device, dtype=placement.dtype, stage="distill", loras=loras)
+    digest = teacher_digest(model)
     pipe = model.pipeline()
     pipe.transformer.requires_grad_(False)
     pool = teacher_pool(pipe, model.path, settings, out / "pool", digest, ranks, progress)
@@ -338,8 +341,19 @@ def distill(teacher: ModelSource, out: str | os.PathLike, settings: DistillSetti
     (out / "losses.json").write_text(json.dumps({"losses": losses}))
     provenance = {"teacher_transformer_sha256": digest, "teacher_steps": settings.teacher_steps,
                   "guidance": pool.guidance, "trained_steps": list(settings.steps), "iterations": settings.iters,
-                  "batch": settings.batch, "pool": {k: len(g.points) for k, g in pool.groups.items()}}
+                  "batch": settings.batch, "pool": {k: len(g.points) for k, g in pool.groups.items()},
+                  **({"teacher_loras": [a.provenance() for a in model.loras]} if model.loras else {})}
     return save_student(pipe, student.eval(), out / "student", settings.steps[0], model.path, provenance)
+
+
+def teacher_digest(model) -> str:
+    """The teacher transformer's identity: its checkpoint digest, and the fused adapters' digests and
+    scales (a pool or checkpoint made with other adapters is not reused)."""
+    digest = checkpoint_digest(model.path / "transformer")
+    if not model.loras:
+        return digest
+    parts = [digest] + [f"{a.sha256}:{a.scale!r}" for a in model.loras]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def _global_mean(loss: torch.Tensor, world: int) -> float:

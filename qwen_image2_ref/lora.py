@@ -88,15 +88,6 @@ class LoraAdapter:
                 "rank": ranks[-1], "ranks": ranks, "layers": sorted(k.removesuffix(".weight") for k in self.layers)}
 
 
-def parse_lora_spec(text: str) -> tuple[Path, float]:
-    """``FILE[:SCALE]`` (the CLI's ``--lora``) -> (path, scale); a trailing ``:x`` that is not a number
-    is refused rather than taken as part of the file name."""
-    path, sep, tail = str(text).rpartition(":")
-    if not sep or "/" in tail or "\\" in tail or tail.lower().endswith(".safetensors"):
-        return Path(text), 1.0  # no scale given (a bare ':' in a path, e.g. a Windows drive, stays in it)
-    return Path(path), _scale(tail, f"--lora {text}")
-
-
 def _scale(value: object, where: str) -> float:
     try:
         scale = float(value)  # type: ignore[arg-type]

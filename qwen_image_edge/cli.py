@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_image_edge.cli_args import MAX_IMAGES, PROG, build_parser
+from qwen_image_edge.cli_args import MAX_IMAGES, PROG, build_parser, parse_lora_args
 
 __all__ = ["main", "build_parser", "format_sizes"]
 
@@ -84,11 +84,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    loras = parse_lora_args(args.lora)
     _threads(args)
     from qwen_image_edge.export.onnx_export import export_model
 
     export_model(args.model, args.out, graphs=args.graphs, max_resolution=args.max_resolution,
-                 opset=args.opset, overwrite=args.overwrite, lean=args.lean)
+                 opset=args.opset, overwrite=args.overwrite, lean=args.lean, loras=loras)
     print(f"exported to {args.out}")
     return 0
 
@@ -122,6 +123,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from qwen_image_edge.calib.components import parse_component_policy
 
     components = parse_component_policy(args.precision)  # a bad part or precision: one line, before any work
+    loras = parse_lora_args(args.lora)
     _threads(args)
     from qwen_image_edge.calib.collect import CalibrationSettings
     from qwen_image_edge.calib.component_export import quantize_components
@@ -131,7 +133,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         quantize_components(args.model, components, args.out, policy=args.policy, prompts=args.prompts,
                             calib_size=args.calib_size, settings=settings, max_resolution=args.max_resolution,
                             overwrite=args.overwrite, progress=True, device=args.device, dtype=args.dtype,
-                            lean=args.lean)
+                            lean=args.lean, loras=loras)
     print(f"quantized export ({args.precision}) written to {args.out}")
     return 0
 
@@ -147,6 +149,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     """Exit 0 when every graph is within its precision's bounds, 1 otherwise."""
     from qwen_image_edge.outputs import check_writable_file
 
+    loras = parse_lora_args(args.lora)
     if args.report is not None:
         check_writable_file(Path(args.report), "--report")
     _threads(args)
@@ -156,7 +159,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from qwen_image2_ref.model_folder import open_model
     from qwen_image_edge.export.validate import validate
 
-    model = open_model(args.model, device=placement.device, dtype=placement.dtype, stage="validate")
+    model = open_model(args.model, device=placement.device, dtype=placement.dtype, stage="validate", loras=loras)
     report = validate(args.export_dir, model, report=args.report)
     print(report.table())
     return 0 if report.passed else 1
@@ -304,6 +307,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
     outputs = _check_request_args(args)
+    loras = parse_lora_args(args.lora)
     import torch
 
     from qwen_image2_ref.devices import resolve_placement
@@ -312,7 +316,7 @@ def _reference_run(args: argparse.Namespace, images: list[str] | None) -> int:
     placement = resolve_placement(args.device, args.dtype, stage=args.command)  # before anything loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, device=placement.device, dtype=placement.dtype)
+    pipe = load_pipeline(args.model, device=placement.device, dtype=placement.dtype, loras=loras)
     if images is None and str(args.model) in ("demo", "demo-4step"):
         _warn_demo_prompt(args.prompt)
     if images is None:

@@ -49,6 +49,35 @@ def add_placement_arguments(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"precision {what} runs in: fp32, bf16 or fp16 (default: bf16 on a GPU, fp32 on the CPU)")
 
 
+def add_lora_argument(p: argparse.ArgumentParser, what: str = "the model") -> None:
+    """``--lora FILE[:SCALE]``, repeatable; parsed by :func:`parse_lora_args` in the handler (one-line errors)."""
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help=f"LoRA adapter (safetensors, diffusers/peft or kohya/Lightning keys) fused into {what}'s "
+                        "transformer, SCALE times (default 1); repeatable")
+
+
+def parse_lora_args(values: list[str] | None) -> list[tuple[str, float]]:
+    """``--lora`` values as (file, scale) pairs; a SCALE that is not a finite number is an InputError."""
+    import math
+
+    from qwen_image_edge.runtime.errors import InputError
+
+    out = []
+    for text in values or ():
+        path, sep, tail = text.rpartition(":")
+        if not sep or "/" in tail or "\\" in tail or tail.lower().endswith(".safetensors"):
+            out.append((text, 1.0))  # no scale given (a ':' inside a path stays in it)
+            continue
+        try:
+            scale = float(tail)
+        except ValueError:
+            scale = math.nan
+        if not math.isfinite(scale):
+            raise InputError(f"--lora {text}: expected FILE[:SCALE] with a finite number as SCALE, got {tail!r}")
+        out.append((path, scale))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,6 +139,7 @@ def _add_export(add) -> None:
     _max_resolution(export)
     export.add_argument("--opset", type=int, default=19, help="ONNX opset, >= 19 (default: %(default)s)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    add_lora_argument(export)
     export.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
                         help="trace without weights and attach them from the checkpoint shards (default: "
                              "when the fp32 weights exceed 40%% of the available memory)")
@@ -127,6 +157,7 @@ def _add_quantize(add) -> None:
         "overflow); unnamed parts stay fp32. Each graph's precision is recorded in the manifest.",
     )
     quant.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
+    add_lora_argument(quant)
     quant.add_argument("--precision", required=True,
                        help="int8 or fp8 (the transformer only); a preset: edge (transformer fp8, text encoder int4 "
                        "AWQ, vision tower and VAE fp16); part=precision pairs, e.g. "
@@ -167,6 +198,7 @@ def _add_validate(add) -> None:
     validate = add("validate", computes=True, help="compare each exported graph with the reference")
     validate.add_argument("export_dir", help="export directory (with manifest.json)")
     validate.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
+    add_lora_argument(validate, "the reference (the adapters the export was made with)")
     validate.add_argument("--report", help="JSON report path, its folder must exist (default: "
                           "<export_dir>/validation.json)")
     add_placement_arguments(validate, "the reference run")
@@ -215,6 +247,7 @@ def _add_reference(add) -> None:
 def _add_reference_model(p) -> None:
     """The model, its device and dtype, and the sampling flags of generate and edit."""
     p.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'demo'")
+    add_lora_argument(p)
     add_placement_arguments(p, "the reference")
     _add_sampling_args(p)
 
