@@ -449,4 +449,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "scales = np.maximum(amax, 1e-12) / (INT4_MAX + 1)",
         ("tests/test_encoder_quant.py::test_int4_export_is_blockwise_dequantize_linear_in_opset_21",),
     ),
+    # -------------------------------------------------------------------- LoRA adapter files
+    Mutation(
+        "lora-kohya-alpha-ignored", "reference", "qwen_image2_ref/lora.py",
+        "a Lightning (lora_down/lora_up/alpha) adapter is fused at scale 1 instead of alpha / rank",
+        'scale = float(p["alpha"].float().reshape(-1)[0]) / rank if "alpha" in p else 1.0',
+        "scale = 1.0",
+        ("tests/test_lora.py::test_lightning_format_alpha_over_rank",),
+    ),
+    Mutation(
+        "lora-lean-not-fused", "export", "export/lean.py",
+        "the lean export streams the base weights: the adapter is listed in the manifest but not fused",
+        "sources = fuse_sources(sources, model.loras)",
+        "sources = fuse_sources(sources, ())",
+        ("tests/test_lora.py::test_lean_export_streams_the_fused_weights",),
+    ),
 )
