@@ -17,7 +17,14 @@ Resumable: rerun the same command after an interruption. Several processes: torc
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder, or 'demo'")
-    add_lora_argument(p, "the teacher")
+    add_lora_argument(p, "the teacher", flag="--teacher-lora")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="train a LoRA student of this rank (peft; the 'lora' extra) instead of every weight: the "
+                        "student folder keeps the teacher's weights plus student_lora.safetensors (diffusers keys)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
+    p.add_argument("--lora-targets", nargs="+", default=None, metavar="MODULE",
+                   help="module names the adapters wrap (default: to_q to_k to_v to_out.0 img_mlp.proj "
+                        "img_mlp.gate_layer img_mlp.out)")
     p.add_argument("--out", required=True, help="work folder: pool, checkpoint, student/")
     p.add_argument("--steps", default="4",
                    help="student step count, or a comma list trained together (the first is the default "
@@ -47,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         steps = tuple(int(s) for s in str(args.steps).split(",") if s.strip())
     except ValueError:
         raise ConfigError(f"--steps: expected integers like 4 or 4,8, got {args.steps!r}") from None
-    loras = parse_lora_args(args.lora)
+    loras = parse_lora_args(args.teacher_lora)
     from qwen_image2_ref.devices import resolve_placement
 
     resolve_placement(args.device, args.dtype, stage="distill")  # before the out folder is made
@@ -55,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     settings = DistillSettings(steps=steps, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed,
                                teacher_steps=args.teacher_steps, guidance=args.guidance, pool_size=args.pool,
-                               edit_size=args.edits)
+                               edit_size=args.edits, lora_rank=args.lora, lora_alpha=args.lora_alpha,
+                               **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}))
     folder = distill(args.teacher, args.out, settings, progress=not args.no_progress, restart=args.restart,
                      device=args.device, dtype=args.dtype, loras=loras)
     if folder is not None:

@@ -36,10 +36,18 @@ from qwen_image2_ref.demo import data
 from qwen_image2_ref.demo.stage_io import load_stage, save_stage
 from qwen_image2_ref.demo.train_vae import lr_at
 from qwen_image2_ref.devices import resolve_placement
-from qwen_image2_ref.model_folder import ModelSource, open_model, save_model
+from qwen_image2_ref.model_folder import STUDENT_LORA_KEY, ModelSource, open_model, save_model
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import layout_inputs
 from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
+from qwen_image_edge.distill.lora_student import (
+    ADAPTER_NAME,
+    DEFAULT_TARGETS,
+    LoraStudentConfig,
+    add_adapter,
+    base_state,
+    save_adapter,
+)
 from qwen_image_edge.distill.pool import (
     Group,
     Pool,
@@ -70,6 +78,13 @@ class DistillSettings:
     edit_size: int = 0
     pool_batch: int = 16
     checkpoint_every_s: float = 120.0
+    lora_rank: int = 0  # > 0: a LoRA student of this rank (distill/lora_student.py); 0: full fine-tuning
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    @property
+    def lora(self) -> LoraStudentConfig | None:
+        return LoraStudentConfig(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if self.lora_rank else None
 
     def __post_init__(self):
         if not self.steps or any(s < 1 for s in self.steps):
@@ -79,6 +94,9 @@ class DistillSettings:
                 raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr: expected > 0, got {self.lr}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora: expected a rank >= 1, got {self.lora_rank}")
+        _ = self.lora  # checks alpha and targets
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -174,7 +192,8 @@ def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], d
 
 
 def save_checkpoint(path: Path, model, opt, it: int, losses: list[float], settings, digest: str) -> None:
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    # a LoRA student's checkpoint holds its adapters only (the base weights are the teacher's)
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items() if not settings.lora_rank or "lora_" in k}
     opt_t, opt_meta = _opt_tensors(opt)
     tensors.update(opt_t)
     save_stage(path, tensors, {"iteration": it, "losses": losses, "settings": dataclasses.asdict(settings),
@@ -188,12 +207,14 @@ def load_checkpoint(path: Path, model, opt, settings, digest: str) -> tuple[int,
     tensors, meta = load_stage(path)
     saved = meta["settings"]
     mine = json.loads(json.dumps(dataclasses.asdict(settings)))
-    keys = ("steps", "iters", "batch", "lr", "warmup", "seed", "teacher_steps", "guidance", "pool_size", "edit_size")
+    keys = ("steps", "iters", "batch", "lr", "warmup", "seed", "teacher_steps", "guidance", "pool_size", "edit_size",
+            "lora_rank", "lora_alpha", "lora_targets")
     diff = [k for k in keys if saved.get(k) != mine.get(k)]
     if meta.get("teacher") != digest or diff:
         raise ConfigError(f"{path}: a checkpoint of another run (differs in {diff or ['teacher']}); "
                           "use another --out or --restart")
-    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+                          strict=not settings.lora_rank)
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt/"):
@@ -248,7 +269,10 @@ def open_student(pipe: QwenImagePipeline, settings: DistillSettings, ckpt: Path,
     place, resumed from ``ckpt`` unless ``restart``. The student trains in fp32 whatever the
     teacher's dtype (AdamW updates are below bf16's resolution of its weights)."""
     student = pipe.transformer.to(ranks.device, torch.float32).train().requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if settings.lora:  # after the pool: the teacher sampled the base weights, the one copy in memory
+        add_adapter(student, settings.lora, settings.seed)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if restart and ranks.rank == 0:
         for p in (ckpt.with_suffix(".safetensors"), ckpt.with_suffix(".json")):
             p.unlink(missing_ok=True)
@@ -343,7 +367,11 @@ def distill(teacher: ModelSource, out: str | os.PathLike, settings: DistillSetti
                   "guidance": pool.guidance, "trained_steps": list(settings.steps), "iterations": settings.iters,
                   "batch": settings.batch, "pool": {k: len(g.points) for k, g in pool.groups.items()},
                   **({"teacher_loras": [a.provenance() for a in model.loras]} if model.loras else {})}
-    return save_student(pipe, student.eval(), out / "student", settings.steps[0], model.path, provenance)
+    if settings.lora:
+        provenance["lora"] = {"rank": settings.lora_rank, "alpha": settings.lora.lora_alpha,
+                              "targets": list(settings.lora_targets)}
+    return save_student(pipe, student.eval(), out / "student", settings.steps[0], model.path, provenance,
+                        settings.lora)
 
 
 def teacher_digest(model) -> str:
@@ -372,12 +400,22 @@ def student_pipeline_config(pcfg, steps: int):
                                guidance_distilled=True)
 
 
-def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path, provenance: dict) -> Path:
+def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path, provenance: dict,
+                 lora: LoraStudentConfig | None = None) -> Path:
+    """The student folder; a LoRA student's keeps the base weights and names its adapter file in
+    ``model_index.json`` (loading the folder fuses it)."""
     config = dataclasses.replace(pipe.config, pipeline=student_pipeline_config(pipe.config.pipeline, steps))
     dtype = None
     for sub in ("transformer", "vae"):
         cfg_file = teacher_folder / sub / "config.json"
         if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("torch_dtype") == "bfloat16":
             dtype = torch.bfloat16
-    return save_model(folder, config, student.float().cpu(), pipe.vae, pipe.encoder, dtype=dtype, overwrite=True,
-                      extra_index={"distilled_from": provenance})
+    extra = {"distilled_from": provenance, **({STUDENT_LORA_KEY: ADAPTER_NAME} if lora else {})}
+    weights = base_state(student.float().cpu()) if lora else student.float().cpu()
+    folder = save_model(folder, config, weights, pipe.vae, pipe.encoder, dtype=dtype, overwrite=True,
+                        extra_index=extra)
+    if lora:
+        tmp = folder / f".{ADAPTER_NAME}.tmp"
+        save_adapter(tmp, student, lora)
+        os.replace(tmp, folder / ADAPTER_NAME)
+    return folder

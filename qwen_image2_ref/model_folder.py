@@ -50,6 +50,8 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "processor", "scheduler")
 SCHEDULER_CONFIG = "scheduler_config.json"
 # Keys this project adds to model_index.json (diffusers ignores unknown pipeline kwargs with a warning).
 EDGE_KEY = "qwen_image_edge"
+# A LoRA student's folder (distill --lora) names its adapter file here; loading the folder fuses it.
+STUDENT_LORA_KEY = "student_lora"
 
 
 @dataclass
@@ -179,7 +181,7 @@ def load_model(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, dev
     pipeline_cfg = read_pipeline_config(path)
     transformer, vae = meta_components(path)
     t_cfg, v_cfg = transformer.config, vae.config
-    adapters = _adapters(loras, transformer)  # a bad adapter fails before any weight is read
+    adapters = _adapters(loras, transformer, path)  # a bad adapter fails before any weight is read
     load_into(transformer, path / "transformer", dtype=dtype, device=device)
     fuse_loras(transformer, adapters)
     load_into(vae, path / "vae", dtype=dtype, device=device)
@@ -195,11 +197,14 @@ def load_model(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, dev
                        loras=adapters)
 
 
-def _adapters(loras, transformer: nn.Module) -> tuple[LoraAdapter, ...]:
-    """Adapters already read pass through; files are read and checked against the transformer."""
+def _adapters(loras, transformer: nn.Module, path: Path) -> tuple[LoraAdapter, ...]:
+    """Adapters already read pass through; files are read and checked against the transformer, after
+    the folder's own (a LoRA student's adapter, named in model_index.json)."""
     if loras and all(isinstance(a, LoraAdapter) for a in loras):
         return tuple(loras)
-    return read_loras(loras, module_shapes(transformer))
+    own = (_read_json(path / MODEL_INDEX).get(EDGE_KEY) or {}).get(STUDENT_LORA_KEY)
+    specs = ([(path / own, 1.0)] if own else []) + list(loras or ())
+    return read_loras(specs, module_shapes(transformer))
 
 
 def load_lazy_model(model: str | os.PathLike, *, name: str | None = None,
@@ -209,7 +214,7 @@ def load_lazy_model(model: str | os.PathLike, *, name: str | None = None,
     path = resolve_model_path(model)
     pipeline = read_pipeline_config(path)
     transformer, vae = meta_components(path)
-    adapters = _adapters(loras, transformer)
+    adapters = _adapters(loras, transformer, path)
     vae.reset_buffers()  # latents mean/std from the config, for real
     hf = Qwen3VLConfig.from_dict(read_config(path / "text_encoder"))
     with meta_parameters(), no_init_weights():  # rotary tables are computed in __init__

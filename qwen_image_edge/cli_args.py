@@ -49,9 +49,9 @@ def add_placement_arguments(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"precision {what} runs in: fp32, bf16 or fp16 (default: bf16 on a GPU, fp32 on the CPU)")
 
 
-def add_lora_argument(p: argparse.ArgumentParser, what: str = "the model") -> None:
+def add_lora_argument(p: argparse.ArgumentParser, what: str = "the model", flag: str = "--lora") -> None:
     """``--lora FILE[:SCALE]``, repeatable; parsed by :func:`parse_lora_args` in the handler (one-line errors)."""
-    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+    p.add_argument(flag, action="append", default=None, metavar="FILE[:SCALE]",
                    help=f"LoRA adapter (safetensors, diffusers/peft or kohya/Lightning keys) fused into {what}'s "
                         "transformer, SCALE times (default 1); repeatable")
 
