@@ -274,3 +274,24 @@ def test_lora_argument_parsing(tmp_path):
             parse_lora_args([bad])
     with pytest.raises(InputError, match="LoRA scale"):
         load_model("demo", loras=[("a.safetensors", "strong")])
+
+
+def test_lean_quantization_quantizes_the_fused_weight(tiny_model_dir, lora_file):
+    """quantize --lean streams each quantized weight from its source: for a fused one, W + delta."""
+    from qwen_image_edge.export.external_data import WeightSource, checkpoint_entries
+    from qwen_image_edge.export.lean import fuse_sources
+    from qwen_image_edge.export.qdq_lean import LayerScales, quantized_weight
+    from qwen_image_edge.runtime.manifest import Precision
+
+    key = "transformer_blocks.1.img_mlp.proj.weight"
+    entry = checkpoint_entries(tiny_model_dir / "transformer")[key]
+    adapters = open_model(tiny_model_dir, lazy=True, loras=[lora_file]).loras
+    (source,) = fuse_sources([WeightSource(key, onnx.TensorProto.FLOAT, entry.shape, entry=entry)], adapters)
+    fused = load_model(tiny_model_dir, loras=[lora_file]).transformer.state_dict()[key]
+    amax = np.float32(fused.abs().max())
+    scales = LayerScales(1.0, np.asarray(amax), None)
+    expected = (fused / (amax / 127.0)).round().clamp(-128, 127).to(torch.int8).t()  # [in, out]
+    assert torch.equal(quantized_weight(source, scales, Precision.INT8), expected)
+    plain = quantized_weight(WeightSource(key, onnx.TensorProto.FLOAT, entry.shape, entry=entry), scales,
+                             Precision.INT8)
+    assert not torch.equal(plain, expected)  # the adapter's delta survives quantization
