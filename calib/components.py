@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_image_edge.runtime.errors import ConfigError
@@ -130,7 +130,3 @@ def parse_component_policy(text: str | os.PathLike | ComponentPolicy) -> Compone
             raise ConfigError(f"quantize --precision: {part} given twice")
         mapping[part] = value
     return _from_mapping(mapping, text, "quantize --precision")
-
-
-def with_transformer(policy: ComponentPolicy, precision: Precision) -> ComponentPolicy:
-    return replace(policy, transformer=precision)

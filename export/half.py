@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qwen_image_edge.runtime.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
@@ -84,7 +86,8 @@ def to_half(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
     from onnxconverter_common import float16
 
     if not feeds:
-        raise ValueError("to_half: expected sample feeds to measure activations, got none")
+        raise ConfigError(f"fp16 conversion of {model.graph.name!r}: expected sample feeds to measure "
+                          "activations, got none")
     maxima = activation_maxima(model, feeds)
     for init in model.graph.initializer:  # constants too: the converter would clip them
         values = numpy_helper.to_array(init)
