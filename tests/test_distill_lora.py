@@ -100,3 +100,27 @@ def test_unknown_target_is_refused(tiny_model_dir, tmp_path):
         distill(str(tiny_model_dir), tmp_path, dataclasses.replace(LORA, lora_targets=("to_nowhere",)),
                 progress=False)
     assert LoraStudentConfig(4).lora_alpha == 4.0
+
+
+def test_two_gloo_processes_match_one(lora_run, tiny_model_dir, tmp_path):
+    """``torchrun --nproc-per-node 2 ... --lora 4 --lora-alpha 8``: the one-process adapter (bound 2e-6 as
+    in test_distill.py: per-rank partial means and a gloo all-reduce, 3 Adam steps in warmup)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_distill import ARGS
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29523", "-m", "qwen_image_edge.distill",
+           "--teacher", str(tiny_model_dir), "--out", str(tmp_path), "--threads", "1", *ARGS,
+           "--lora", "4", "--lora-alpha", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = load_file(str(lora_run[1] / ADAPTER_NAME)), load_file(str(tmp_path / "student" / ADAPTER_NAME))
+    assert one.keys() == two.keys()
+    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert worst < 2e-6, worst
+    assert "2 process(es)" in proc.stderr
