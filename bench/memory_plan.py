@@ -30,13 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
+from bench.export import _peak_gib  # noqa: E402 (after the path fix above)
+
 GIB = 2**30
 PROMPTS = ["a red circle on the left", "a blue square on a white background"]
-
-
-def _peak_gib() -> float:
-    with open("/proc/self/status") as fh:
-        return next(int(x.split()[1]) / 2**20 for x in fh if x.startswith("VmHWM:"))
 
 
 def _settings():

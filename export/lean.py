@@ -345,11 +345,11 @@ def export_graph_lean(name: str, model, inputs: tuple, io: GraphIO, export_dir: 
     set_io_dims(proto, io)
     precision = Precision.FP32
     if scales is not None:
+        from qwen_image_edge.export.qdq import check_quantized_count
         from qwen_image_edge.export.qdq_lean import insert_qdq
 
         sources, count = insert_qdq(proto, sources, scales, name)
-        if (count != len(scales.layers)) if name == "transformer" else count == 0:
-            raise ConfigError(f"QDQ export {name}: expected {len(scales.layers)} quantized layers, found {count}")
+        check_quantized_count(name, count, len(scales.layers))
         precision = scales.precision
         log.info("%s: %d layers quantized to %s from the calibrated scales", name, count, precision.value)
     graph_dir = export_dir / name

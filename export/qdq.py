@@ -152,6 +152,13 @@ def prune(model: onnx.ModelProto) -> None:
     graph.initializer.extend(inits)
 
 
+def check_quantized_count(graph: str, found: int, layers: int) -> None:
+    """A quantized graph holds every policy layer (``transformer``) or, as one half of the KV-cache
+    pair, some of them: anything else means a layer was missed or matched twice."""
+    if (found != layers) if graph == "transformer" else not 0 < found <= layers:
+        raise ConfigError(f"QDQ export {graph}: expected {layers} quantized weights (one per layer), found {found}")
+
+
 def to_standard_qdq(model: onnx.ModelProto, precision: Precision) -> tuple[onnx.ModelProto, QDQStats]:
     """Rewrite a modelopt TorchScript export in place (see the module docstring) and check it."""
     if precision not in (Precision.INT8, Precision.FP8):

@@ -28,7 +28,7 @@ from qwen_image_edge.export.manifest_writer import (
     staging_dir,
     write_manifest,
 )
-from qwen_image_edge.export.qdq import to_standard_qdq
+from qwen_image_edge.export.qdq import check_quantized_count, to_standard_qdq
 from qwen_image_edge.export.qdq_lean import CalibratedScales
 from qwen_image_edge.export.registry import example_inputs, graph_io, graph_module, wrap
 from qwen_image_edge.export.trace import (
@@ -61,10 +61,7 @@ def export_quantized_transformer(quantized, cfg, export_dir: Path, max_resolutio
     module = wrap(name, quantized.module)
     model = trace_to_onnx(module, example_inputs(name, cfg), io, export_dir / name / ONNX_NAME, opset)
     model, stats = to_standard_qdq(model, quantized.policy.precision)
-    want = len(quantized.layers)
-    if (stats.folded_weights != want) if name == "transformer" else not 0 < stats.folded_weights <= want:
-        raise ConfigError(f"QDQ export {name}: expected {want} quantized weights (one per layer), "
-                          f"found {stats.folded_weights}")
+    check_quantized_count(name, stats.folded_weights, len(quantized.layers))
     declare_outputs(model, io)  # the QDQ rewrite rebuilds the outputs' value infos
     spec = save_graph_spec(model, io, export_dir, quantized.policy.precision, external_threshold)
     log.info("%s (%s): exported in %.1f s", name, quantized.policy.precision.value, time.perf_counter() - start)
