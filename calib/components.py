@@ -108,12 +108,7 @@ def parse_component_policy(text: str | os.PathLike | ComponentPolicy) -> Compone
     if text in PRESETS:
         return PRESETS[text]
     if text.endswith(".json"):
-        try:
-            data = json.loads(Path(text).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"precision policy file {text}: expected a readable JSON object ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"precision policy file {text}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(text, f"precision policy file {text}")
         return _from_mapping(data, Path(text).stem, f"precision policy file {text}")
     if "=" not in text:
         if text in (Precision.INT8.value, Precision.FP8.value):
@@ -130,3 +125,14 @@ def parse_component_policy(text: str | os.PathLike | ComponentPolicy) -> Compone
             raise ConfigError(f"quantize --precision: {part} given twice")
         mapping[part] = value
     return _from_mapping(mapping, text, "quantize --precision")
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON object from a file; anything else is a one-line ConfigError starting with ``what``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{what}: expected a readable JSON object ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from qwen_image_edge.calib.components import read_json_object
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.manifest import Precision
 
@@ -183,13 +183,7 @@ class QuantPolicy:
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> QuantPolicy:
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"quant policy file {path}: expected a readable JSON object ({exc})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"quant policy file {path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict({**d, **overrides})
+        return cls.from_dict({**read_json_object(path, f"quant policy file {path}"), **overrides})
 
 
 def existing_layers(names: list[str]) -> list[str]:
@@ -200,3 +194,4 @@ def existing_layers(names: list[str]) -> list[str]:
         if folded not in out:
             out.append(folded)
     return out
+
