@@ -188,3 +188,11 @@ def test_a_kill_mid_write_leaves_the_previous_checkpoint(tmp_path):
         if tmp.exists():  # the kill did land mid-write
             return
     pytest.fail("no kill landed mid-write in 3 tries (the writer is too fast for this test)")
+
+
+def test_device_without_cuda_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"--device cuda: this machine has no CUDA device"):
+        train.main(["--out", str(tmp_path), "--device", "cuda", "--stages", "dit"])
+    with pytest.raises(SystemExit, match=r"--device: expected cpu, cuda or cuda:N, got 'gpu'"):
+        train.main(["--out", str(tmp_path), "--device", "gpu", "--stages", "dit"])

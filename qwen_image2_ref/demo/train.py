@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue the stages' checkpoints in OUT and skip finished stages (same options)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu",
+                   help="where the data stage encodes and the dit stage trains: cpu, cuda or cuda:N (default: "
+                        "%(default)s; a dit checkpoint resumes on any device; the vae and encoder stages run on the CPU)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     p.add_argument("--style", default=CaptionStyle.V2.value, choices=[s.value for s in CaptionStyle],
                    help="caption language (v1: the shipped model's, always naming the background)")
@@ -135,12 +138,27 @@ def main(argv=None) -> dict:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"--stages: unknown {sorted(unknown)}, expected a subset of {STAGES}")
+    if args.device != "cpu":
+        _check_device(args.device)
     lock = _lock(out, stages)
     try:
         return _run(args, stages)
     finally:
         if lock is not None:
             lock.close()
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda":
+        # fp32 as on the CPU: no TF32 in the VAE's convolutions (cuDNN's default) or in matmuls
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _run(args, stages: list[str]) -> dict:

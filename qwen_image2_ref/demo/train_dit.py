@@ -69,12 +69,15 @@ class Group:
 
 
 def _encode_latents(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """VAE means on the VAE's device, returned on the CPU (where the training data lives)."""
+    device = next(vae.parameters()).device
     with torch.no_grad():
-        return torch.cat([vae.encode(to_pixels(images[i:i + batch])) for i in range(0, len(images), batch)])
+        return torch.cat([vae.encode(to_pixels(images[i:i + batch]).to(device)).cpu()
+                          for i in range(0, len(images), batch)])
 
 
 def _trim(embeds: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
-    return [e[: int(m.sum())].numpy().astype(np.float16) for e, m in zip(embeds, mask)]
+    return [e[: int(m.sum())].cpu().numpy().astype(np.float16) for e, m in zip(embeds, mask)]
 
 
 def _captions(ds: data.Dataset, style: CaptionStyle, seed: int) -> list[str]:
@@ -96,7 +99,8 @@ def _encode_states(encoder, texts: list[str]) -> list[np.ndarray]:
 
 def build_data(vae, encoder, seed: int, small: bool, progress: bool,
                style: CaptionStyle = CaptionStyle.V1) -> tuple[dict[str, Group], dict]:
-    """Render, encode, measure latent statistics, normalise. Returns the groups and the stats."""
+    """Render, encode, measure latent statistics, normalise. Returns the groups and the stats (on the
+    CPU). The VAE and the encoder encode on whatever device they are on."""
     sizes = {k: (24 if small else v) for k, v in DATA_SIZES.items()}
     raw: dict[str, tuple] = {}
     for i, name in enumerate(("t2i_128", "t2i_192x128", "t2i_128x192")):
@@ -136,7 +140,7 @@ def build_data(vae, encoder, seed: int, small: bool, progress: bool,
             vl = rimages.resize_rgba(Image.fromarray(img), 128, 128)  # pipeline: calculate_dimensions -> 128x128
             e, m, pad = encoder.encode([e_ex.instruction, NEGATIVE_PROMPT], [vl])
             pos_s, neg_s = _trim(e, m)
-            prefix = image_slot_prefix(pad[0].numpy(), prefix)
+            prefix = image_slot_prefix(pad[0].cpu().numpy(), prefix)
             states.append(pos_s)
             negs.append(neg_s)
         groups["edit_128"] = Group(norm(tgt_lat), states, negs, (8, 8), norm(src_lat), prefix)
@@ -165,26 +169,34 @@ class DiTSettings:
     ema: float = 0.999
 
 
-def flow_loss(model, group: Group, idx, drop, variant, gen: torch.Generator, cfg) -> torch.Tensor:
+def flow_loss(model, group: Group, idx, drop, variant, gen: torch.Generator, cfg,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """The batch is drawn on the CPU (``gen`` is a CPU generator: the random streams, and so a
+    checkpoint, do not depend on the device), then moved to ``device``, where the model is."""
     states, layout, cond = make_batch(group, idx, drop, variant)
     x0 = group.latents[idx]  # [B, N, C]
     noise = torch.randn(x0.shape, generator=gen)
     s = torch.sigmoid(torch.randn(x0.shape[0], generator=gen) + T_MEAN)  # logit-normal(T_MEAN, 1)
+    x0, noise, s = x0.to(device), noise.to(device), s.to(device)
     xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
-    pred = model(xt, states, s, cond, **layout_inputs(layout, cfg))
+    extra = {k: v.to(device) for k, v in layout_inputs(layout, cfg).items()}
+    pred = model(xt, states.to(device), s, cond.to(device), **extra)
     return (pred - (noise - x0)).square().mean()
 
 
 def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettings, seed: int,
               progress: bool = True, checkpoint=None, resume: bool = False, every_s: float = 600.0,
-              on_checkpoint=None):
+              on_checkpoint=None, device: torch.device | str = "cpu"):
     """Returns (EMA model, losses, stats) after ``settings.steps`` steps, continuing ``checkpoint``
-    when ``resume``. ``on_checkpoint(ema)`` runs after every checkpoint write."""
+    when ``resume``. ``on_checkpoint(ema)`` runs after every checkpoint write. The model, its EMA and
+    the optimizer live on ``device``; a checkpoint written on one device resumes on another (the
+    device is not a setting; the numbers then differ in the last bits)."""
     t0 = time.time()
     torch.manual_seed(seed)
     model = QwenImageTransformer(config.transformer)
     with torch.no_grad():
         model.proj_out.weight.zero_()  # start as "predict zero velocity"
+    model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
     names = [n for n, _ in MIX if n in groups]
@@ -201,13 +213,13 @@ def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettin
         drop = st.rng.random(settings.batch) < DROPOUT
         variant = st.rng.integers(g.captions_per_image, size=settings.batch)
         lr = lr_at(st.step, st.total, settings.lr, settings.warmup)
-        loss = flow_loss(model, g, idx, drop, variant, st.gen, config.transformer)
+        loss = flow_loss(model, g, idx, drop, variant, st.gen, config.transformer, device)
         return _dit_step(model, ema, opt, lr, loss, min(settings.ema, (1 + st.step) / (10 + st.step)))
 
     if not resume_or_start(state, checkpoint, resume):
         hook = None if on_checkpoint is None else (lambda st: on_checkpoint(ema))
         run_steps(state, step, checkpoint, every_s, "dit", progress, on_checkpoint=hook)
-    return ema.eval(), state.losses, {"steps": state.step, "seconds": round(time.time() - t0, 1)}
+    return ema.cpu().eval(), state.losses, {"steps": state.step, "seconds": round(time.time() - t0, 1)}
 
 
 def _dit_step(model, ema, opt, lr: float, loss: torch.Tensor, decay: float) -> float:
@@ -236,9 +248,11 @@ def load_encoder(out, config: ModelConfig, args):
 
 
 def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dict:
+    device = torch.device(getattr(args, "device", "cpu"))
     if stage == "data":
-        vae = load_vae(out)
+        vae = load_vae(out).to(device)
         encoder = load_encoder(out, config, args)
+        encoder.to(device)
         t0 = time.time()
         groups, stats = build_data(vae, encoder, args.seed, args.small_data, progress, CaptionStyle(args.style))
         save_groups(out / "data", groups, stats)
@@ -251,7 +265,7 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
             save_module(out / "dit", ema, config.transformer)
 
         model, losses, stats = train_dit(config, groups, settings, args.seed, progress, out / CHECKPOINTS["dit"],
-                                         args.resume, args.checkpoint_minutes * 60, write)
+                                         args.resume, args.checkpoint_minutes * 60, write, device)
         write(model)
         stats["loss_every_500"] = smoothed(losses)
         log.info("dit stage: %s", stats)
