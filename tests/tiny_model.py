@@ -33,16 +33,21 @@ def _peer_vae(cfg, seed: int):
     return vae.eval()
 
 
-def build_tiny_model(root: Path, seed: int = 0, output_resolution: int = 64) -> tuple[ModelConfig, Path]:
-    """Train a tokenizer, build and save a tiny model under ``root / 'model'``."""
+def build_tiny_model(root: Path, seed: int = 0, output_resolution: int = 64,
+                     peer_init: bool = True) -> tuple[ModelConfig, Path]:
+    """Train a tokenizer, build and save a tiny model under ``root / 'model'``. ``peer_init=False``:
+    the reference's own random init instead of diffusers' (for machines without diffusers, such as
+    the GPU machine bench/gpu_check.py runs on, where only the folder's format matters)."""
     enc_cfg, encoder = tiny_encoder(root, seed)
     config = dataclasses.replace(
         TINY, encoder=enc_cfg, pipeline=PipelineConfig(output_resolution=output_resolution, num_steps=3)
     )
+    torch.manual_seed(seed)
     transformer = QwenImageTransformer(config.transformer)
-    transformer.load_state_dict(make_peer(config.transformer, seed=seed).state_dict())
     vae = QwenImageVAE(config.vae)
-    vae.load_state_dict(_peer_vae(config.vae, seed).state_dict())
+    if peer_init:
+        transformer.load_state_dict(make_peer(config.transformer, seed=seed).state_dict())
+        vae.load_state_dict(_peer_vae(config.vae, seed).state_dict())
     path = save_model(root / "model", config, transformer, vae, encoder)
     return config, path
 
