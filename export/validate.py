@@ -23,7 +23,7 @@ from qwen_image2_ref.model_folder import ModelSource, open_model
 from qwen_image_edge.export.endtoend import EndToEndBound, EndToEndResult, end_to_end
 from qwen_image_edge.export.manifest_writer import write_text_atomic
 from qwen_image_edge.export.registry import validation_cases
-from qwen_image_edge.runtime.errors import ManifestError
+from qwen_image_edge.runtime.errors import ConfigError, ManifestError
 from qwen_image_edge.runtime.graphs import check_graph_names
 from qwen_image_edge.runtime.manifest import Manifest, Precision, TensorSpec, check_io, load_manifest
 
@@ -219,6 +219,23 @@ def validate_graph(export_dir: Path, manifest: Manifest, name: str, model) -> Gr
     return result
 
 
+def check_adapters(export_dir: Path, manifest: Manifest, model) -> None:
+    """The reference must carry the LoRA adapters the export fused (same files by sha256, same scales,
+    same order): else every graph would be compared against other weights, and a gate that fails
+    (or passes) for that reason says nothing. The manifest names the files but not where they are,
+    so the user passes them again with ``--lora``; the error says which."""
+    recorded = manifest.provenance.source.get("loras") or []
+    fused = getattr(model, "loras", ()) or ()
+    want = [(a.get("sha256"), float(a.get("scale", 1.0))) for a in recorded]
+    have = [(a.sha256, float(a.scale)) for a in fused]
+    if want == have:
+        return
+    need = " ".join(f"--lora {a.get('file')}:{float(a.get('scale', 1.0)):g}" for a in recorded) or "no --lora"
+    got = ", ".join(f"{a.path.name}:{a.scale:g}" for a in fused) or "none"
+    raise ConfigError(f"validate {export_dir}: the export fused LoRA adapters the reference lacks or does not match "
+                      f"(reference: {got}); pass {need}")
+
+
 def _precision_of(manifest: Manifest) -> Precision:
     """The export's precision for the end-to-end bound: the lowest of its graphs'."""
     order = [Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8, Precision.INT8, Precision.INT4]
@@ -239,6 +256,7 @@ def validate(export_dir: str | Path, model: ModelSource = "demo", report: str | 
     for name in names:
         manifest.graph(name)  # a known graph this export lacks: ManifestError before any work
     model = open_model(model)
+    check_adapters(export_dir, manifest, model)
     results = [validate_graph(export_dir, manifest, n, model) for n in tqdm(names, desc="validate", unit="graph")]
     report_path = Path(report) if report else export_dir / REPORT_NAME
     out = ValidationReport(str(export_dir), results, report_path=str(report_path))
