@@ -66,9 +66,13 @@ def copy_repository(dest: Path, root: Path = ROOT, rev: str | None = None) -> Pa
         return dest
     for rel in filter(None, listing.stdout.decode().split("\0")):
         src = root / rel
+        target = dest / rel
+        if src.is_symlink():  # a tracked link (the demo student's shared components): the link itself
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(src), target)
+            continue
         if not src.is_file():  # deleted in the work tree but still in the index
             continue
-        target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(src.read_bytes())
     return dest
