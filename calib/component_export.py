@@ -167,6 +167,8 @@ def export_components(loaded: LoadedModel, components: ComponentPolicy, out: str
             "policy": components.to_dict(),
             "graphs": {n: s.precision.value for n, s in specs.items()},
             "fp16": half,
+            # per graph, as fp16's record: the lookup tables stored as int8 rows (calib.encoder_quant)
+            "int8_embedding": {} if qe is None or qe.embedding is None else {"text_encoder": qe.summary["embedding"]},
             "text_encoder": None if qe is None else {"policy": qe.policy.to_dict(), "layers": list(qe.layers),
                                                      "summary": qe.summary},
         }

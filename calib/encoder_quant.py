@@ -3,9 +3,10 @@
 The module quantized is the ``text_encoder`` graph's own module (``qwen_image_edge.export.graphs.
 TextEncoderGraph`` around a copy of the Qwen3-VL model), calibrated on that graph's inputs built
 from the calibration prompts exactly as the runtime builds them (tokenizer, M-RoPE positions, no
-visual rows, or condition images' visual rows when the caller passes them). Only the decoder
-layers' linears are quantized; the embedding table (a gather, no GEMM), the final norm and the
-vision tower (its own graph) keep their precision.
+visual rows, or condition images' visual rows when the caller passes them). The decoder layers'
+linears are quantized as below; the embedding table (a lookup, no GEMM) becomes int8 with one
+scale per row (``int8_embedding``, both precisions: ``export.encoder_qdq`` says how the graph
+reads it); the final norm and the vision tower (its own graph) keep their precision.
 
 - INT8 (``Precision.INT8``): per-channel weights, one per-tensor activation scale per GEMM, and
   SmoothQuant's migration (alpha 0.5, the LLM default of the SmoothQuant paper and modelopt's
@@ -66,6 +67,7 @@ class EncoderQuantPolicy:
     block_size: int = 128  # INT4: input channels per scale (clipped to a layer's width)
     awq: bool = True  # INT4: AWQ-lite scale search; False: round-to-nearest with max scales
     weight_reduce_range: bool = True  # INT8: weights on [-63, 63] (see calib.policy)
+    int8_embedding: bool = True  # the embedding table as int8 rows (per-row fp32 scale)
     include: tuple[str, ...] = LANGUAGE_LINEARS
 
     def __post_init__(self) -> None:
@@ -102,6 +104,7 @@ class QuantizedEncoder:
     policy: EncoderQuantPolicy
     layers: tuple[str, ...]
     summary: dict
+    embedding: tuple[np.ndarray, np.ndarray] | None = None  # int8 codes [vocab, D], row scales [vocab]
 
 
 def select_layers(module: nn.Module, policy: EncoderQuantPolicy) -> list[str]:
@@ -212,6 +215,8 @@ def quantize_text_encoder(model, policy: EncoderQuantPolicy, prompts: Sequence[s
     batches = calibration_batches(model, prompts, batch_size, images)
     module = TextEncoderGraph(copy.deepcopy(model.encoder.model).float().cpu()).eval()
     layers = select_layers(module, policy)
+    # the table first: the linears are then calibrated on the embeddings the graph will produce
+    embedding = quantize_embedding(module) if policy.int8_embedding else None
 
     def forward_loop(m: nn.Module) -> None:
         for args in tqdm(batches, desc="calibrate text encoder", unit="batch", disable=not progress):
@@ -230,8 +235,29 @@ def quantize_text_encoder(model, policy: EncoderQuantPolicy, prompts: Sequence[s
                 wq.amax = wq.amax.float() * (INT8_MAX / REDUCED_WEIGHT_MAX)
     summary = {"prompts": len(list(prompts)), "batches": len(batches), "images": len(images or ()),
                "method": _method(policy)}
+    if embedding is not None:
+        summary["embedding"] = embedding_record(*embedding)
     log.info("text encoder: %d linears quantized (%s)", len(layers), summary["method"])
-    return QuantizedEncoder(quantized.eval(), policy, tuple(layers), summary)
+    return QuantizedEncoder(quantized.eval(), policy, tuple(layers), summary, embedding)
+
+
+def quantize_embedding(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """Round the graph module's embedding table to int8 rows in place (it then holds ``codes * scale``
+    in fp32, what the exported lookup computes); returns ``(codes [vocab, D], scales [vocab])``."""
+    from qwen_image_edge.export.encoder_qdq import dequantized_rows, int8_rows
+
+    weight = module.language_model.embed_tokens.weight  # [vocab, D]
+    codes, scales = int8_rows(weight.detach().float().cpu().numpy())
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(dequantized_rows(codes, scales)))
+    return codes, scales
+
+
+def embedding_record(codes: np.ndarray, scales: np.ndarray) -> dict:
+    """The manifest's record of the int8 table (as export.half's record of its fp32-kept nodes)."""
+    return {"precision": "int8", "scale": "per row, fp32, row amax / 127", "rows": int(codes.shape[0]),
+            "width": int(codes.shape[1]), "graph": "Gather(int8) -> Cast(float) -> Mul(Gather(row scale))",
+            "bytes": int(codes.nbytes + scales.nbytes), "fp32_bytes": int(codes.size * 4)}
 
 
 def _method(policy: EncoderQuantPolicy) -> str:

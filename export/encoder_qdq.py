@@ -1,38 +1,37 @@
-"""The quantized ``text_encoder`` graph: INT8 as standard QDQ, INT4 as block-wise DequantizeLinear.
+"""The quantized ``text_encoder`` graph: INT8 as standard QDQ, INT4 as block-wise DequantizeLinear,
+and in both the embedding table as int8 rows.
 
 - INT8 (W8A8, SmoothQuant): the fake-quantized module is traced with the TorchScript exporter (the
   path that carries modelopt's Q/DQ nodes) and rewritten by ``qwen_image_edge.export.qdq`` exactly as
   the transformer is: weights stored int8 and pre-transposed, activations ``Q -> DQ`` per tensor,
   SmoothQuant's scales a ``Mul`` before each activation Q.
-- INT4 (weight-only): each quantized weight is stored as ``int4`` codes ``[in, out]`` with float32
-  scales ``[in / block, out]`` and read through ``DequantizeLinear(axis=0, block_size=block)``
-  (opset 21), feeding the unchanged ``MatMul``; AWQ's per-channel scale is a ``Mul`` on the input.
-  Why this form: it is the ONNX standard's own 4-bit weight (no contrib op), TensorRT 10 parses it
-  as its INT4 weight-only GEMM (block-quantized DQ on a constant, axis 0 or 1), and onnxruntime's
-  CPU provider runs it (1.32, measured in tests/test_encoder_quant.py) and fuses ``DQ -> MatMul``
-  into its ``MatMulNBits`` kernel. The alternative, the ``com.microsoft.MatMulNBits`` contrib op, is
-  onnxruntime-only.
-
-The INT4 graph is traced from a stand-in module whose linears hold the dequantized weights
-(``codes * scales``); the traced fp32 initializers are then found by value and replaced by codes
-and scales, so the graph computes exactly what modelopt's simulated quantization computes.
+- INT4 (weight-only): ``qwen_image_edge.export.int4`` (int4 codes through opset-21 block-wise
+  ``DequantizeLinear``; its docstring says why that form), measured in tests/test_encoder_quant.py.
+- The embedding table ``[vocab, hidden]`` (0.6 B parameters at full size, 2.5 GB in fp32):
+  int8 codes with one fp32 scale per row, read as ``Gather(codes, ids) -> Cast(float) ->
+  Mul(Unsqueeze(Gather(scales, ids)))``. Why this form: the lookup reads only the prompt's rows,
+  so memory stays int8 at run time. A ``DequantizeLinear`` before the ``Gather`` (the QDQ form)
+  would compute the whole fp32 table ``[vocab, hidden]`` on every run in onnxruntime (its CPU
+  provider keeps DQ nodes unfolded for its QDQ fusions and has no DQ -> Gather fusion), the very
+  bytes this saves. TensorRT 10 takes this form as it is: its Gather layer accepts int8
+  data (operator docs, T1 includes int8) and its Cast layer converts int8 to float32/float16, so
+  the engine keeps the int8 table and does the multiply on the gathered rows only (an
+  elementwise op on [B, L, D], no GEMM). The fake-quantized module holds ``codes * scale`` in fp32
+  (``calib.encoder_quant``), which the graph reproduces bit for bit (one fp32 product per element).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
-from torch.nn import functional as F
 
 from qwen_image_edge.export.cleanup import cleanup_graph
+from qwen_image_edge.export.int4 import rewrite_int4, stand_in
 from qwen_image_edge.export.qdq import to_standard_qdq
 from qwen_image_edge.export.registry import example_inputs, graph_io
 from qwen_image_edge.export.trace import (
@@ -49,86 +48,58 @@ from qwen_image_edge.runtime.manifest import GraphSpec, Precision
 log = logging.getLogger(__name__)
 
 NAME = "text_encoder"
-INT4_OPSET = 21  # int4 tensors and DequantizeLinear's block_size
-INT4_MAX = 7  # symmetric signed 4 bit: codes -8..7, scale amax / 7 (modelopt's INT4 rule)
+EMBED_MAX = 127  # symmetric int8 rows: codes -127..127, scale = row amax / 127
 
 
-def int4_weights(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A calibrated INT4 linear's ``(codes int8 [out, in] in -8..7, scales float32 [out, in / block],
-    pre_quant_scale float32 [in] or None)``: ``W ~= codes * scales`` per block, input ``x * pqs``."""
-    w = layer.weight.detach().float().cpu().numpy()  # [out, in] (AWQ already divided its scales out)
-    amax = layer.weight_quantizer.amax.detach().float().cpu().numpy().reshape(w.shape[0], -1)  # [out, blocks]
-    scales = np.maximum(amax, 1e-12) / INT4_MAX
-    block = w.shape[1] // scales.shape[1]
-    codes = np.clip(np.rint(w / np.repeat(scales, block, axis=1)), -INT4_MAX - 1, INT4_MAX).astype(np.int8)
-    pqs = getattr(layer.input_quantizer, "pre_quant_scale", None)
-    return codes, scales.astype(np.float32), None if pqs is None else pqs.detach().float().cpu().numpy()
+def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An embedding table ``[vocab, hidden]`` as int8 codes ``[vocab, hidden]`` and one fp32 scale per
+    row ``[vocab]`` (a token's row is all a lookup reads, so each row gets its own range)."""
+    table = np.asarray(table, np.float32)
+    scales = (np.maximum(np.abs(table).max(axis=1), 1e-12) / EMBED_MAX).astype(np.float32)  # [vocab]
+    codes = np.clip(np.rint(table / scales[:, None]), -EMBED_MAX, EMBED_MAX).astype(np.int8)
+    return codes, scales
 
 
-class _DequantizedLinear(nn.Module):
-    """``x -> (x * pqs) @ (codes * scales)^T``: what the INT4 graph computes, traced once in fp32."""
-
-    def __init__(self, weight: np.ndarray, pqs: np.ndarray | None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.from_numpy(weight), requires_grad=False)  # [out, in]
-        self.pqs = None if pqs is None else nn.Parameter(torch.from_numpy(pqs), requires_grad=False)
-
-    def forward(self, x):
-        return F.linear(x if self.pqs is None else x * self.pqs, self.weight)
+def dequantized_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``codes * scale`` per row in fp32: the table the fake-quantized module holds, and, one product
+    per element, exactly what the graph's ``Cast -> Mul`` computes."""
+    return codes.astype(np.float32) * scales[:, None]
 
 
-def _stand_in(quantized) -> tuple[nn.Module, dict[str, tuple]]:
-    """A plain fp32 copy of the graph module with every INT4 linear replaced by its dequantized twin."""
-    module = quantized.module
-    weights = {}
-    for name in quantized.layers:
-        codes, scales, pqs = int4_weights(module.get_submodule(name))
-        block = codes.shape[1] // scales.shape[1]
-        dequantized = (codes.astype(np.float32) * np.repeat(scales, block, axis=1)).astype(np.float32)
-        weights[name] = (codes, scales, pqs, dequantized)
-    plain = copy.deepcopy(module)  # the other modules as they are (modelopt left them unquantized)
-    for name, (_, _, pqs, dequantized) in weights.items():
-        parent, _, child = name.rpartition(".")
-        plain.get_submodule(parent).register_module(child, _DequantizedLinear(dequantized, pqs))
-    return plain.eval(), weights
-
-
-def _int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
-    """int4 codes as an ONNX INT4 tensor: two per byte, the first element in the low nibble."""
-    flat = codes.astype(np.int8).ravel()
-    if flat.size % 2:
-        flat = np.append(flat, np.int8(0))
-    nibbles = flat.astype(np.uint8) & 0x0F
-    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
-    return helper.make_tensor(name, TensorProto.INT4, list(codes.shape), packed.tobytes(), raw=True)
-
-
-def rewrite_int4(model: onnx.ModelProto, weights: dict[str, tuple]) -> int:
-    """Replace each traced fp32 weight ``[in, out]`` (found by value) by int4 codes -> blocked DQ."""
+def rewrite_int8_embedding(model: onnx.ModelProto, codes: np.ndarray, scales: np.ndarray) -> int:
+    """Replace the traced fp32 table (found by value) feeding a ``Gather`` by int8 codes and row scales:
+    ``Gather(codes, ids) -> Cast(float) -> Mul(Unsqueeze(Gather(scales, ids), -1))``; returns the
+    number of lookups rewritten (one per Gather of the table)."""
     graph = model.graph
-    by_shape: dict[tuple, list] = {}
-    for init in graph.initializer:
-        by_shape.setdefault(tuple(init.dims), []).append(init)
-    done = 0
-    for name, (codes, scales, _, dequantized) in weights.items():
-        target = dequantized.T  # [in, out]: the MatMul's right operand
-        match = [i for i in by_shape.get(target.shape, []) if np.array_equal(numpy_helper.to_array(i), target)]
-        if len(match) != 1:
-            raise ConfigError(f"INT4 export {NAME}: expected one traced weight of {name}, found {len(match)}")
-        init = match[0]
-        block = codes.shape[1] // scales.shape[1]
-        stem = init.name
-        graph.initializer.remove(init)
-        graph.initializer.append(_int4_tensor(f"{stem}_int4", codes.T))  # [in, out]
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scales.T), f"{stem}_scale"))  # [in/b, out]
-        node = helper.make_node("DequantizeLinear", [f"{stem}_int4", f"{stem}_scale"], [stem],
-                                name=f"{stem}_dequantize", axis=0, block_size=block)
-        graph.node.insert(0, node)
-        done += 1
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            op.version = max(op.version, INT4_OPSET)
-    return done
+    target = dequantized_rows(codes, scales)
+    match = [i for i in graph.initializer if tuple(i.dims) == target.shape and i.data_type == TensorProto.FLOAT
+             and np.array_equal(numpy_helper.to_array(i), target)]
+    if len(match) != 1:
+        raise ConfigError(f"INT8 embedding {NAME}: expected one traced table {list(target.shape)}, found {len(match)}")
+    stem = match[0].name
+    lookups = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == stem]
+    readers = [n for n in graph.node if stem in n.input]
+    if not lookups or len(readers) != len(lookups):
+        raise ConfigError(f"INT8 embedding {NAME}: expected the table {stem} read by Gather nodes only, found "
+                          f"{sorted({n.op_type for n in readers})}")
+    graph.initializer.remove(match[0])
+    graph.initializer.extend([numpy_helper.from_array(codes, f"{stem}_int8"),  # [vocab, hidden]
+                              numpy_helper.from_array(scales, f"{stem}_row_scale"),  # [vocab]
+                              numpy_helper.from_array(np.array([-1], np.int64), f"{stem}_last_axis")])
+    for k, node in enumerate(lookups):
+        ids, out, tag = node.input[1], node.output[0], f"{stem}_lookup{k}"
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for j, new in enumerate([
+            helper.make_node("Gather", [f"{stem}_int8", ids], [f"{tag}_codes"], name=f"{tag}_codes"),  # [B, L, D] int8
+            helper.make_node("Cast", [f"{tag}_codes"], [f"{tag}_float"], name=f"{tag}_cast", to=TensorProto.FLOAT),
+            helper.make_node("Gather", [f"{stem}_row_scale", ids], [f"{tag}_scale"], name=f"{tag}_scale"),  # [B, L]
+            helper.make_node("Unsqueeze", [f"{tag}_scale", f"{stem}_last_axis"], [f"{tag}_scale_col"],
+                             name=f"{tag}_unsqueeze"),  # [B, L, 1]
+            helper.make_node("Mul", [f"{tag}_float", f"{tag}_scale_col"], [out], name=f"{tag}_mul"),  # [B, L, D]
+        ]):
+            graph.node.insert(at + j, new)
+    return len(lookups)
 
 
 def export_quantized_text_encoder(quantized, cfg, export_dir: Path, max_resolution: int,
@@ -145,13 +116,15 @@ def export_quantized_text_encoder(quantized, cfg, export_dir: Path, max_resoluti
         model, stats = to_standard_qdq(model, Precision.INT8)
         found = stats.folded_weights
     else:
-        plain, weights = _stand_in(quantized)
+        plain, weights = stand_in(quantized.module, quantized.layers)
         model = trace_to_onnx(plain, example_inputs(NAME, cfg), io, path, opset)
         model, _ = cleanup_graph(model, NAME)
-        found = rewrite_int4(model, weights)
+        found = rewrite_int4(model, weights, NAME)
     if found != want:
         raise ConfigError(f"{precision.value} export {NAME}: expected {want} quantized weights (one per layer), "
                           f"found {found}")
+    if quantized.embedding is not None:
+        rewrite_int8_embedding(model, *quantized.embedding)
     declare_outputs(model, io)
     spec = save_graph_spec(model, io, export_dir, precision, external_threshold)
     log.info("%s (%s): exported in %.1f s", NAME, precision.value, time.perf_counter() - start)

@@ -443,7 +443,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_staging.py::test_stages_release_before_the_next_opens",),
     ),
     Mutation(
-        "encoder-int4-scale-off", "export", "export/encoder_qdq.py",
+        "encoder-int4-scale-off", "export", "export/int4.py",
         "the int4 export's block scales use 8 levels (amax / 8) where modelopt's simulation used 7",
         "scales = np.maximum(amax, 1e-12) / INT4_MAX",
         "scales = np.maximum(amax, 1e-12) / (INT4_MAX + 1)",

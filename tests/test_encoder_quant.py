@@ -134,7 +134,7 @@ def test_int8_export_is_standard_qdq_and_computes_the_simulation(model, quantize
     assert spec.precision is Precision.INT8
     assert not [n for n in graph.graph.node if n.domain not in ("", "ai.onnx")]
     int8 = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
-    assert len(int8) == len(q.layers)  # every weight stored as 1 byte, nothing else
+    assert len(int8) == len(q.layers) + 1  # every weight and the embedding table (int8 rows) as 1 byte
     ops = {n.op_type for n in graph.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Mul"} <= ops
     for batch in (prompts[:1], prompts[4:9]):  # two batch sizes, two lengths
