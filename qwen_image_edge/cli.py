@@ -346,9 +346,28 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return _reference_run(args, args.image)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Until SIGINT/SIGTERM; Ray is imported only here (the 'serve' extra)."""
+    import importlib.util
+
+    from qwen_image_edge.runtime.errors import ConfigError
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("serve: Ray Serve is not installed here; pip install 'qwen-image-edge[serve]'")
+    from qwen_image_edge.serve import ServeOptions, serve_forever
+
+    options = ServeOptions(Path(args.export_dir), replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                           threads=args.threads or 1, host=args.host, port=args.port, max_batch=args.max_batch,
+                           batch_wait_ms=args.batch_wait_ms, address=args.address, backend=args.backend,
+                           providers=tuple(args.providers) if args.providers else None,
+                           verify_hashes=not args.no_verify)
+    serve_forever(options, ready=lambda url: print(f"serving {args.export_dir} on {url} (Ctrl-C stops)", flush=True))
+    return 0
+
+
 HANDLERS = {"info": _cmd_info, "export": _cmd_export, "quantize": _cmd_quantize, "distill": _cmd_distill,
             "validate": _cmd_validate, "build": _cmd_build, "generate": _cmd_generate, "edit": _cmd_edit,
-            "run": _cmd_run, "demo": _cmd_demo}
+            "run": _cmd_run, "demo": _cmd_demo, "serve": _cmd_serve}
 
 
 def format_sizes(sizes) -> str:

@@ -20,6 +20,7 @@ Qwen-Image-2 on small GPUs. A deployment runs these stages in order:
   build       ONNX graphs -> TensorRT engines for one GPU
   run         generate or edit images from an export directory (no torch)
   validate    per-graph and end-to-end numbers against the reference
+  serve       an HTTP API over the runtime on Ray Serve (replicas, batching; the 'serve' extra)
 
 """
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference(add)
     _add_run(add)
     _add_demo(add)
+    _add_serve(add)
     return parser
 
 
@@ -318,3 +320,35 @@ def _add_sampling_args(p: argparse.ArgumentParser, output_default: str | None = 
     p.add_argument("--background", default="white",
                    help="JPEG only (no alpha): colour the transparent parts are flattened onto, a name or "
                    "#rrggbb (default: %(default)s)")
+
+
+def _add_serve(add) -> None:
+    serve = add(
+        "serve", computes=True,
+        help="serve an export directory over HTTP on Ray Serve (the 'serve' extra)",
+        description="An HTTP API over the torch-free runtime on Ray Serve: POST /v1/generate (JSON), POST /v1/edit "
+        "(multipart), GET /healthz, GET /v1/model. Without --address a local Ray instance is started and stopped "
+        "with the command; with --address the application runs on that Ray cluster (every node must see "
+        "EXPORT_DIR at the same path). Ctrl-C or SIGTERM stops it. --threads: onnxruntime threads per replica "
+        "(default 1), also the CPUs Ray reserves for each.",
+    )
+    serve.add_argument("export_dir", metavar="EXPORT_DIR", help="export directory (with manifest.json)")
+    serve.add_argument("--replicas", type=int, default=1, help="pipeline replicas (default: %(default)s)")
+    serve.add_argument("--gpus-per-replica", type=float, default=0.0,
+                       help="GPUs Ray reserves for each replica (0: CPU; 0.5: two replicas share one GPU); "
+                       "use with --backend tensorrt or a CUDA provider (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address the HTTP proxy listens on (default: %(default)s; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="generate requests combined into one pipeline call, at most (1: no batching; "
+                       "default: %(default)s)")
+    serve.add_argument("--batch-wait-ms", type=float, default=20.0,
+                       help="how long a batch waits to fill before it runs (default: %(default)s ms)")
+    serve.add_argument("--address", default=None,
+                       help="an existing Ray cluster to deploy on ('auto' or HOST:6379; default: a local Ray "
+                       "instance for this command)")
+    serve.add_argument("--backend", default="onnxruntime", help="inference backend (default: %(default)s)")
+    serve.add_argument("--providers", nargs="+", default=None,
+                       help="onnxruntime execution providers in order (default: CUDA if present, then CPU)")
+    serve.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
