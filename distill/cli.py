@@ -12,7 +12,10 @@ pool of prompts (its full schedule, with guidance) and the student learns to jum
 teacher's latents at its own fixed sigmas, one transformer call per step. Writes OUT/student, a
 checkpoint folder whose model_index.json carries the schedule, so `export` + `run` use it by default.
 Resumable: rerun the same command after an interruption. Several processes: torchrun
---nproc-per-node N -m qwen_image_edge.distill ... (gloo on CPU, nccl on GPUs; --batch must be a multiple of N)."""
+--nproc-per-node N -m qwen_image_edge.distill ... (gloo on CPU, nccl on GPUs; --batch must be a multiple of N).
+--strategy fsdp shards the student (FSDP2: weights, gradients and AdamW state split over the processes;
+--mixed-precision bf16 computes in bf16 over fp32 master weights); its checkpoints (torch.distributed.checkpoint)
+resume on any number of processes."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edits", type=int, default=0, help="edit trajectories too (demo teacher only) (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     add_placement_arguments(p, "the teacher's pool sampling (the student trains in fp32 on that device)")
+    p.add_argument("--strategy", default="ddp",
+                   help="ddp: a full fp32 replica per process; fsdp: FSDP2 shards (for models that do not fit one "
+                        "device) (default: %(default)s)")
+    p.add_argument("--mixed-precision", default="fp32", metavar="fp32|bf16",
+                   help="with --strategy fsdp: bf16 compute over fp32 master weights and fp32 gradient reductions "
+                        "(default: %(default)s)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward instead of keeping its activations")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N iterations of this call, checkpointed, without writing the student "
+                        "(time-boxed jobs: rerun to continue)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
 
@@ -63,9 +77,13 @@ def run(args: argparse.Namespace) -> int:
     settings = DistillSettings(steps=steps, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed,
                                teacher_steps=args.teacher_steps, guidance=args.guidance, pool_size=args.pool,
                                edit_size=args.edits, lora_rank=args.lora, lora_alpha=args.lora_alpha,
+                               strategy=args.strategy, mixed_precision=args.mixed_precision,
+                               activation_checkpointing=args.activation_checkpointing,
                                **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}))
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError(f"--stop-after: expected >= 1, got {args.stop_after}")
     folder = distill(args.teacher, args.out, settings, progress=not args.no_progress, restart=args.restart,
-                     device=args.device, dtype=args.dtype, loras=loras)
+                     device=args.device, dtype=args.dtype, loras=loras, stop_after=args.stop_after)
     if folder is not None:
         print(f"student ({steps[0]} steps, guidance distilled) written to {folder}")
     return 0

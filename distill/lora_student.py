@@ -64,21 +64,26 @@ def add_adapter(transformer: nn.Module, config: LoraStudentConfig, seed: int = 0
     return transformer
 
 
-def adapter_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained LoRA matrices by diffusers' keys (``transformer.<module>.lora_A.weight``)."""
+def _state(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return weights if isinstance(weights, dict) else weights.state_dict()
+
+
+def adapter_state(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained LoRA matrices by diffusers' keys (``transformer.<module>.lora_A.weight``), from
+    the peft-wrapped transformer or its state dict (an FSDP student's, gathered)."""
     out = {}
-    for name, t in transformer.state_dict().items():
+    for name, t in _state(weights).items():
         if ".lora_A." in name or ".lora_B." in name:
             out["transformer." + name.replace(".default.weight", ".weight")] = t.detach().float().cpu().contiguous()
     return out
 
 
-def base_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
+def base_state(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The untouched base weights under their checkpoint keys (peft wraps them as ``.base_layer``)."""
-    return {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if "lora_" not in k}
+    return {k.replace(".base_layer.", "."): v for k, v in _state(weights).items() if "lora_" not in k}
 
 
-def save_adapter(path: Path, transformer: nn.Module, config: LoraStudentConfig) -> Path:
+def save_adapter(path: Path, transformer: nn.Module | dict[str, torch.Tensor], config: LoraStudentConfig) -> Path:
     """The adapter as diffusers' ``save_lora_weights`` writes it (metadata: r, lora_alpha, targets)."""
     meta = {"transformer.r": config.rank, "transformer.lora_alpha": config.lora_alpha,
             "transformer.target_modules": sorted(config.targets), "transformer.alpha_pattern": {},

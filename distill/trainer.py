@@ -4,10 +4,14 @@
     torchrun --nproc-per-node 2 -m qwen_image_edge.distill --teacher demo --steps 4 --out DIR
 
 Each iteration draws one global batch from a generator seeded by ``(seed, iteration)``; rank r
-takes rows ``r::world`` and DDP averages the gradients, so any world size that divides the batch
-follows the same trajectory as one process (up to float summation order). That also makes resume
-exact: ``DIR/checkpoint`` (student, optimizer, iteration; safetensors + JSON, written atomically
-every ``--checkpoint-every`` seconds and at the end) is all the state there is.
+takes rows ``r::world`` and DDP (or FSDP's reduce-scatter) averages the gradients, so any world
+size that divides the batch follows the same trajectory as one process (up to float summation
+order). The rule: the data order is a function of (seed, iteration) only, never of the world
+size or of earlier iterations. That makes resume exact, on the same or another world size: the
+checkpoint (student, optimizer, iteration; written atomically every ``checkpoint_every_s`` seconds
+and at the end) is all the state there is. ``--strategy ddp`` (default): full fp32 replicas,
+``DIR/checkpoint`` (safetensors + JSON). ``--strategy fsdp``: FSDP2 shards, optionally bf16
+compute, a torch.distributed.checkpoint folder that resumes on any world size (distill/fsdp.py).
 
 Outputs under ``--out``: ``pool`` (teacher trajectories, reused when the teacher and the pool
 spec are unchanged), ``checkpoint``, ``losses.json`` and ``student/`` — a checkpoint folder in the
@@ -18,6 +22,7 @@ teacher's layout whose ``model_index.json`` carries the student schedule (``num_
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import logging
@@ -40,6 +45,7 @@ from qwen_image2_ref.model_folder import STUDENT_LORA_KEY, ModelSource, open_mod
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import layout_inputs
 from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
+from qwen_image_edge.distill import fsdp
 from qwen_image_edge.distill.lora_student import (
     ADAPTER_NAME,
     DEFAULT_TARGETS,
@@ -64,6 +70,23 @@ from qwen_image_edge.runtime.layout import padded_batch
 log = logging.getLogger(__name__)
 
 
+class Strategy(enum.StrEnum):
+    DDP = "ddp"  # a full fp32 replica per process (DistributedDataParallel)
+    FSDP = "fsdp"  # FSDP2: weights, gradients and optimizer state sharded over the processes
+
+
+class Precision(enum.StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"  # fsdp only: bf16 weights in compute, fp32 master weights and gradient reductions
+
+
+def _choice(enum_type, value, flag: str):
+    try:
+        return enum_type(value)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected one of {', '.join(e.value for e in enum_type)}, got {value!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
     steps: tuple[int, ...] = (4,)  # student schedules trained; the first is the shipped default
@@ -81,6 +104,9 @@ class DistillSettings:
     lora_rank: int = 0  # > 0: a LoRA student of this rank (distill/lora_student.py); 0: full fine-tuning
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    strategy: Strategy = Strategy.DDP
+    mixed_precision: Precision = Precision.FP32
+    activation_checkpointing: bool = False  # recompute each block in the backward (same math, less memory)
 
     @property
     def lora(self) -> LoraStudentConfig | None:
@@ -97,6 +123,10 @@ class DistillSettings:
         if self.lora_rank < 0:
             raise ConfigError(f"--lora: expected a rank >= 1, got {self.lora_rank}")
         _ = self.lora  # checks alpha and targets
+        object.__setattr__(self, "strategy", _choice(Strategy, self.strategy, "--strategy"))
+        object.__setattr__(self, "mixed_precision", _choice(Precision, self.mixed_precision, "--mixed-precision"))
+        if self.mixed_precision is Precision.BF16 and self.strategy is not Strategy.FSDP:
+            raise ConfigError("--mixed-precision bf16: needs --strategy fsdp (ddp trains fp32 replicas)")
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -202,17 +232,13 @@ def save_checkpoint(path: Path, model, opt, it: int, losses: list[float], settin
 
 def load_checkpoint(path: Path, model, opt, settings, digest: str) -> tuple[int, list[float]]:
     """Restore into ``model`` / ``opt``; (0, []) when there is no checkpoint to resume."""
+    if (path.parent / fsdp.META_NAME).is_file():
+        raise ConfigError(f"{path.parent / fsdp.META_NAME}: an fsdp checkpoint; resume it with --strategy fsdp, "
+                          "or use another --out or --restart")
     if not Path(path).with_suffix(".json").is_file():
         return 0, []
     tensors, meta = load_stage(path)
-    saved = meta["settings"]
-    mine = json.loads(json.dumps(dataclasses.asdict(settings)))
-    keys = ("steps", "iters", "batch", "lr", "warmup", "seed", "teacher_steps", "guidance", "pool_size", "edit_size",
-            "lora_rank", "lora_alpha", "lora_targets")
-    diff = [k for k in keys if saved.get(k) != mine.get(k)]
-    if meta.get("teacher") != digest or diff:
-        raise ConfigError(f"{path}: a checkpoint of another run (differs in {diff or ['teacher']}); "
-                          "use another --out or --restart")
+    check_same_run(path, meta, settings, digest)
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
                           strict=not settings.lora_rank)
     state: dict = {}
@@ -222,6 +248,44 @@ def load_checkpoint(path: Path, model, opt, settings, digest: str) -> tuple[int,
             state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return int(meta["iteration"]), list(meta["losses"])
+
+
+def check_same_run(path: Path, meta: dict, settings: DistillSettings, digest: str) -> None:
+    """Refuse a checkpoint made by another teacher or with settings that change the trajectory."""
+    saved = meta["settings"]
+    mine = json.loads(json.dumps(dataclasses.asdict(settings)))
+    keys = ("steps", "iters", "batch", "lr", "warmup", "seed", "teacher_steps", "guidance", "pool_size", "edit_size",
+            "lora_rank", "lora_alpha", "lora_targets")
+    if settings.strategy is Strategy.FSDP:  # ddp checkpoints predate it (always fp32)
+        keys += ("mixed_precision",)
+    diff = [k for k in keys if saved.get(k) != mine.get(k)]
+    if meta.get("teacher") != digest or diff:
+        raise ConfigError(f"{path}: a checkpoint of another run (differs in {diff or ['teacher']}); "
+                          "use another --out or --restart")
+
+
+def load_sharded(out: Path, model, opt, settings: DistillSettings, digest: str) -> tuple[int, list[float]]:
+    """The fsdp counterpart of ``load_checkpoint``: (0, []) when ``out`` holds no DCP checkpoint."""
+    if Path(out / "checkpoint").with_suffix(".json").is_file():
+        raise ConfigError(f"{out / 'checkpoint.json'}: a ddp checkpoint; resume it with --strategy ddp, "
+                          "or use another --out or --restart")
+    meta = fsdp.read_meta(out)
+    if meta is None:
+        return 0, []
+    check_same_run(out / fsdp.META_NAME, meta, settings, digest)
+    fsdp.load_checkpoint(out, meta, model, opt, lora=bool(settings.lora_rank))
+    return int(meta["iteration"]), list(meta["losses"])
+
+
+def save_any(ckpt: Path, student, opt, it: int, losses: list[float], settings: DistillSettings, digest: str,
+             ranks: Ranks) -> None:
+    """Checkpoint: rank 0 writes a ddp replica; every rank writes its fsdp shards."""
+    if settings.strategy is Strategy.FSDP:
+        meta = {"iteration": it, "losses": losses, "settings": dataclasses.asdict(settings), "teacher": digest,
+                "world": ranks.world}
+        fsdp.save_checkpoint(ckpt.parent, student, opt, meta, ranks.rank, lora=bool(settings.lora_rank))
+    elif ranks.rank == 0:
+        save_checkpoint(ckpt, student, opt, it, losses, settings, digest)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -268,16 +332,27 @@ def open_student(pipe: QwenImagePipeline, settings: DistillSettings, ckpt: Path,
     """(student, optimizer, first iteration, losses so far): the teacher's transformer trained in
     place, resumed from ``ckpt`` unless ``restart``. The student trains in fp32 whatever the
     teacher's dtype (AdamW updates are below bf16's resolution of its weights)."""
-    student = pipe.transformer.to(ranks.device, torch.float32).train().requires_grad_(True)
+    sharded = settings.strategy is Strategy.FSDP
+    student = pipe.transformer.train().requires_grad_(True)
+    if not sharded or settings.lora:  # fsdp casts block by block as it shards (no whole fp32 copy)
+        student = student.to(ranks.device, torch.float32)
     if settings.lora:  # after the pool: the teacher sampled the base weights, the one copy in memory
         add_adapter(student, settings.lora, settings.seed)
+    if settings.activation_checkpointing:
+        fsdp.checkpoint_blocks(student)
+    if sharded:  # before the optimizer: fully_shard replaces the parameters by their shards
+        fsdp.shard_student(student, ranks.device, settings.mixed_precision is Precision.BF16)
     trainable = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if restart and ranks.rank == 0:
         for p in (ckpt.with_suffix(".safetensors"), ckpt.with_suffix(".json")):
             p.unlink(missing_ok=True)
+        fsdp.remove_checkpoints(ckpt.parent)
     _barrier(ranks.world)
-    start, losses = load_checkpoint(ckpt, student, opt, settings, digest)
+    if sharded:
+        start, losses = load_sharded(ckpt.parent, student, opt, settings, digest)
+    else:
+        start, losses = load_checkpoint(ckpt, student, opt, settings, digest)
     if start:
         log.info("resuming from iteration %d/%d", start, settings.iters)
     return student, opt, start, losses
@@ -290,6 +365,8 @@ def train_step(model, student, opt, pool: Pool, table, settings: DistillSettings
     ids, segs = ids[ranks.rank::ranks.world], segs[ranks.rank::ranks.world]
     x_in, states, sig, cond, inputs, target = batch_inputs(pool.groups[name], ids, segs, table, pool, student.config,
                                                            ranks.device, length)
+    if settings.mixed_precision is Precision.BF16:  # as the reference's bf16 path: sigma and rope stay fp32
+        x_in, states, cond = x_in.bfloat16(), states.bfloat16(), cond.bfloat16()
     for g in opt.param_groups:
         g["lr"] = lr_at(it, settings.iters, settings.lr, settings.warmup)
     pred = model(x_in, states, sig, cond, **inputs)
@@ -307,7 +384,7 @@ def train_loop(student, opt, pool: Pool, table, settings: DistillSettings, run: 
     whether it ran to the end (False: stopped after ``stop_after`` iterations of this call)."""
     ckpt, digest = run
     model = student
-    if ranks.world > 1:
+    if ranks.world > 1 and settings.strategy is Strategy.DDP:
         model = DistributedDataParallel(student, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     last = time.time()
     bar = tqdm(total=settings.iters, initial=start, desc="distill", disable=not progress or ranks.rank > 0)
@@ -321,8 +398,12 @@ def train_loop(student, opt, pool: Pool, table, settings: DistillSettings, run: 
             if it % 100 == 0:
                 log.info("distill iteration %d/%d loss %.5f", it, settings.iters, float(np.mean(losses[-100:])))
             stop = stop_after is not None and it - start >= stop_after
-            if ranks.rank == 0 and (it == settings.iters or stop or time.time() - last > settings.checkpoint_every_s):
-                save_checkpoint(ckpt, student, opt, it, losses, settings, digest)
+            # rank 0's clock decides for all: every rank takes part in an fsdp checkpoint
+            due = time.time() - last > settings.checkpoint_every_s
+            if settings.strategy is Strategy.FSDP:
+                due = _agree(due, ranks)
+            if it == settings.iters or stop or due:
+                save_any(ckpt, student, opt, it, losses, settings, digest, ranks)
                 last = time.time()
     finally:
         bar.close()
@@ -344,9 +425,22 @@ def distill(teacher: ModelSource, out: str | os.PathLike, settings: DistillSetti
     """
     placement = resolve_placement(device, dtype, stage="distill")
     ranks = Ranks(*init_distributed(placement.device))
+    # fsdp in one process still shards over a (one-rank) process group; made here, removed at the end
+    own_group = settings.strategy is Strategy.FSDP and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if ranks.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    try:
+        return _distill(teacher, Path(out), settings, ranks, placement, progress, restart, stop_after, loras)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _distill(teacher, out: Path, settings: DistillSettings, ranks: Ranks, placement, progress: bool, restart: bool,
+             stop_after: int | None, loras) -> Path | None:
     if settings.batch % ranks.world:
         raise ConfigError(f"--batch {settings.batch} must be a multiple of the number of processes ({ranks.world})")
-    out = Path(out)
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier(ranks.world)
@@ -360,18 +454,21 @@ def distill(teacher: ModelSource, out: str | os.PathLike, settings: DistillSetti
     student, opt, start, losses = open_student(pipe, settings, out / "checkpoint", digest, ranks, restart)
     finished = train_loop(student, opt, pool, table, settings, (out / "checkpoint", digest), start, losses, ranks,
                           progress, stop_after)
+    if finished and settings.strategy is Strategy.FSDP:
+        student = fsdp.full_state(student)  # every rank takes part; rank 0 gets the fp32 tensors
     if not finished or ranks.rank:
         return None
     (out / "losses.json").write_text(json.dumps({"losses": losses}))
     provenance = {"teacher_transformer_sha256": digest, "teacher_steps": settings.teacher_steps,
                   "guidance": pool.guidance, "trained_steps": list(settings.steps), "iterations": settings.iters,
                   "batch": settings.batch, "pool": {k: len(g.points) for k, g in pool.groups.items()},
-                  **({"teacher_loras": [a.provenance() for a in model.loras]} if model.loras else {})}
+                  **({"teacher_loras": [a.provenance() for a in model.loras]} if model.loras else {}),
+                  **({"strategy": "fsdp", "mixed_precision": settings.mixed_precision.value}
+                     if settings.strategy is Strategy.FSDP else {})}
     if settings.lora:
         provenance["lora"] = {"rank": settings.lora_rank, "alpha": settings.lora.lora_alpha,
                               "targets": list(settings.lora_targets)}
-    return save_student(pipe, student.eval(), out / "student", settings.steps[0], model.path, provenance,
-                        settings.lora)
+    return save_student(pipe, student, out / "student", settings.steps[0], model.path, provenance, settings.lora)
 
 
 def teacher_digest(model) -> str:
@@ -382,6 +479,15 @@ def teacher_digest(model) -> str:
         return digest
     parts = [digest] + [f"{a.sha256}:{a.scale!r}" for a in model.loras]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _agree(flag: bool, ranks: Ranks) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    if ranks.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=ranks.device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
 
 
 def _global_mean(loss: torch.Tensor, world: int) -> float:
@@ -403,7 +509,8 @@ def student_pipeline_config(pcfg, steps: int):
 def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path, provenance: dict,
                  lora: LoraStudentConfig | None = None) -> Path:
     """The student folder; a LoRA student's keeps the base weights and names its adapter file in
-    ``model_index.json`` (loading the folder fuses it)."""
+    ``model_index.json`` (loading the folder fuses it). ``student``: the module, or its full state
+    dict (an fsdp student, gathered)."""
     config = dataclasses.replace(pipe.config, pipeline=student_pipeline_config(pipe.config.pipeline, steps))
     dtype = None
     for sub in ("transformer", "vae"):
@@ -411,11 +518,12 @@ def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path, 
         if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("torch_dtype") == "bfloat16":
             dtype = torch.bfloat16
     extra = {"distilled_from": provenance, **({STUDENT_LORA_KEY: ADAPTER_NAME} if lora else {})}
-    weights = base_state(student.float().cpu()) if lora else student.float().cpu()
+    state = student if isinstance(student, dict) else student.eval().float().cpu()
+    weights = base_state(state) if lora else state
     folder = save_model(folder, config, weights, pipe.vae, pipe.encoder, dtype=dtype, overwrite=True,
                         extra_index=extra)
     if lora:
         tmp = folder / f".{ADAPTER_NAME}.tmp"
-        save_adapter(tmp, student, lora)
+        save_adapter(tmp, state, lora)
         os.replace(tmp, folder / ADAPTER_NAME)
     return folder
