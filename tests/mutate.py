@@ -118,8 +118,8 @@ def package_dirs(root: Path = ROOT) -> dict[str, str]:
     return dict(data.get("tool", {}).get("setuptools", {}).get("package-dir", {}))
 
 
-def run_pytest(copy: Path, tests: Sequence[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
-    """pytest on ``tests`` inside the copy; (exit code, output tail). Exit code -1: timed out."""
+def _environment(copy: Path) -> dict[str, str]:
+    """The environment a run in ``copy`` sees: the copy's packages shadow the editable install."""
     env = dict(os.environ)
     boot = copy.parent / "boot"
     boot.mkdir(exist_ok=True)
@@ -131,12 +131,113 @@ def run_pytest(copy: Path, tests: Sequence[str], timeout: float = TIMEOUT_S) -> 
     env.setdefault("OMP_NUM_THREADS", "1")
     # Mutated code must never write into the user's demo-export cache, which the real suite reuses.
     env["QWEN_IMAGE_EDGE_CACHE"] = str(copy.parent / "cache")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "", *tests]
+    return env
+
+
+def _pytest_args(tests: Sequence[str]) -> list[str]:
+    return ["-x", "-q", "-p", "no:cacheprovider", "-m", "", *tests]
+
+
+def run_pytest(copy: Path, tests: Sequence[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    """pytest on ``tests`` inside the copy, in a fresh interpreter; (exit code, output tail).
+    Exit code -1: timed out."""
+    cmd = [sys.executable, "-m", "pytest", *_pytest_args(tests)]
     try:
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=copy, env=_environment(copy), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {timeout:.0f} s"
     return proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+
+
+# Third-party modules the tests import, slow to import (torch ~4 s, diffusers' and transformers'
+# Qwen models ~5 s, modelopt ~15 s on 2 cores): imported once by the fork server below, so each
+# mutation's run pays only for the project's own modules. Never a project module: those are
+# imported fresh by every run, patched. (The full suite imports all of these at collection.)
+PRELOAD = (
+    "numpy", "torch", "safetensors.torch", "onnx", "onnx.numpy_helper", "onnxruntime", "PIL.Image", "tqdm",
+    "hypothesis", "diffusers", "diffusers.models.transformers.transformer_qwenimage21",
+    "diffusers.pipelines.qwenimage21.pipeline_qwenimage21", "transformers",
+    "transformers.models.qwen3_vl.modeling_qwen3_vl", "modelopt.torch.quantization",
+)
+
+# Started with the copy's environment and cwd: preloads PRELOAD, then for each request line
+# (JSON: log file, pytest arguments) forks; the child runs pytest.main in its own process group
+# with stdout and stderr in the log, the server answers the exit code (-1 on time-out).
+_SERVER = """
+import importlib, json, os, signal, sys, time
+for name in json.loads(sys.argv[1]):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+import pytest
+own = sorted(m for m in sys.modules if m.split(".")[0] in json.loads(sys.argv[2]))
+print(f"project modules preloaded: {own}" if own else "ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1); os.dup2(fd, 2)
+        try:
+            code = int(pytest.main(req["args"]))
+        except BaseException:
+            code = 3
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    deadline = time.monotonic() + req["timeout"]
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            code = -1
+            break
+        time.sleep(0.05)
+    print(json.dumps(code), flush=True)
+"""
+
+
+def _project_packages(copy: Path) -> list[str]:
+    """Top-level import names the copy provides (a preloaded one would escape the mutation)."""
+    names = {name.split(".")[0] for name in package_dirs(copy)}
+    return sorted(names | {p.name for p in copy.iterdir() if (p / "__init__.py").is_file()})
+
+
+class _ForkServer:
+    """One interpreter with PRELOAD imported, forking a fresh pytest run per request."""
+
+    def __init__(self, copy: Path) -> None:
+        self._copy = copy
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, json.dumps(PRELOAD), json.dumps(_project_packages(copy))],
+            cwd=copy, env=_environment(copy),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        answer = self._proc.stdout.readline().strip()
+        if answer != "ready":
+            self.close()
+            raise RuntimeError(f"mutate: the fork server in {copy} did not start: {answer or 'no answer'}")
+
+    def run(self, tests: Sequence[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+        log = self._copy.parent / "run.log"
+        req = {"log": str(log), "args": _pytest_args(tests), "timeout": timeout}
+        self._proc.stdin.write(json.dumps(req) + "\n")
+        self._proc.stdin.flush()
+        answer = self._proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"mutate: the fork server in {self._copy} died (exit {self._proc.poll()})")
+        code = json.loads(answer)
+        out = log.read_text(errors="replace")[-3000:]
+        return code, out if code != -1 else f"timed out after {timeout:.0f} s\n{out}"
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait()
 
 
 def failing_test(output: str) -> str:
@@ -148,17 +249,25 @@ def failing_test(output: str) -> str:
 
 
 class Workspace:
-    """One repository copy; mutations are applied to it one at a time and restored."""
+    """One repository copy; mutations are applied to it one at a time and restored. Each run is a
+    fork of one server that has the slow third-party modules imported (``fresh=True``: a new
+    interpreter per run, as ``python -m pytest`` would)."""
 
-    def __init__(self, root: Path = ROOT, rev: str | None = None) -> None:
+    def __init__(self, root: Path = ROOT, rev: str | None = None, fresh: bool = False) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="qie-mutation-")
         self.path = copy_repository(Path(self._tmp.name) / "repo", root, rev)
+        self._server = None if fresh else _ForkServer(self.path)
 
     def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
         self._tmp.cleanup()
 
+    def _pytest(self, tests: Sequence[str]) -> tuple[int, str]:
+        return run_pytest(self.path, tests) if self._server is None else self._server.run(tests)
+
     def baseline(self, tests: Iterable[str]) -> tuple[int, str]:
-        return run_pytest(self.path, sorted(set(tests)))
+        return self._pytest(sorted(set(tests)))
 
     def run(self, mutation: Mutation) -> tuple[bool, str, str]:
         """(caught, failing test id, output tail) for one mutation."""
@@ -166,7 +275,7 @@ class Workspace:
         original = check_patch(mutation, self.path)
         target.write_text(original.replace(mutation.old, mutation.new))
         try:
-            code, out = run_pytest(self.path, mutation.tests)
+            code, out = self._pytest(mutation.tests)
         finally:
             target.write_text(original)
         return code == 1, failing_test(out) if code == 1 else "", out
@@ -187,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append", metavar="ID", help="run this mutation only (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
     parser.add_argument("--rev", metavar="COMMIT", help="mutate this commit's tree (default: the work tree)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="a new interpreter per run instead of forks of one with the slow imports done")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the check that the named tests pass unmutated (they do in CI's suite run)")
     args = parser.parse_args(argv)
@@ -199,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     for m in chosen:
         check_patch(m)
-    ws = Workspace(rev=args.rev)
+    ws = Workspace(rev=args.rev, fresh=args.fresh)
     try:
         if not args.no_baseline:
             code, out = ws.baseline(t for m in chosen for t in m.tests)
