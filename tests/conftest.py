@@ -7,6 +7,15 @@ from __future__ import annotations
 
 import pytest
 
+# Every test id this session collected, before -m deselects any (tests/test_mutation.py checks the
+# mutation list's test ids against it instead of collecting them again in a subprocess).
+COLLECTED = pytest.StashKey[frozenset]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    config.stash[COLLECTED] = frozenset(item.nodeid for item in items)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
