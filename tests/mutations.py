@@ -464,4 +464,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "sources = fuse_sources(sources, ())",
         ("tests/test_lora.py::test_lean_export_streams_the_fused_weights",),
     ),
+    # -------------------------------------------------------------------- serve
+    Mutation(
+        "serve-shape-error-503", "cli", "qwen_image_edge/serve_http.py",
+        "serve answers a bad image or tensor shape (ShapeError) as the server's fault (503), not the client's 400",
+        "if isinstance(exc, (InputError, ShapeError, ConfigError)):",
+        "if isinstance(exc, (InputError, ConfigError)):",
+        ("tests/test_serve.py::test_error_bodies_are_one_line_and_statuses_split_client_from_server",),
+    ),
 )
