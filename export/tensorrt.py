@@ -6,7 +6,8 @@ migration notes: ``trt.Builder(logger)``, ``create_network(1 << STRONGLY_TYPED)`
 node_name() / desc()``, ``create_builder_config``, ``builder_optimization_level``,
 ``set_flag(BuilderFlag.FP16 | BF16 | WEIGHT_STREAMING)``, ``create_optimization_profile`` +
 ``set_shape`` + ``add_optimization_profile``, ``create_timing_cache`` / ``set_timing_cache`` /
-``get_timing_cache().serialize()`` and ``build_serialized_network``.
+``get_timing_cache().serialize()`` and ``build_serialized_network``; ``BuilderFlag.REFIT`` for the
+transformer graphs with ``refittable`` (``qwen_image_edge.export.refit`` writes LoRA weights into them).
 
 Precision (one decision per graph, :func:`network_mode`):
 
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 # the condition encoder + MMDiT (single graph and the condition-KV-cache pair): not the VAE
 DEFAULT_PRECISION_GRAPHS = (*graphs_of(Component.TEXT_ENCODER), *graphs_of(Component.TRANSFORMER))
 TIMING_CACHE_NAME = "timing.cache"
+REFITTABLE_GRAPHS = graphs_of(Component.TRANSFORMER)  # the weights LoRA adapters change
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def _use_timing_cache(config, serialized: bytes, graph: str) -> None:
         log.warning("%s: TensorRT refused an empty timing cache; building without one", graph)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.write_bytes(data)
@@ -187,8 +189,10 @@ def build_engines(export_dir: str | os.PathLike, *, graphs: Sequence[str] | None
                   ranges: BuildRanges | None = None, precision: Precision | None = None,
                   precision_graphs: Sequence[str] = DEFAULT_PRECISION_GRAPHS, opt_level: int = 3,
                   timing_cache: str | os.PathLike | None = None, weight_streaming: bool = False,
-                  workspace_gb: float | None = None, trt=None) -> dict[str, EngineSpec]:
-    """Build an engine per graph for this GPU; returns the manifest entries written."""
+                  workspace_gb: float | None = None, refittable: bool = False, trt=None) -> dict[str, EngineSpec]:
+    """Build an engine per graph for this GPU; returns the manifest entries written. ``refittable``:
+    the transformer graphs' engines are built with ``BuilderFlag.REFIT`` (``qwen_image_edge.export.refit``
+    writes adapters into them); the other graphs are not (a refittable engine may run slower)."""
     if graphs:
         check_graph_names(graphs, where="build graphs")
     check_graph_names(precision_graphs, where="precision graphs")
@@ -204,6 +208,9 @@ def build_engines(export_dir: str | os.PathLike, *, graphs: Sequence[str] | None
     version = str(trt.__version__)
     modes = {g: network_mode(manifest.graphs[g].precision, precision if g in precision_graphs else None, version,
                              weight_streaming) for g in names}
+    if refittable:
+        modes = {g: dataclasses.replace(m, flags=(*m.flags, "REFIT")) if g in REFITTABLE_GRAPHS else m
+                 for g, m in modes.items()}
     cuda.check_driver()
     gpu = cuda.device_info()
     out_dir = export_dir / engine_dir(gpu, version)
@@ -216,7 +223,7 @@ def build_engines(export_dir: str | os.PathLike, *, graphs: Sequence[str] | None
         start = time.perf_counter()
         plan, cache = build_engine(trt, export_dir / spec.file, spec, plans[g], modes[g], opt_level=opt_level,
                                    timing_cache=cache, workspace_gb=workspace_gb)
-        _write_atomic(cache_path, cache)
+        write_atomic(cache_path, cache)
         entry = _save_engine(export_dir, out_dir / f"{g}.plan", plan, spec, plans[g], modes[g], gpu, version,
                              weight_streaming)
         key = engine_key(gpu, version, g)
@@ -229,7 +236,7 @@ def build_engines(export_dir: str | os.PathLike, *, graphs: Sequence[str] | None
 def _save_engine(export_dir: Path, path: Path, plan: bytes, spec: GraphSpec, ranges: dict, mode: NetworkMode, gpu,
                  version: str, weight_streaming: bool) -> EngineSpec:
     """Write the plan atomically and describe it for the manifest's ``engines`` section."""
-    _write_atomic(path, plan)
+    write_atomic(path, plan)
     return EngineSpec(
         graph=spec.name, file=path.relative_to(export_dir).as_posix(), sha256=sha256_file(path),
         graph_sha256=spec.sha256, precision=mode.precision, tensorrt_version=version,

@@ -102,9 +102,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
     ranges = BuildRanges(args.min_res, args.opt_res, args.max_res, args.max_batch, args.max_prompt_tokens)
     built = build_engines(args.export_dir, graphs=args.graphs, ranges=ranges,
                           precision=Precision(args.precision) if args.precision else None, opt_level=args.opt_level,
-                          timing_cache=args.timing_cache, weight_streaming=args.weight_streaming)
+                          timing_cache=args.timing_cache, weight_streaming=args.weight_streaming,
+                          refittable=args.refittable)
     for entry in built.values():
         print(f"{entry.graph}: {entry.file} ({entry.precision.value})")
+    return 0
+
+
+def _cmd_refit(args: argparse.Namespace) -> int:
+    loras = parse_lora_args(args.lora)
+    from qwen_image_edge.export.refit import refit_engines
+
+    result = refit_engines(args.export_dir, loras)
+    for entry in result.engines.values():
+        print(f"{entry.graph}: {entry.file} (refit)")
     return 0
 
 
@@ -366,8 +377,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"info": _cmd_info, "export": _cmd_export, "quantize": _cmd_quantize, "distill": _cmd_distill,
-            "validate": _cmd_validate, "build": _cmd_build, "generate": _cmd_generate, "edit": _cmd_edit,
-            "run": _cmd_run, "demo": _cmd_demo, "serve": _cmd_serve}
+            "validate": _cmd_validate, "build": _cmd_build, "refit": _cmd_refit, "generate": _cmd_generate,
+            "edit": _cmd_edit, "run": _cmd_run, "demo": _cmd_demo, "serve": _cmd_serve}
 
 
 def format_sizes(sizes) -> str:

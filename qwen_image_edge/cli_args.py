@@ -18,6 +18,7 @@ Qwen-Image-2 on small GPUs. A deployment runs these stages in order:
   quantize    FP8 / INT8 (W8A8) with timestep-aware calibration
   distill     step distillation: fewer sampling steps (alternative or complement to quantize)
   build       ONNX graphs -> TensorRT engines for one GPU
+  refit       LoRA adapters written into refittable engines, without a rebuild
   run         generate or edit images from an export directory (no torch)
   validate    per-graph and end-to-end numbers against the reference
   serve       an HTTP API over the runtime on Ray Serve (replicas, batching; the 'serve' extra)
@@ -50,9 +51,10 @@ def add_placement_arguments(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"precision {what} runs in: fp32, bf16 or fp16 (default: bf16 on a GPU, fp32 on the CPU)")
 
 
-def add_lora_argument(p: argparse.ArgumentParser, what: str = "the model", flag: str = "--lora") -> None:
+def add_lora_argument(p: argparse.ArgumentParser, what: str = "the model", flag: str = "--lora",
+                      required: bool = False) -> None:
     """``--lora FILE[:SCALE]``, repeatable; parsed by :func:`parse_lora_args` in the handler (one-line errors)."""
-    p.add_argument(flag, action="append", default=None, metavar="FILE[:SCALE]",
+    p.add_argument(flag, action="append", default=None, required=required, metavar="FILE[:SCALE]",
                    help=f"LoRA adapter (safetensors, diffusers/peft or kohya/Lightning keys) fused into {what}'s "
                         "transformer, SCALE times (default 1); repeatable")
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(add, common)
     _add_validate(add)
     _add_build(add)
+    _add_refit(add)
     _add_reference(add)
     _add_run(add)
     _add_demo(add)
@@ -222,6 +225,20 @@ def _add_build(add) -> None:
     build.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default: %(default)s)")
     build.add_argument("--timing-cache", help="timing cache file, loaded and saved (default: in the engine folder)")
     build.add_argument("--weight-streaming", action="store_true", help="build engines that can stream weights")
+    build.add_argument("--refittable", action="store_true",
+                       help="build the transformer engines refittable (TensorRT's REFIT flag), so `refit` can write "
+                            "LoRA adapters into them without a rebuild")
+
+
+def _add_refit(add) -> None:
+    refit = add(
+        "refit", help="fuse LoRA adapters into an export's transformer and its engines (no engine rebuild)",
+        description="Fuse LoRA adapters into the transformer graphs of a lean export (their weights keep the "
+        "checkpoint's names) and write the new weights into this GPU's engines, built with `build --refittable`, "
+        "through TensorRT's refitter. The manifest (hashes, provenance's adapters) is rewritten atomically; "
+        "adapters add to the weights the export holds. int8/fp8 graphs are refused: quantize with --lora.")
+    refit.add_argument("export_dir", help="export directory (with manifest.json and refittable engines)")
+    add_lora_argument(refit, "the export", required=True)
 
 
 def _add_reference(add) -> None:

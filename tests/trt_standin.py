@@ -42,7 +42,9 @@ its old value (the Python property cannot report a refusal). CUDA graph capture 
 
 from __future__ import annotations
 
+import base64
 import enum
+import io
 import json
 from pathlib import Path
 
@@ -369,8 +371,16 @@ class Builder:
                 "outputs": [[t.name, t.dtype.name, network.symbols[t.name]] for t in network.outputs],
                 "profile": {k: [list(s) for s in v] for k, v in profile.items()},
                 "weight_streaming": "WEIGHT_STREAMING" in config.flags, "version": __version__,
-                "strongly_typed": network.strongly_typed}
+                "strongly_typed": network.strongly_typed, "refittable": "REFIT" in config.flags,
+                "model": _embedded(network.source)}
         return IHostMemory(json.dumps(plan).encode())
+
+
+def _embedded(path: str) -> str:
+    """The graph with its weights, as the plan carries them (an engine never reads its ONNX file again)."""
+    from tests.trt_standin_refit import load_with_data
+
+    return base64.b64encode(load_with_data(path).SerializeToString()).decode()
 
 
 # ----------------------------------------------------------------------------- run
@@ -408,6 +418,15 @@ class ICudaEngine:
         self.streamable_weights_size = 1 << 20 if plan["weight_streaming"] else 0
         self._budget = -1
         self._ort = None
+        self.model = base64.b64decode(plan["model"])  # the graph and its weights, as built (or refit)
+
+    @property
+    def refittable(self):
+        return bool(self.plan.get("refittable"))
+
+    def serialize(self):
+        CALLS.append("serialize")
+        return IHostMemory(json.dumps({**self.plan, "model": base64.b64encode(self.model).decode()}).encode())
 
     @property
     def num_io_tensors(self):
@@ -455,7 +474,7 @@ class ICudaEngine:
 
             opts = onnxruntime.SessionOptions()
             opts.intra_op_num_threads = 1
-            model = self.plan["source"] if self.rounding is None else _rounded_model(self.plan["source"], self.rounding)
+            model = self.model if self.rounding is None else _rounded_model(io.BytesIO(self.model), self.rounding)
             if {d for _, d, _ in self.io.values()} & {DataType.BF16, DataType.FP8}:
                 model = _float_io(model)
             self._ort = onnxruntime.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
@@ -544,6 +563,9 @@ class IExecutionContext:
         sess = self.engine.session()
         for o, value in zip(sess.get_outputs(), sess.run(None, feeds)):
             CUDART.write(io[o.name][0], round_to(np.ascontiguousarray(value, dtype=io[o.name][2]), rounding))
+
+
+from tests.trt_standin_refit import OnnxParserRefitter, Refitter  # noqa: E402, F401 (the API; imports this module)
 
 
 def _dtype(dt) -> np.dtype:
