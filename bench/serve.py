@@ -203,7 +203,7 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default: 32)")
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per request (default: 8)")
-    ap.add_argument("--max-batch", type=int, default=8, help="batching on: --max-batch (default: 8)")
+    ap.add_argument("--max-batch", type=int, default=4, help="batching on: --max-batch (default: 4, the exports' batch range)")
     ap.add_argument("--batch-wait-ms", type=float, default=20.0)
     args = ap.parse_args()
     export = args.export

@@ -357,9 +357,9 @@ def _add_serve(add) -> None:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address the HTTP proxy listens on (default: %(default)s; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
-    serve.add_argument("--max-batch", type=int, default=8,
+    serve.add_argument("--max-batch", type=int, default=4,
                        help="generate requests combined into one pipeline call, at most (1: no batching; "
-                       "default: %(default)s)")
+                       "capped at the export's batch range, 4 today; default: %(default)s)")
     serve.add_argument("--batch-wait-ms", type=float, default=20.0,
                        help="how long a batch waits to fill before it runs (default: %(default)s ms)")
     serve.add_argument("--address", default=None,

@@ -48,7 +48,7 @@ class ServeOptions:
     threads: int = 1  # onnxruntime threads per replica, also the CPUs Ray reserves for it
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch: int = 8  # 1: no batching
+    max_batch: int = 4  # 1: no batching; at most the export's batch range
     batch_wait_ms: float = 20.0
     address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001", "host:6379"); None: local
     backend: str = "onnxruntime"
@@ -90,9 +90,13 @@ class ImageService:
         self.runner = Runner.load(options.export_dir, backend=options.backend, threads=options.threads,
                                   providers=list(options.providers) if options.providers else None,
                                   verify_hashes=options.verify_hashes)
-        self.batching = options.max_batch > 1
+        batch = min(options.max_batch, self.runner.max_rows)  # a larger batch would only be split
+        if batch < options.max_batch:
+            log.warning("--max-batch %d: this export takes at most %d prompts a call; batches of %d",
+                        options.max_batch, batch, batch)
+        self.batching = batch > 1
         if self.batching:
-            self._generate_batch.set_max_batch_size(options.max_batch)
+            self._generate_batch.set_max_batch_size(batch)
             self._generate_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
 
     async def __call__(self, request):
@@ -132,14 +136,16 @@ class ImageService:
             else:
                 (result,) = await asyncio.to_thread(self.runner.generate, [job])
         else:
-            job = self.runner.resolve(parse_edit(body, request.headers.get("content-type", ""), accept))
+            # decoding the uploads takes a while for large images: off the event loop, like the pipeline
+            job = await asyncio.to_thread(parse_edit, body, request.headers.get("content-type", ""), accept)
+            job = self.runner.resolve(job)
             result = await asyncio.to_thread(self.runner.edit, job)
         if isinstance(result, Exception):
             raise result
         data, media = response_body(result.png, result.params, job.as_json)
         return _response(data, media, headers={"X-Batch-Size": str(result.batch_size)})
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # sizes set per replica in __init__
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)  # sizes set per replica in __init__
     async def _generate_batch(self, jobs):
         return await asyncio.to_thread(self.runner.generate, jobs)
 

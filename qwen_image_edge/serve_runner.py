@@ -44,6 +44,7 @@ class Runner:
 
         self.pipe = pipe
         self.source = _export_source(pipe)
+        self.max_rows = max_rows(pipe.manifest)
 
     @classmethod
     def load(cls, export_dir, **load_options) -> Runner:
@@ -81,8 +82,8 @@ class Runner:
     def generate(self, jobs: Sequence[Job]) -> list[Result | QwenImageEdgeError]:
         """Each job's result, in order; a job that fails is its error (the others still run).
 
-        Jobs are grouped by :meth:`batch_key`; a group whose call fails is run job by job, so
-        one bad job fails alone."""
+        Jobs are grouped by :meth:`batch_key`, at most :attr:`max_rows` to a call; a call that fails
+        is run job by job, so one bad job fails alone."""
         out: list[Result | QwenImageEdgeError | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -90,7 +91,8 @@ class Runner:
                 groups.setdefault(self.batch_key(job), []).append(i)
             except QwenImageEdgeError as exc:
                 out[i] = exc
-        for rows in groups.values():
+        chunks = [rows[i:i + self.max_rows] for rows in groups.values() for i in range(0, len(rows), self.max_rows)]
+        for rows in chunks:
             try:
                 for i, result in zip(rows, self._generate_group([jobs[i] for i in rows])):
                     out[i] = result
@@ -144,9 +146,16 @@ class Runner:
                       "multiple": img.multiple},
             "defaults": {"steps": sched.default_steps, "guidance": sched.guidance_scale,
                          "negative_prompt": sched.default_negative_prompt},
-            "max_prompt_tokens": m.prompt.max_prompt_tokens,
+            "max_prompt_tokens": m.prompt.max_prompt_tokens, "max_batch": self.max_rows,
             "max_condition_images": m.prompt.max_condition_images,
         }
+
+
+def max_rows(manifest) -> int:
+    """The most prompts one call takes: the smallest batch range (``B``) among the export's graphs and
+    engines (4 for exports today: export/iospec.py); the runtime refuses more with a ShapeError."""
+    specs = [*manifest.graphs.values(), *manifest.engines.values()]
+    return min((s.dim_ranges["B"][2] for s in specs if "B" in s.dim_ranges), default=1)
 
 
 def _sampling(job: Job) -> dict:

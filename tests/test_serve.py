@@ -148,6 +148,22 @@ def test_json_response_carries_the_png_and_its_parameters():
     assert media == "application/json" and base64.b64decode(doc["image"]) == png and doc["parameters"] == params
 
 
+def test_ray_is_imported_by_the_serve_command_only():
+    """The runtime, the request parsing, the replica's runner and the CLI's parser load neither Ray nor torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from qwen_image_edge import Pipeline\n"
+            "import qwen_image_edge.runtime.pipeline, qwen_image_edge.serve_http, qwen_image_edge.serve_runner\n"
+            "from qwen_image_edge.cli import build_parser\n"
+            "build_parser().parse_args(['serve', 'x', '--replicas', '2'])\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'starlette'}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
 # ------------------------------------------------------------------ the replica's batching (no Ray)
 
 @pytest.fixture(scope="module")
@@ -172,6 +188,18 @@ def test_batches_group_by_key_and_each_result_equals_the_job_alone(runner):
         (alone,) = runner.generate([job])
         assert alone.batch_size == 1 and alone.png == result.png
         assert result.params["seed"] == job.seed and result.params["negative_prompt"] == " "  # the model's default
+
+
+def test_a_group_larger_than_the_export_takes_is_split(runner):
+    """The export's graphs take at most 4 prompts (B); five alike jobs run as 4 + 1, not as a ShapeError
+    that would send each job alone."""
+    from qwen_image_edge.serve_http import Job
+
+    assert runner.max_rows == 4 and runner.model_summary()["max_batch"] == 4
+    jobs = [runner.resolve(Job("generate", "a red circle", seed=s, steps=1)) for s in range(5)]
+    results = runner.generate(jobs)
+    assert [r.batch_size for r in results] == [4, 4, 4, 4, 1]
+    assert results[4].png == runner.generate([jobs[4]])[0].png
 
 
 def test_a_bad_job_fails_alone_in_its_batch(runner):
