@@ -472,4 +472,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if isinstance(exc, (InputError, ConfigError)):",
         ("tests/test_serve.py::test_error_bodies_are_one_line_and_statuses_split_client_from_server",),
     ),
+    # -------------------------------------------------------------------- refit
+    Mutation(
+        "refit-weights-never-applied", "export", "export/refit.py",
+        "refit sets the adapter-fused weights but never calls refit_cuda_engine: the engine written keeps the old ones",
+        "if not refitter.refit_cuda_engine():",
+        "if refitter.get_missing_weights():",
+        ("tests/test_refit.py::test_refit_engine_equals_an_engine_built_from_the_fused_export",),
+    ),
 )
