@@ -209,6 +209,26 @@ def test_engine_built_without_refittable_is_refused(copy, lora, trt):
     assert "Refitter" not in trt.CALLS  # refused from engine.refittable, before any refit call
 
 
+def test_engine_built_from_another_graph_is_refused(copy, lora, trt):
+    """Refitting it would record it as built from the current graph: its structure may differ."""
+    import dataclasses
+
+    from qwen_image_edge.export.manifest_writer import write_text_atomic
+    from qwen_image_edge.export.refit import refit_engines
+    from qwen_image_edge.export.tensorrt import build_engines
+    from qwen_image_edge.runtime.manifest import MANIFEST_NAME
+
+    build_engines(copy, refittable=True)
+    m = load_manifest(copy)
+    (key, e), = m.engines.items()
+    stale = dataclasses.replace(e, graph_sha256="ee" * 32)
+    write_text_atomic(copy / MANIFEST_NAME, dataclasses.replace(m, engines={key: stale}).to_json())
+    before = _snapshot(copy)
+    with pytest.raises(ConfigError, match=r"built from another version of graph 'transformer'.*rebuild it"):
+        refit_engines(copy, [lora])
+    assert _snapshot(copy) == before
+
+
 def test_quantized_plain_and_unbuilt_exports_are_refused(copy, lora, tiny_export, tmp_path, trt):
     import dataclasses
 

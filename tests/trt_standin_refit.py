@@ -9,7 +9,8 @@ and fails with "Only successfully refitted N weights out of M" when the file lac
 What the stand-in enforces:
 
 - a Refitter needs an engine built with ``BuilderFlag.REFIT`` (``engine.refittable``); on another one
-  it raises :class:`MisuseError` (real TensorRT logs an error and gives no refitter);
+  it raises :class:`MisuseError` (real TensorRT logs an error and its binding raises TypeError, the
+  factory having returned nullptr: callers check ``engine.refittable`` first);
 - the refittable weights are the engine's float initializers; integer ones (shapes, indices) are
   folded into the engine and cannot be refit;
 - ``set_named_weights`` returns False (and logs) for an unknown name or a different element count
