@@ -480,4 +480,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if refitter.get_missing_weights():",
         ("tests/test_refit.py::test_refit_engine_equals_an_engine_built_from_the_fused_export",),
     ),
+    # -------------------------------------------------------------------- distill --strategy fsdp
+    Mutation(
+        "fsdp-bf16-policy-dropped", "distill", "distill/fsdp.py",
+        "--mixed-precision bf16 keeps FSDP's all-gathered weights in fp32 (the policy's param_dtype is lost)",
+        "param_dtype=torch.bfloat16 if bf16 else None",
+        "param_dtype=None",
+        ("tests/test_distill_fsdp.py::test_bf16_mixed_precision_computes_in_bf16_over_fp32_masters",),
+    ),
+    Mutation(
+        "fsdp-checkpoint-without-optimizer", "distill", "distill/fsdp.py",
+        "the DCP checkpoint holds the student but not AdamW's moments and step",
+        'dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)',
+        'dcp.save({"model": model_sd}, checkpoint_id=folder)',
+        ("tests/test_distill_fsdp.py::test_interrupted_and_resumed_in_one_process_is_exact",),
+    ),
 )
