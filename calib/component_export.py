@@ -27,7 +27,7 @@ from qwen_image_edge.calib.encoder_quant import (
     demo_condition_images,
     quantize_text_encoder,
 )
-from qwen_image_edge.calib.policy import QuantPolicy
+from qwen_image_edge.calib.policy import Int4Policy, QuantPolicy
 from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
 from qwen_image_edge.runtime.errors import ConfigError, InputError, NumericalError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES, check_graph_names
@@ -36,7 +36,11 @@ from qwen_image_edge.runtime.manifest import GraphSpec, Manifest, Precision, loa
 log = logging.getLogger(__name__)
 
 
-def _transformer_policy(policy: QuantPolicy | str | os.PathLike | None, precision: Precision) -> QuantPolicy:
+def _transformer_policy(policy: QuantPolicy | str | os.PathLike | None, precision: Precision):
+    if precision is Precision.INT4:  # weight-only: the policy's layer selection, blocks and AWQ-lite
+        if policy is not None and not isinstance(policy, QuantPolicy):
+            policy = QuantPolicy.from_json(policy, precision=Precision.INT8.value)
+        return Int4Policy.like(policy)
     if policy is None:
         return QuantPolicy(precision=precision)
     if isinstance(policy, QuantPolicy):
@@ -56,7 +60,7 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
     transformer's QuantPolicy (or its JSON file). Every argument is checked before the model loads.
     ``lean`` (the transformer-only path's streaming export) is not available with other parts yet."""
     components = parse_component_policy(precision)
-    if components.transformer_only and components.transformer is not Precision.FP32:
+    if components.transformer_only and components.transformer in (Precision.INT8, Precision.FP8):
         from qwen_image_edge.calib.quantize import quantize_model
 
         return quantize_model(model, components.transformer, out, policy=policy, prompts=prompts,
@@ -127,6 +131,7 @@ def export_components(loaded: LoadedModel, components: ComponentPolicy, out: str
     """Write the export: quantized transformer graphs from ``qt``, the text encoder from ``qe``, fp16
     graphs where ``components`` says so, fp32 otherwise; provenance records every part's choice."""
     from qwen_image_edge.export.encoder_qdq import export_quantized_text_encoder
+    from qwen_image_edge.export.int4 import export_int4_transformer
     from qwen_image_edge.export.iospec import MIN_RESOLUTION, RESOLUTION_MULTIPLE, check_max_resolution
     from qwen_image_edge.export.manifest_writer import (
         build_manifest,
@@ -151,7 +156,9 @@ def export_components(loaded: LoadedModel, components: ComponentPolicy, out: str
         half: dict[str, dict] = {}
         for name in tqdm(graphs, desc="export", unit="graph"):
             if qt is not None and name in TRANSFORMER_GRAPHS:
-                specs[name] = export_quantized_transformer(qt, cfg, staging, max_resolution, name)
+                export = export_int4_transformer if qt.policy.precision is Precision.INT4 else \
+                    export_quantized_transformer
+                specs[name] = export(qt, cfg, staging, max_resolution, name)
             elif qe is not None and name == "text_encoder":
                 specs[name] = export_quantized_text_encoder(qe, cfg, staging, max_resolution)
             else:
@@ -163,6 +170,8 @@ def export_components(loaded: LoadedModel, components: ComponentPolicy, out: str
         image = image_section(loaded, MIN_RESOLUTION, max_resolution, RESOLUTION_MULTIPLE)
         manifest = build_manifest(loaded, specs, prompt, image)
         calibration = calibration_section(qt) if qt is not None else {}
+        if qt is not None and qt.policy.precision is Precision.INT4:
+            calibration["qdq"] = "int4 weight-only: int4 codes [in, out] -> DequantizeLinear(axis 0, block_size)"
         calibration["components"] = {
             "policy": components.to_dict(),
             "graphs": {n: s.precision.value for n, s in specs.items()},

@@ -36,7 +36,7 @@ PART_GRAPHS = {
     "vae": ("vae_decoder", "vae_encoder"),
 }
 ALLOWED: dict[str, tuple[Precision, ...]] = {
-    "transformer": (Precision.FP32, Precision.INT8, Precision.FP8),
+    "transformer": (Precision.FP32, Precision.INT8, Precision.FP8, Precision.INT4),
     "text_encoder": (Precision.FP32, Precision.INT8, Precision.INT4),
     "vision_encoder": (Precision.FP32, Precision.FP16),
     "vae": (Precision.FP32, Precision.FP16),

@@ -82,9 +82,7 @@ class EncoderQuantPolicy:
         object.__setattr__(self, "include", tuple(self.include))
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ConfigError(f"encoder policy smoothquant_alpha: expected in [0, 1] or None, got {self.smoothquant_alpha}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            # onnxruntime's MatMulNBits and TensorRT's INT4 weight-only GEMMs take powers of two >= 16
-            raise ConfigError(f"encoder policy block_size: expected a power of two >= 16, got {self.block_size}")
+        check_block_size(self.block_size, "encoder policy")
 
     @classmethod
     def naive(cls) -> EncoderQuantPolicy:
@@ -116,33 +114,45 @@ def select_layers(module: nn.Module, policy: EncoderQuantPolicy) -> list[str]:
     return chosen
 
 
-def block_size_for(policy: EncoderQuantPolicy, in_features: int) -> int:
-    """The policy's block, clipped so that a row holds at least two (one block per row would be
-    per-channel INT4, not block-wise; measured on the demo's 64-wide encoder: one block per row lost
-    2 of 64 held-out shapes under ``edge``, two did not). Full-size layers (4096+) keep 128."""
+def check_block_size(block_size: int, where: str) -> None:
+    if block_size < 16 or block_size & (block_size - 1):
+        # onnxruntime's MatMulNBits and TensorRT's INT4 weight-only GEMMs take powers of two >= 16
+        raise ConfigError(f"{where} block_size: expected a power of two >= 16, got {block_size}")
+
+
+def block_size_for(policy, in_features: int) -> int:
+    """The policy's block (any policy with ``block_size``), clipped so that a row holds at least two
+    (one block per row would be per-channel INT4, not block-wise; measured on the demo's 64-wide
+    encoder: one block per row lost 2 of 64 held-out shapes under ``edge``, two did not).
+    Full-size layers (3072+) keep 128."""
     block = min(policy.block_size, max(16, in_features // 2))
     if in_features % block:
-        raise ConfigError(f"encoder INT4: input width {in_features} is not a multiple of block_size {block}")
+        raise ConfigError(f"INT4: input width {in_features} is not a multiple of block_size {block}")
     return block
+
+
+def int4_config(policy, module: nn.Module, layers: Sequence[str]) -> dict:
+    """An ``mtq.quantize`` config for weight-only block-wise INT4 on exactly ``layers`` (``policy``:
+    ``block_size`` and ``awq``); shared by the text encoder and the transformer."""
+    entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for name in layers:
+        block = block_size_for(policy, module.get_submodule(name).in_features)
+        entries.append({"quantizer_name": f"{name}.weight_quantizer",
+                        "cfg": {"num_bits": 4, "block_sizes": {-1: block, "type": "static"}}})
+    return {"quant_cfg": entries, "algorithm": {"method": "awq_lite"} if policy.awq else "max"}
 
 
 def modelopt_config(policy: EncoderQuantPolicy, module: nn.Module, layers: Sequence[str]) -> dict:
     """An ``mtq.quantize`` config enabling exactly ``layers`` (everything else disabled)."""
+    if policy.precision is Precision.INT4:
+        return int4_config(policy, module, layers)
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    axis = 0 if policy.per_channel_weights else None
     for name in layers:
-        if policy.precision is Precision.INT8:
-            axis = 0 if policy.per_channel_weights else None
-            entries.append({"quantizer_name": f"{name}.weight_quantizer", "cfg": {"num_bits": 8, "axis": axis}})
-            entries.append({"quantizer_name": f"{name}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}})
-        else:
-            block = block_size_for(policy, module.get_submodule(name).in_features)
-            entries.append({"quantizer_name": f"{name}.weight_quantizer",
-                            "cfg": {"num_bits": 4, "block_sizes": {-1: block, "type": "static"}}})
-    if policy.precision is Precision.INT8:
-        algorithm = {"method": "smoothquant", "alpha": policy.smoothquant_alpha} if policy.smoothquant_alpha \
-            is not None else "max"
-    else:
-        algorithm = {"method": "awq_lite"} if policy.awq else "max"
+        entries.append({"quantizer_name": f"{name}.weight_quantizer", "cfg": {"num_bits": 8, "axis": axis}})
+        entries.append({"quantizer_name": f"{name}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}})
+    algorithm = {"method": "smoothquant", "alpha": policy.smoothquant_alpha} if policy.smoothquant_alpha \
+        is not None else "max"
     return {"quant_cfg": entries, "algorithm": algorithm}
 
 

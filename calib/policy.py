@@ -17,7 +17,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -195,3 +195,45 @@ def existing_layers(names: list[str]) -> list[str]:
             out.append(folded)
     return out
 
+
+
+@dataclass(frozen=True)
+class Int4Policy:
+    """The transformer in 4-bit weight-only (block-wise INT4, AWQ-lite by default), as the text
+    encoder's INT4 (``calib.encoder_quant``): the same layer selection as :class:`QuantPolicy`
+    (attention projections and MLP linears; embedders, modulation, final norm and output projection
+    kept), no activation quantization, so no SmoothQuant or step reduction."""
+
+    include: tuple[str, ...] = ATTENTION_PROJECTIONS + MLP_LINEARS
+    exclude: tuple[str, ...] = HIGH_PRECISION
+    keep_first: int = 0
+    keep_last: int = 0
+    block_size: int = 128  # input channels per scale (clipped so a row holds >= 2 blocks)
+    awq: bool = True  # AWQ-lite scale search; False: round-to-nearest with max scales
+    precision: ClassVar[Precision] = Precision.INT4
+
+    def __post_init__(self) -> None:
+        from qwen_image_edge.calib.encoder_quant import check_block_size
+
+        check_block_size(self.block_size, "transformer int4 policy")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        self._selection()  # include / keep checks as QuantPolicy's
+
+    def _selection(self) -> QuantPolicy:
+        return QuantPolicy(include=self.include, exclude=self.exclude, keep_first=self.keep_first,
+                           keep_last=self.keep_last)
+
+    def select(self, model: nn.Module) -> list[str]:
+        return self._selection().select(model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision.value, **{k: list(v) if isinstance(v, tuple) else v
+                                                      for k, v in dataclasses.asdict(self).items()}}
+
+    @classmethod
+    def like(cls, policy: QuantPolicy | None) -> Int4Policy:
+        """The INT4 policy selecting what ``policy`` (a transformer QuantPolicy) selects."""
+        if policy is None:
+            return cls()
+        return cls(policy.include, policy.exclude, policy.keep_first, policy.keep_last)

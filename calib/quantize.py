@@ -48,7 +48,8 @@ from qwen_image_edge.calib.collect import (
     run_calibration,
     spread_summary,
 )
-from qwen_image_edge.calib.policy import Granularity, QuantPolicy, Reduction, parse_precision
+from qwen_image_edge.calib.encoder_quant import int4_config
+from qwen_image_edge.calib.policy import Granularity, Int4Policy, QuantPolicy, Reduction, parse_precision
 from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
 from qwen_image_edge.export.lean import choose_lean
 from qwen_image_edge.export.qdq_lean import calibrated_scales
@@ -69,7 +70,7 @@ class QuantizedTransformer:
     """A modelopt-quantized copy of the transformer (fake quantization in torch) and its record."""
 
     module: nn.Module
-    policy: QuantPolicy
+    policy: QuantPolicy | Int4Policy
     layers: tuple[str, ...]
     summary: dict
 
@@ -165,20 +166,30 @@ def quantize_module(transformer: nn.Module, policy: QuantPolicy,
     state: dict = {}
 
     def forward_loop(module: nn.Module) -> None:
-        recorder = RangeRecorder(module, layers)
+        recorder = RangeRecorder(module, [] if policy.precision is Precision.INT4 else layers)
         try:
             state["steps"] = calibrate(module, recorder)
         finally:
             recorder.remove()
-        state["ranges"] = recorder.ranges()
+        if recorder.names:  # INT4 is weight-only: AWQ's own hooks see the activations, no ranges kept
+            state["ranges"] = recorder.ranges()
 
     chatter = io.StringIO()  # modelopt prints its summaries; the library logs instead
+    int4 = policy.precision is Precision.INT4  # weight-only (calib.policy.Int4Policy): no input ranges
+    config = int4_config(policy, transformer, layers) if int4 else modelopt_config(policy, layers)
     with torch.no_grad(), contextlib.redirect_stdout(chatter), warnings.catch_warnings():
         # smoothquant warns once per linear it leaves alone: the policy's high-precision layers
         warnings.filterwarnings("ignore", message=".*is not calibrated, skip smoothing")
-        quantized = mtq.quantize(transformer, modelopt_config(policy, layers), forward_loop=forward_loop)
+        quantized = mtq.quantize(transformer, config, forward_loop=forward_loop)
     for line in chatter.getvalue().splitlines():
         log.info("modelopt: %s", line)
+    if int4:
+        with torch.no_grad():
+            _ranges_in_fp32(quantized, layers)  # AWQ's scales and the block amaxes, whatever the dtype
+        summary = {"steps": state["steps"], "method": f"int4 weight-only, blocks of {policy.block_size}, "
+                   + ("AWQ-lite" if policy.awq else "max (RTN)"), "modelopt": _version("nvidia-modelopt")}
+        log.info("quantized %d layers to int4 (%s)", len(layers), summary["method"])
+        return QuantizedTransformer(quantized.eval(), policy, tuple(layers), summary)
     with torch.no_grad():
         _ranges_in_fp32(quantized, layers)
         amaxes = _set_input_ranges(quantized, layers, state["ranges"], policy)

@@ -18,6 +18,8 @@ simulated quantization computes.
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +29,21 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
+from qwen_image_edge.export.cleanup import cleanup_graph
+from qwen_image_edge.export.qdq import check_quantized_count
+from qwen_image_edge.export.registry import example_inputs, graph_io, wrap
+from qwen_image_edge.export.trace import (
+    DEFAULT_OPSET,
+    ONNX_NAME,
+    PROTOBUF_LIMIT,
+    declare_outputs,
+    save_graph_spec,
+    trace_to_onnx,
+)
 from qwen_image_edge.runtime.errors import ConfigError
+from qwen_image_edge.runtime.manifest import GraphSpec, Precision
+
+log = logging.getLogger(__name__)
 
 INT4_OPSET = 21  # int4 tensors and DequantizeLinear's block_size
 INT4_MAX = 7  # symmetric signed 4 bit: codes -8..7, scale amax / 7 (modelopt's INT4 rule)
@@ -117,3 +133,21 @@ def raise_opset(model: onnx.ModelProto, version: int) -> None:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = max(op.version, version)
+
+
+def export_int4_transformer(quantized, cfg, export_dir, max_resolution: int, name: str = "transformer",
+                            opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT) -> GraphSpec:
+    """Graph ``name`` (``transformer`` or one half of the KV-cache pair) of an INT4
+    ``QuantizedTransformer``: traced from its dequantized stand-in, weights rewritten to int4 codes."""
+    start = time.perf_counter()
+    io = graph_io(name, cfg, max_resolution)
+    plain, weights = stand_in(quantized.module, quantized.layers)
+    model = trace_to_onnx(wrap(name, plain), example_inputs(name, cfg), io, export_dir / name / ONNX_NAME, opset)
+    model, _ = cleanup_graph(model, name)
+    # each half of the pair holds some of the layers (the condition's K/V or the image's step)
+    found = rewrite_int4(model, weights, name, require_all=name == "transformer")
+    check_quantized_count(name, found, len(quantized.layers))
+    declare_outputs(model, io)
+    spec = save_graph_spec(model, io, export_dir, Precision.INT4, external_threshold)
+    log.info("%s (int4): exported in %.1f s", name, time.perf_counter() - start)
+    return spec
