@@ -59,13 +59,14 @@ def make_exports(policies: list[str], work: Path, calib_size: int) -> dict[str, 
     settings = CalibrationSettings(batch_size=4, steps=8)
     out = {}
     for policy in policies:
-        path = work / policy
+        path = work / Path(policy).stem  # a policy file's export is named after the file
         if not (path / "manifest.json").is_file():
             start = time.perf_counter()
             components = parse_component_policy(policy)
             if policy == "fp32":
                 export_model("demo", path)
-            elif components.transformer_only:  # what `quantize --precision int8|fp8` writes, ungated
+            elif components.transformer_only and components.transformer.value in ("int8", "fp8"):
+                # what `quantize --precision int8|fp8` writes, ungated
                 model = load_model("demo")
                 qt = quantize_transformer(model, QuantPolicy(precision=components.transformer),
                                           load_prompts("demo", calib_size), settings, progress=False)
@@ -74,7 +75,7 @@ def make_exports(policies: list[str], work: Path, calib_size: int) -> dict[str, 
                 quantize_components("demo", policy, path, calib_size=calib_size, progress=False, gate=False,
                                     settings=settings)
             logging.getLogger("footprint").info("%s export: %.0f s", policy, time.perf_counter() - start)
-        out[policy] = path
+        out[path.name] = path
     return out
 
 
@@ -87,8 +88,10 @@ def graph_bytes(export: Path) -> dict[str, int]:
 
 
 def group_rates(export: Path) -> dict[str, dict[str, float]]:
-    """Per graph, bytes per parameter of its quantized weights (codes + scales + zero points) and of
-    the rest of its float initializers, as the export wrote them."""
+    """Per graph, as the export wrote them: bytes per parameter of its quantized weights (codes +
+    scales + zero points, ``quantized``), split into ``codes`` per parameter and ``scale`` bytes per
+    scale element for block-wise weights (``blocked``); the int8 lookup table's codes per parameter
+    and bytes per row scale (``embedding`` / ``row_scale``); and the rest of its float initializers."""
     import onnx
     from onnx import numpy_helper
 
@@ -101,28 +104,58 @@ def group_rates(export: Path) -> dict[str, dict[str, float]]:
         inits = {i.name: i for i in model.graph.initializer}
         size = lambda t: len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes  # noqa: E731
         count = lambda t: int(np.prod(t.dims)) if t.dims else 1  # noqa: E731
-        q_bytes = q_params = 0
+        q_bytes = q_params = code_bytes = scale_bytes = scale_count = 0
+        blocked = False
         in_group = set()
         for node in model.graph.node:
             if node.op_type == "DequantizeLinear" and node.input[0] in inits \
                     and inits[node.input[0]].data_type in QUANTIZED_TYPES:
                 q_params += count(inits[node.input[0]])
-                for i in node.input:
+                blocked |= any(a.name == "block_size" and a.i > 0 for a in node.attribute)
+                for k, i in enumerate(node.input):
                     if i in inits and i not in in_group:
                         q_bytes += size(inits[i])
+                        code_bytes += size(inits[i]) if k == 0 else 0
+                        scale_bytes += size(inits[i]) if k == 1 else 0
+                        scale_count += count(inits[i]) if k == 1 else 0
                         in_group.add(i)
+        table = embedding_table(model, inits)
+        emb = {"embedding": 0.0, "row_scale": 0.0}
+        if table is not None:
+            codes, scales = inits[table[0]], inits[table[1]]
+            emb = {"embedding": size(codes) / count(codes), "row_scale": size(scales) / count(scales)}
+            in_group.update(table)
         rest = [t for n, t in inits.items() if n not in in_group and t.data_type in (1, 10, 16) and count(t) > 1]
         r_params = sum(count(t) for t in rest)
-        rates[name] = {"quantized": q_bytes / q_params if q_params else 0.0,
+        rates[name] = {"quantized": q_bytes / q_params if q_params else 0.0, "blocked": blocked,
+                       "codes": code_bytes / q_params if q_params else 0.0,
+                       "scale": scale_bytes / scale_count if scale_count else 0.0, **emb,
                        "rest": sum(size(t) for t in rest) / r_params if r_params else 4.0}
     return rates
+
+
+def embedding_table(model, inits) -> tuple[str, str] | None:
+    """``(codes, row scales)`` of an int8 lookup table (``Gather`` of an int8 initializer and, on the
+    same ids, of its per-row scales: export/encoder_qdq.py's form), or None."""
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    for node in gathers:
+        codes = inits[node.input[0]]
+        if codes.data_type != 3 or len(codes.dims) != 2:  # TensorProto.INT8 [vocab, hidden]
+            continue
+        scales = [n.input[0] for n in gathers if n.input[1] == node.input[1]
+                  and list(inits[n.input[0]].dims) == [codes.dims[0]]]
+        if scales:
+            return node.input[0], scales[0]
+    return None
 
 
 # ----------------------------------------------------------------------------- full-size parameters
 
 
 def full_size_params() -> dict[str, dict[str, int]]:
-    """Qwen-Image-2.1 parameters per graph: ``quantizable`` (the weights the policies quantize) and ``all``."""
+    """Qwen-Image-2.1 parameters per graph: ``quantizable`` (the weights the policies quantize),
+    ``blocks`` (their INT4 scale count at the policy's block size, clipped per layer as the
+    quantizer clips it), ``embedding`` / ``rows`` (the text encoder's lookup table) and ``all``."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -130,8 +163,8 @@ def full_size_params() -> dict[str, dict[str, int]]:
     from qwen_image2_ref.encoder import build_qwen3vl_config
     from qwen_image2_ref.transformer import QwenImageTransformer
     from qwen_image2_ref.vae import QwenImageVAE
-    from qwen_image_edge.calib.encoder_quant import EncoderQuantPolicy, select_layers
-    from qwen_image_edge.calib.policy import QuantPolicy
+    from qwen_image_edge.calib.encoder_quant import EncoderQuantPolicy, block_size_for, select_layers
+    from qwen_image_edge.calib.policy import Int4Policy, QuantPolicy
     from qwen_image_edge.export.graphs import TextEncoderGraph
 
     cfg = get_preset("qwen-image-2.1")
@@ -141,21 +174,41 @@ def full_size_params() -> dict[str, dict[str, int]]:
         qwen = Qwen3VLForConditionalGeneration(build_qwen3vl_config(cfg.encoder))
     weights = lambda m, names: sum(m.get_submodule(n).weight.numel() for n in names)  # noqa: E731
     total = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+
+    def blocks(m, names, policy) -> int:
+        layers = [m.get_submodule(n) for n in names]
+        return sum(x.weight.numel() // block_size_for(policy, x.in_features) for x in layers)
+
     text = TextEncoderGraph(qwen)
-    t_all = {"quantizable": weights(transformer, QuantPolicy().select(transformer)), "all": total(transformer)}
+    t_layers, e_layers = QuantPolicy().select(transformer), select_layers(text, EncoderQuantPolicy())
+    table = qwen.model.language_model.embed_tokens.weight
+    t_all = {"quantizable": weights(transformer, t_layers), "all": total(transformer),
+             "blocks": blocks(transformer, t_layers, Int4Policy())}
+    none = {"quantizable": 0, "blocks": 0}
     return {
         "transformer": t_all, "transformer_prefill": t_all, "transformer_step": t_all,
-        "text_encoder": {"quantizable": weights(text, select_layers(text, EncoderQuantPolicy())),
-                         "all": total(qwen.model.language_model)},
-        "vision_encoder": {"quantizable": 0, "all": total(qwen.model.visual)},
-        "vae_decoder": {"quantizable": 0, "all": total(vae.decoder) + total(vae.post_quant_conv)},
-        "vae_encoder": {"quantizable": 0, "all": total(vae.encoder) + total(vae.quant_conv)},
+        "text_encoder": {"quantizable": weights(text, e_layers), "blocks": blocks(text, e_layers, EncoderQuantPolicy()),
+                         "embedding": table.numel(), "rows": table.shape[0], "all": total(qwen.model.language_model)},
+        "vision_encoder": {**none, "all": total(qwen.model.visual)},
+        "vae_decoder": {**none, "all": total(vae.decoder) + total(vae.post_quant_conv)},
+        "vae_encoder": {**none, "all": total(vae.encoder) + total(vae.quant_conv)},
     }
 
 
 def projected(params: dict[str, int], rate: dict[str, float]) -> float:
+    """Full-size bytes of one graph. Block-wise INT4 weights: the codes' bytes per parameter and the
+    bytes per scale the demo wrote, times the full-size parameter and block counts (the demo's narrow
+    layers clip their blocks to two per row; full-size layers keep the policy's 128). The int8 table:
+    its codes per parameter and bytes per row scale, times the full-size table. Other quantized
+    weights: their measured bytes per parameter. The rest: its measured bytes per parameter."""
     quantized = params["quantizable"] if rate["quantized"] else 0
-    return quantized * rate["quantized"] + (params["all"] - quantized) * rate["rest"]
+    if rate.get("blocked"):
+        q = quantized * rate["codes"] + params["blocks"] * rate["scale"]
+    else:
+        q = quantized * rate["quantized"]
+    table = params.get("embedding", 0) if rate.get("embedding") else 0
+    e = table * rate.get("embedding", 0.0) + (params["rows"] * rate["row_scale"] if table else 0)
+    return q + e + (params["all"] - quantized - table) * rate["rest"]
 
 
 # ----------------------------------------------------------------------------- memory, adherence
@@ -210,7 +263,8 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=8, help="held-out prompts for adherence (64 for the issue's figure)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--calib-size", type=int, default=16)
-    p.add_argument("--policies", default="fp32,int8,fp8,edge")
+    p.add_argument("--policies", default="fp32,int8,fp8,edge",
+                   help="presets, int8 / fp8, or .json policy files (a part=precision list has commas)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="keep the exports here (reused when present)")
     p.add_argument("--probe", nargs=2, metavar=("EXPORT", "MEMORY"), help=argparse.SUPPRESS)
@@ -222,6 +276,7 @@ def main(argv=None) -> None:
     policies = args.policies.split(",")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="footprint-"))
     exports = make_exports(policies, work, args.calib_size)
+    policies = list(exports)  # a policy file's column is its file name's stem
     sizes = {pol: graph_bytes(e) for pol, e in exports.items()}
     rates = {pol: group_rates(e) for pol, e in exports.items()}
     full = full_size_params()
@@ -243,10 +298,11 @@ def main(argv=None) -> None:
         print(f"{'pipeline total':20}" + "".join(f"{fmt(totals[c]):>10}" for c in columns))
         if "bf16" in totals:
             print(f"{'x bf16':20}" + "".join(f"{totals[c] / totals['bf16']:10.3f}" for c in columns))
-    print("\nbytes per parameter the demo exports wrote (quantized weights / rest), per graph")
+    print("\nbytes per parameter the demo exports wrote (quantized weights / rest; int8 table), per graph")
     for pol in policies:
-        print(f"  {pol:6} " + ", ".join(f"{g} {r['quantized']:.3f}/{r['rest']:.2f}" for g, r in rates[pol].items()
-                                         if g in PIPELINE_GRAPHS))
+        print(f"  {pol:6} " + ", ".join(f"{g} {r['quantized']:.3f}/{r['rest']:.2f}"
+                                         + (f"; {r['embedding']:.3f}" if r["embedding"] else "")
+                                         for g, r in rates[pol].items() if g in PIPELINE_GRAPHS))
     print("\npeak RSS of one generation (VmHWM over the imported runtime, MB): default vs low memory")
     for pol, e in exports.items():
         d, low = peak_rss(e, "default"), peak_rss(e, "low")

@@ -121,3 +121,19 @@ def test_a_table_not_found_is_one_line(exported):
     with pytest.raises(ConfigError, match="expected one traced table") as err:
         rewrite_int8_embedding(graph, codes, scales)
     assert "\n" not in str(err.value)
+
+
+def test_footprint_finds_the_table_and_projects_it_per_row(exported, model):
+    """bench/footprint.py: the table is its own group (1 byte per code, 4 per row scale), projected
+    with the full-size table's parameters and rows."""
+    from bench.footprint import embedding_table, projected
+
+    _, path = exported
+    graph = onnx.load(str(path))
+    inits = {i.name: i for i in graph.graph.initializer}
+    codes, scales = embedding_table(graph, inits)
+    assert inits[codes].data_type == onnx.TensorProto.INT8 and list(inits[scales].dims) == [inits[codes].dims[0]]
+    rate = {"quantized": 0.0, "embedding": 1.0, "row_scale": 4.0, "rest": 4.0}
+    params = {"quantizable": 0, "blocks": 0, "embedding": 151936 * 4096, "rows": 151936, "all": 10**9}
+    table = 151936 * 4096 * 1 + 151936 * 4  # codes + one fp32 scale per row
+    assert projected(params, rate) == table + (10**9 - 151936 * 4096) * 4

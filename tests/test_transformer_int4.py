@@ -110,3 +110,13 @@ def test_bad_int4_policy_is_one_line():
     with pytest.raises(ConfigError, match="power of two") as err:
         Int4Policy(block_size=48)
     assert "\n" not in str(err.value)
+
+
+def test_footprint_projects_int4_with_the_full_size_blocks():
+    """The demo's narrow layers clip their blocks to two per row (more scales per weight); the
+    projection charges the measured bytes per code and per scale at the full-size block count."""
+    from bench.footprint import projected
+
+    rate = {"quantized": 0.5 + 4 / 32, "blocked": True, "codes": 0.5, "scale": 4.0, "rest": 4.0}
+    params = {"quantizable": 3072 * 12288, "blocks": 3072 * 12288 // 128, "all": 3072 * 12288 + 1000}
+    assert projected(params, rate) == 3072 * 12288 * 0.5 + 3072 * 12288 // 128 * 4 + 1000 * 4
