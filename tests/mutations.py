@@ -495,4 +495,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         'dcp.save({"model": model_sd}, checkpoint_id=folder)',
         ("tests/test_distill_fsdp.py::test_interrupted_and_resumed_in_one_process_is_exact",),
     ),
+    # -------------------------------------------------------------------- edge: int8 table, int4 transformer
+    Mutation(
+        "embedding-scale-per-tensor", "export", "export/encoder_qdq.py",
+        "the int8 embedding table gets one scale for all rows: rare tokens' small rows lose most of their levels",
+        "scales = (np.maximum(np.abs(table).max(axis=1), 1e-12) / EMBED_MAX).astype(np.float32)  # [vocab]",
+        "scales = np.full(len(table), np.abs(table).max() / EMBED_MAX, np.float32)  # [vocab]",
+        ("tests/test_edge_int8_embedding.py::test_each_row_gets_its_own_scale",),
+    ),
+    Mutation(
+        "int4-stand-in-drops-bias", "export", "export/int4.py",
+        "the int4 stand-in linear drops the layer's bias (the encoder's linears have none; the transformer's do)",
+        "DequantizedLinear(dequantized, pqs, bias))",
+        "DequantizedLinear(dequantized, pqs))",
+        ("tests/test_transformer_int4.py::test_graph_is_int4_blocked_dequantize_and_computes_the_module",),
+    ),
 )
