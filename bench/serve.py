@@ -1,13 +1,13 @@
 """Bounded load test of `qwen-image-edge serve` on 127.0.0.1: batching on against off, in one run.
 
-Starts the service twice on a free local port (``--max-batch B``, then ``--max-batch 1``), sends a
-fixed number of generate requests at concurrency 1, 4 and 16 to each, prints throughput, p50 / p99
-latency, failures and the mean batch size the replicas reported, and stops both services (and
-their Ray instances) by itself. The requests share one prompt and differ in their seeds, so they can
+Starts the service on a free local port with ``--max-batch B``, then with ``--max-batch 1``
+(``--rounds`` times, alternating), sends a fixed number of generate requests at concurrency 1, 4
+and 16 to each, prints throughput, p50 / p99 latency, failures and the mean batch size the
+replicas reported, and stops every service (and its Ray instance) by itself. The requests share one prompt and differ in their seeds, so they can
 share a batch (requests combine only with the same size, steps, guidance and prompt token counts).
 
     python bench/serve.py                                   # the demo export (made once, cached)
-    python bench/serve.py --export demo-export --replicas 2 --requests 32 --steps 8
+    python bench/serve.py --export demo-export --replicas 2 --requests 32 --steps 8 --size 64
 
 ``Service`` (a subprocess with its own Ray temp folder, and the processes it left behind) and
 ``post`` are also what tests/test_serve.py drives the service with.
@@ -169,10 +169,10 @@ def _cmdline(pid: int) -> str:
         return "(exited)"
 
 
-def load(url: str, requests: int, concurrency: int, steps: int, seed0: int) -> dict:
-    """``requests`` generate calls, ``concurrency`` at a time; latencies of the good ones, failures."""
+def load(url: str, requests: int, concurrency: int, fields: dict, seed0: int) -> tuple[list[Reply], float]:
+    """``requests`` generate calls, ``concurrency`` at a time: the replies and the wall time."""
     def one(i: int) -> Reply:
-        body = json.dumps({"prompt": PROMPT, "seed": seed0 + i, "steps": steps}).encode()
+        body = json.dumps({"prompt": PROMPT, "seed": seed0 + i, **fields}).encode()
         try:
             return post(url, "/v1/generate", body, {"Content-Type": "application/json"})
         except OSError as exc:  # connection refused or reset: a failure, not a crash of the bench
@@ -181,11 +181,14 @@ def load(url: str, requests: int, concurrency: int, steps: int, seed0: int) -> d
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         replies = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - start
+    return replies, time.perf_counter() - start
+
+
+def summary(replies: list[Reply], wall: float) -> dict:
     good = [r for r in replies if r.status == 200]
     latencies = sorted(r.seconds for r in good)
     batches = [int(r.headers.get("x-batch-size", 1)) for r in good]
-    return {"requests": requests, "failures": requests - len(good), "throughput": len(good) / wall,
+    return {"requests": len(replies), "failures": len(replies) - len(good), "throughput": len(good) / wall,
             "p50": _percentile(latencies, 50), "p99": _percentile(latencies, 99),
             "batch": statistics.mean(batches) if batches else float("nan")}
 
@@ -201,9 +204,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", default=None, help="export directory (default: the demo export, made once)")
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default: 32)")
+    ap.add_argument("--requests", type=int, default=32,
+                    help="requests per concurrency level and mode, split over the rounds (default: 32)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="services started per mode, on and off alternating, so that a drift in the machine's "
+                    "load falls on both (default: 2)")
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per request (default: 8)")
-    ap.add_argument("--max-batch", type=int, default=4, help="batching on: --max-batch (default: 4, the exports' batch range)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the export's)")
+    ap.add_argument("--max-batch", type=int, default=4,
+                    help="batching on: --max-batch (default: 4, the exports' batch range)")
     ap.add_argument("--batch-wait-ms", type=float, default=20.0)
     args = ap.parse_args()
     export = args.export
@@ -211,20 +220,28 @@ def main() -> int:
         from qwen_image_edge.export.demo import ensure_export
 
         export = ensure_export("demo")
-    rows = []
-    for label, batch in ((f"on (max {args.max_batch})", args.max_batch), ("off", 1)):
-        with Service(export, "--replicas", str(args.replicas), "--max-batch", str(batch),
-                     "--batch-wait-ms", str(args.batch_wait_ms)) as service:
-            load(service.url, 2 * args.replicas, 2 * args.replicas, args.steps, 10_000)  # warm-up, not counted
-            for c in CONCURRENCY:
-                rows.append((label, c, load(service.url, args.requests, c, args.steps, 1000 * c)))
-            code = service.stop()
-            left = service.leftovers()
-        print(f"[batching {label}] service stopped with exit code {code}; Ray processes left: {len(left)}",
-              file=sys.stderr)
-    print(f"{args.replicas} replicas, {args.steps} steps, {args.requests} requests per level, the export's default size")
+    fields = {"steps": args.steps, **({"width": args.size, "height": args.size} if args.size else {})}
+    modes = ((f"on (max {args.max_batch})", args.max_batch), ("off", 1))
+    per_round = max(1, args.requests // args.rounds)
+    runs: dict[tuple[str, int], tuple[list[Reply], float]] = {}
+    for r in range(args.rounds):
+        for label, batch in modes:
+            with Service(export, "--replicas", str(args.replicas), "--max-batch", str(batch),
+                         "--batch-wait-ms", str(args.batch_wait_ms)) as service:
+                load(service.url, 2 * args.replicas, 2 * args.replicas, fields, 10_000)  # warm-up, not counted
+                for c in CONCURRENCY:
+                    replies, wall = load(service.url, per_round, c, fields, 1000 * c + per_round * r)
+                    before = runs.get((label, c), ([], 0.0))
+                    runs[label, c] = (before[0] + replies, before[1] + wall)
+                code, left = service.stop(), service.leftovers()
+            print(f"[round {r + 1}, batching {label}] service stopped with exit code {code}; Ray processes left: "
+                  f"{len(left)}", file=sys.stderr)
+    size = f"{args.size}x{args.size}" if args.size else "the export's default size"
+    print(f"{args.replicas} replicas, {args.steps} steps, {size}, {per_round * args.rounds} requests per level "
+          f"and mode over {args.rounds} rounds")
     print(f"{'batching':<12} {'concurrency':>11} {'requests':>8} {'failures':>8} {'img/s':>7} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'mean batch':>10}")
+    rows = [(label, c, summary(*runs[label, c])) for c in CONCURRENCY for label, _ in modes]
     for label, c, r in rows:
         print(f"{label:<12} {c:>11} {r['requests']:>8} {r['failures']:>8} {r['throughput']:>7.2f} "
               f"{r['p50'] * 1000:>8.0f} {r['p99'] * 1000:>8.0f} {r['batch']:>10.2f}")

@@ -14,6 +14,7 @@ on that cluster and deleted when the command stops.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -105,8 +106,6 @@ class ImageService:
             if path == "/healthz" and method == "GET":
                 return _response(b'{"status": "ok"}', "application/json")
             if path == "/v1/model" and method == "GET":
-                import json
-
                 return _response(json.dumps(self.runner.model_summary()).encode(), "application/json")
             if path in ("/v1/generate", "/v1/edit") and method == "POST":
                 return await self._image(request, path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -37,7 +38,11 @@ class Result:
 
 
 class Runner:
-    """One replica's pipeline and the source record its images carry (thread-safe, as Pipeline is)."""
+    """One replica's pipeline and the source record its images carry.
+
+    Pipeline calls run one at a time (a lock): a replica uses the ``--threads`` cores Ray reserved for
+    it, however many requests it holds; throughput comes from replicas and batches, not from
+    oversubscribing those cores with concurrent calls."""
 
     def __init__(self, pipe):
         from qwen_image_edge.cli import _export_source  # the digests `run` records, from the same manifest
@@ -45,6 +50,7 @@ class Runner:
         self.pipe = pipe
         self.source = _export_source(pipe)
         self.max_rows = max_rows(pipe.manifest)
+        self._busy = threading.Lock()
 
     @classmethod
     def load(cls, export_dir, **load_options) -> Runner:
@@ -76,7 +82,8 @@ class Runner:
         return self.pipe.tokenizer.encode([prompt]).input_ids.shape[1]  # an InputError over the limit
 
     def edit(self, job: Job) -> Result:
-        image = self.pipe.edit(list(job.images), job.prompt, **_sampling(job))
+        with self._busy:
+            image = self.pipe.edit(list(job.images), job.prompt, **_sampling(job))
         return self._result(job, image, 1)
 
     def generate(self, jobs: Sequence[Job]) -> list[Result | QwenImageEdgeError]:
@@ -118,9 +125,10 @@ class Runner:
         noise = np.concatenate([initial_noise(j.seed, 1, first.height, first.width, channels, f)
                                 for j in jobs])  # [B, L, C]: row i as seed i alone draws it
         negatives = None if first.negative_prompt is None else [j.negative_prompt for j in jobs]
-        images = self.pipe.generate([j.prompt for j in jobs], negative_prompt=negatives, width=first.width,
-                                    height=first.height, steps=first.steps, guidance=first.guidance,
-                                    seed=first.seed, latents=noise)
+        with self._busy:
+            images = self.pipe.generate([j.prompt for j in jobs], negative_prompt=negatives, width=first.width,
+                                        height=first.height, steps=first.steps, guidance=first.guidance,
+                                        seed=first.seed, latents=noise)
         return [self._result(j, im, len(jobs)) for j, im in zip(jobs, images)]
 
     # ------------------------------------------------------------------ outputs
