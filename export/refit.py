@@ -79,13 +79,13 @@ def refit_engines(export_dir: str | os.PathLike, loras, *, trt=None) -> RefitRes
     if not names:
         raise ConfigError(f"refit: the export has no transformer graph ({', '.join(REFITTABLE_GRAPHS)}); "
                           f"it has {sorted(manifest.graphs)}")
+    for g in names:  # first: a quantized graph holds no float weights to match an adapter against
+        _check_float(manifest.graphs[g])
     weights = {g: graph_weights(export_dir, manifest.graphs[g]) for g in names}
     shapes = {k: shape for w in weights.values() for k, (_, shape) in w.tensors.items()}
     adapters = read_loras(specs, shapes)  # every adapter checked before anything is written
     touched = {g: sorted({k for a in adapters for k in a.layers} & set(w.tensors)) for g, w in weights.items()}
     touched = {g: keys for g, keys in touched.items() if keys}
-    for g in touched:
-        _check_float(manifest.graphs[g])
     trt = trt if trt is not None else import_tensorrt()
     version = str(trt.__version__)
     cuda.check_driver()
