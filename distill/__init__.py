@@ -21,5 +21,6 @@ trained from teacher states, not from the student's own slightly-off states — 
 ``bench/distill.py`` (latent distance to the teacher's 40-step output).
 
 Modules: ``pool`` (teacher trajectories), ``trainer`` (torch.distributed training, checkpoints,
-the student folder). Entry points: ``qwen-image-edge distill`` and ``torchrun -m qwen_image_edge.distill``.
+the student folder), ``fsdp`` (``--strategy fsdp``: FSDP2 sharding, bf16 mixed precision, DCP
+checkpoints that resume on any world size), ``lora_student`` (``--lora``). Entry points: ``qwen-image-edge distill`` and ``torchrun -m qwen_image_edge.distill``.
 """

@@ -331,7 +331,8 @@ def open_student(pipe: QwenImagePipeline, settings: DistillSettings, ckpt: Path,
                  restart: bool):
     """(student, optimizer, first iteration, losses so far): the teacher's transformer trained in
     place, resumed from ``ckpt`` unless ``restart``. The student trains in fp32 whatever the
-    teacher's dtype (AdamW updates are below bf16's resolution of its weights)."""
+    teacher's dtype (AdamW updates are below bf16's resolution of its weights); with fsdp, sharded
+    (fp32 master shards, bf16 compute copies with --mixed-precision bf16)."""
     sharded = settings.strategy is Strategy.FSDP
     student = pipe.transformer.train().requires_grad_(True)
     if not sharded or settings.lora:  # fsdp casts block by block as it shards (no whole fp32 copy)
