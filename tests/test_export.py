@@ -22,16 +22,13 @@ from qwen_image_edge.export.registry import example_inputs, graph_io, graph_modu
 from qwen_image_edge.export.trace import save_graph, trace_to_onnx
 from qwen_image_edge.runtime.errors import ConfigError, ManifestError
 from qwen_image_edge.runtime.manifest import GRAPH_NAMES, MANIFEST_NAME, load_manifest, read_onnx_io
-from tests.tiny_model import build_tiny_model
 
 REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    _, path = build_tiny_model(root)
-    return path, load_model(path)
+def tiny(tiny_model_dir):
+    return tiny_model_dir, load_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,12 @@ GRIDS = [[(1, 4, 4)], [(1, 4, 6), (1, 2, 4)], [(1, 6, 2), (1, 8, 8)]]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_model_dir, tmp_path_factory):
     from qwen_image2_ref.model_folder import load_model
     from qwen_image_edge.export.onnx_export import export_model
-    from tests.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("vis")
-    _, path = build_tiny_model(root)
-    model = load_model(path)
+    model = load_model(tiny_model_dir)
     export_model(model, root / "export", graphs=["text_encoder", "vision_encoder"], max_resolution=128)
     return model, root / "export"
 

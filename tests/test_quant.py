@@ -26,7 +26,6 @@ from qwen_image_edge.runtime.errors import ConfigError, InputError  # noqa: E402
 from qwen_image_edge.runtime.manifest import Precision, load_manifest  # noqa: E402
 from qwen_image_edge.runtime.sampling import initial_noise  # noqa: E402
 from tests.qdq_probe import QMAX, U, as_float, e4m3_spacing, onnx_quantize, qdq_layers  # noqa: E402
-from tests.tiny_model import build_tiny_model  # noqa: E402
 
 PROMPTS = ["a red cat on a mat", "a small house by the sea"]
 SETTINGS = CalibrationSettings(batch_size=2, steps=2)
@@ -37,10 +36,8 @@ REDUCED_WEIGHT_MAX = 63  # QuantPolicy.weight_reduce_range: INT8 weights on [-63
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
-    _, path = build_tiny_model(root)
-    return root, load_model(path)
+def tiny(tiny_model_dir, tmp_path_factory):
+    return tmp_path_factory.mktemp("quant"), load_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,12 @@ from qwen_image_edge.runtime.manifest import load_manifest, sha256_file
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_model_dir, tmp_path_factory):
     from qwen_image2_ref.model_folder import load_model
     from qwen_image_edge.export.onnx_export import export_model
-    from tests.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("trt-audit")
-    _, path = build_tiny_model(root)
-    export_model(load_model(path), root / "export", max_resolution=64)
+    export_model(load_model(tiny_model_dir), root / "export", max_resolution=64)
     return root / "export"
 
 

@@ -16,16 +16,14 @@ from qwen_image_edge.export.graphs import transformer_inputs
 from qwen_image_edge.export.onnx_export import export_model
 from qwen_image_edge.export.validate import REPORT_NAME, THRESHOLDS, compare, validate, validation_cases
 from qwen_image_edge.runtime.manifest import GRAPH_NAMES, MANIFEST_NAME, Precision, load_manifest, sha256_file
-from tests.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    _, path = build_tiny_model(tmp_path_factory.mktemp("tiny"))
-    model = load_model(path)
+def tiny(tiny_model_dir, tmp_path_factory):
+    model = load_model(tiny_model_dir)
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export_model(model, out)
-    return path, model, out
+    return tiny_model_dir, model, out
 
 
 def test_every_graph_within_fp32_bounds(tiny):
