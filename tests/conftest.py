@@ -1,4 +1,5 @@
-"""Session-wide tiny model and export, built once and shared read-only by the test files.
+"""Session-wide tiny model and export, built once and shared read-only by the test files
+(tests/fixture_cache.py builds them; a mutation run reuses them across its sessions).
 
 Tests that change a model folder or an export work on their own copy (``shutil.copytree``).
 """
@@ -20,41 +21,34 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Qwen-Image-2.1 model folder (tests/tiny_model.py), diffusers layout."""
-    from tests.tiny_model import build_tiny_model
+    from tests.fixture_cache import artifact
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))[1]
+    return artifact("tiny-model", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_model_dir, tmp_path_factory):
     """``(model folder, export dir)``: every graph of the tiny model, sizes up to 128 px."""
-    from qwen_image2_ref.model_folder import load_model
-    from qwen_image_edge.export.onnx_export import export_model
+    from tests.fixture_cache import artifact
 
-    out = tmp_path_factory.mktemp("tiny-export") / "export"
-    export_model(load_model(tiny_model_dir), out, max_resolution=128)
-    return tiny_model_dir, out
+    return tiny_model_dir, artifact("tiny-export", tmp_path_factory, model=str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")
 def demo_export(tmp_path_factory):
     """Every graph of the shipped demo model, exported once per session (sizes up to 256 px)."""
-    from qwen_image_edge.export.onnx_export import export_model
+    from tests.fixture_cache import artifact
 
-    out = tmp_path_factory.mktemp("demo-export") / "export"
-    export_model("demo", out, max_resolution=256)
-    return out
+    return artifact("demo-export", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def demo_default_export(tmp_path_factory):
     """The demo model exported with default options, as ``qwen-image-edge export --model demo`` does
     (every graph; sizes from the model's output resolution, 128 px)."""
-    from qwen_image_edge.export.onnx_export import export_model
+    from tests.fixture_cache import artifact
 
-    out = tmp_path_factory.mktemp("demo-default") / "export"
-    export_model("demo", out)
-    return out
+    return artifact("demo-default", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -131,6 +131,8 @@ def _environment(copy: Path) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     # Mutated code must never write into the user's demo-export cache, which the real suite reuses.
     env["QWEN_IMAGE_EDGE_CACHE"] = str(copy.parent / "cache")
+    # The session fixtures' artifacts, reused by every run while their sources are unpatched.
+    env["QIE_FIXTURE_CACHE"] = str(copy.parent / "fixtures")
     return env
 
 
@@ -155,7 +157,7 @@ def run_pytest(copy: Path, tests: Sequence[str], timeout: float = TIMEOUT_S) -> 
 # imported fresh by every run, patched. (The full suite imports all of these at collection.)
 PRELOAD = (
     "numpy", "torch", "safetensors.torch", "onnx", "onnx.numpy_helper", "onnxruntime", "PIL.Image", "tqdm",
-    "hypothesis", "diffusers", "diffusers.models.transformers.transformer_qwenimage21",
+    "diffusers", "diffusers.models.transformers.transformer_qwenimage21",
     "diffusers.pipelines.qwenimage21.pipeline_qwenimage21", "transformers",
     "transformers.models.qwen3_vl.modeling_qwen3_vl", "modelopt.torch.quantization",
 )
