@@ -504,10 +504,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_edge_int8_embedding.py::test_each_row_gets_its_own_scale",),
     ),
     Mutation(
-        "int4-stand-in-drops-bias", "export", "export/int4.py",
-        "the int4 stand-in linear drops the layer's bias (the encoder's linears have none; the transformer's do)",
+        "int4-awq-scale-dropped", "export", "export/int4.py",
+        "the int4 graph drops AWQ's per-channel input scale: weights divided by it, inputs never multiplied",
         "DequantizedLinear(dequantized, pqs, bias))",
-        "DequantizedLinear(dequantized, pqs))",
+        "DequantizedLinear(dequantized, None, bias))",
         ("tests/test_transformer_int4.py::test_graph_is_int4_blocked_dequantize_and_computes_the_module",),
     ),
 )
