@@ -37,7 +37,6 @@ from qwen_image_edge.export.registry import graph_module
 from qwen_image_edge.export.validate import validate, validation_cases
 from qwen_image_edge.runtime.errors import CheckpointError
 from qwen_image_edge.runtime.manifest import GRAPH_NAMES, load_manifest
-from tests.tiny_model import build_tiny_model
 
 REPO = Path(__file__).parents[1]
 WEIGHT_NAMES = {"transformer": DIFFUSERS_WEIGHTS_NAME, "vae": DIFFUSERS_WEIGHTS_NAME,
@@ -59,9 +58,8 @@ def _rewrite(src: Path, dst: Path, dtype=torch.bfloat16, shard="64KB", edit=None
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    _, path = build_tiny_model(tmp_path_factory.mktemp("tiny"))
-    return path
+def tiny(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

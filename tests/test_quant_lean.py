@@ -29,28 +29,35 @@ from qwen_image_edge.export.quantized import export_quantized  # noqa: E402
 from qwen_image_edge.export.registry import example_inputs, graph_module  # noqa: E402
 from qwen_image_edge.runtime.errors import ConfigError  # noqa: E402
 from qwen_image_edge.runtime.manifest import Precision, load_manifest  # noqa: E402
-from tests.tiny_model import build_tiny_model  # noqa: E402
 
 PROMPTS = ["a red cat on a mat", "a small house by the sea"]
 SETTINGS = CalibrationSettings(batch_size=2, steps=2)
 PAIR = ["transformer", "transformer_prefill", "transformer_step"]
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """{precision: (quantized, plain export, lean export, fp32 model)}: INT8 SmoothQuant with block 0
-    kept in fp32, over the single graph and the KV-cache pair; FP8 over the single graph."""
-    root = tmp_path_factory.mktemp("quant-lean")
-    _, path = build_tiny_model(root)
-    model = load_model(path)
-    made = {}
-    for precision, graphs, keep in (("int8", PAIR, 1), ("fp8", ["transformer"], 0)):
+class _Exports(dict):
+    """Built on first use per precision: a run of some tests (a mutation's) builds only what they use."""
+
+    def __init__(self, root, path) -> None:
+        super().__init__()
+        self.root, self.path, self.model = root, path, load_model(path)
+
+    def __missing__(self, precision: str):
+        graphs, keep = {"int8": (PAIR, 1), "fp8": (["transformer"], 0)}[precision]
+        root, model = self.root, self.model
         q = quantize_transformer(model, QuantPolicy(precision=precision, keep_first=keep), PROMPTS, SETTINGS,
                                  progress=False)
         export_quantized(model, q, root / f"plain-{precision}", graphs=graphs)
-        export_quantized(load_lazy_model(path), calibrated_scales(q), root / f"lean-{precision}", graphs=graphs)
-        made[precision] = (q, root / f"plain-{precision}", root / f"lean-{precision}", model)
-    return made
+        export_quantized(load_lazy_model(self.path), calibrated_scales(q), root / f"lean-{precision}", graphs=graphs)
+        self[precision] = (q, root / f"plain-{precision}", root / f"lean-{precision}", model)
+        return self[precision]
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model_dir, tmp_path_factory):
+    """{precision: (quantized, plain export, lean export, fp32 model)}: INT8 SmoothQuant with block 0
+    kept in fp32, over the single graph and the KV-cache pair; FP8 over the single graph."""
+    return _Exports(tmp_path_factory.mktemp("quant-lean"), tiny_model_dir)
 
 
 def _graph(export_dir, name) -> tuple[onnx.ModelProto, object]:
