@@ -190,13 +190,15 @@ def serve_forever(options: ServeOptions, ready=None) -> None:
     ray.init(address=options.address, num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, configure_logging=False)
     stop = threading.Event()
+    # after ray.init (which sets its own SIGTERM handler), before the deploy: the proxy may answer
+    # before serve.run returns, and a stop asked for then must not be lost
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": options.host, "port": options.port},
                     logging_config={"log_level": "WARNING", "enable_access_log": False})
         serve.run(build_app(options), name=APP_NAME, route_prefix="/")
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        if ready is not None:
+        if ready is not None and not stop.is_set():
             ready(f"http://{options.host}:{options.port}")
         while not stop.wait(0.5):  # short waits: the handlers run between them
             pass
