@@ -2,6 +2,9 @@
 
     python bench/distill.py [--teacher demo] [--student demo-4step] [--n 64] [--guidance G]
                             [--timing-n 8] [--threads 2]
+    python bench/distill.py --memory [--layers 2] [--skip-measure]   (bench/distill_memory.py: peak memory
+        per rank for DDP / FSDP / LoRA students at full width, and the bytes-per-parameter projection
+        to the 7.1B model on 1, 2 and 8 GPUs of 80 GB)
 
 1. Quality, reference pipelines (torch, fp32), held-out prompts (``data.heldout_prompts``, the set
    of bench/demo_quality.py), the same initial noise for every row: the judge's adherence per
@@ -105,7 +108,15 @@ def timed(fn, n: int) -> float:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--memory" in argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ as a package, tests/ for the model
+        from bench.distill_memory import main as memory
+
+        return memory([a for a in argv if a != "--memory"])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--memory", action="store_true",
+                   help="the memory table instead (bench/distill_memory.py; see its --help)")
     p.add_argument("--teacher", default="demo")
     p.add_argument("--student", default="demo-4step", help="student folder (default: the shipped demo student)")
     p.add_argument("--n", type=int, default=64, help="held-out prompts for the quality table")
