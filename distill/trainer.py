@@ -521,10 +521,6 @@ def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path, 
     extra = {"distilled_from": provenance, **({STUDENT_LORA_KEY: ADAPTER_NAME} if lora else {})}
     state = student if isinstance(student, dict) else student.eval().float().cpu()
     weights = base_state(state) if lora else state
-    folder = save_model(folder, config, weights, pipe.vae, pipe.encoder, dtype=dtype, overwrite=True,
-                        extra_index=extra)
-    if lora:
-        tmp = folder / f".{ADAPTER_NAME}.tmp"
-        save_adapter(tmp, state, lora)
-        os.replace(tmp, folder / ADAPTER_NAME)
-    return folder
+    write_adapter = (lambda staging: save_adapter(staging / ADAPTER_NAME, state, lora)) if lora else None
+    return save_model(folder, config, weights, pipe.vae, pipe.encoder, dtype=dtype, overwrite=True,
+                      extra_index=extra, write_extra=write_adapter)

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,11 +238,14 @@ def load_pipeline(model: str | os.PathLike, *, dtype: DtypeArg = torch.float32, 
 
 def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae, encoder, *,
                max_shard_size: int | str = "10GB", dtype: torch.dtype | None = None,
-               overwrite: bool = False, extra_index: dict | None = None) -> Path:
+               overwrite: bool = False, extra_index: dict | None = None,
+               write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint folder diffusers' ``QwenImage21Pipeline.from_pretrained`` loads, atomically.
 
     ``extra_index``: more JSON entries for the ``qwen_image_edge`` section of ``model_index.json``
-    (provenance such as ``distilled_from``; ignored when the pipeline config is read back)."""
+    (provenance such as ``distilled_from``; ignored when the pipeline config is read back).
+    ``write_extra(staging_folder)``: writes more files (a LoRA student's adapter) into the folder
+    before it appears, so the folder is never seen naming a file it lacks."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise CheckpointError(f"model folder {folder} already exists; pass overwrite=True to replace it")
@@ -275,6 +279,8 @@ def save_model(folder: str | os.PathLike, config: ModelConfig, transformer, vae,
                 **(extra_index or {}),
             },
         }
+        if write_extra is not None:
+            write_extra(tmp)
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
