@@ -164,6 +164,33 @@ def test_ray_is_imported_by_the_serve_command_only():
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("case, fragment", [
+    ("missing", "manifest"),
+    ("replicas", "--replicas: expected an integer >= 1, got 0"),
+    ("wait", "--batch-wait-ms: expected 0..10000 milliseconds, got -5.0"),
+    ("port", "cannot listen there"),
+])
+def test_serve_refuses_bad_options_in_one_line_before_ray_starts(demo_export, tmp_path, capsys, monkeypatch, case,
+                                                                fragment):
+    import socket
+
+    pytest.importorskip("ray.serve")
+    import ray
+
+    from qwen_image_edge.cli import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    argv = ["serve", str(tmp_path / "nowhere") if case == "missing" else str(demo_export)]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        argv += {"replicas": ["--replicas", "0"], "wait": ["--batch-wait-ms", "-5"],
+                 "port": ["--port", str(taken.getsockname()[1])]}.get(case, [])
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and err.startswith("qwen-image-edge: error:"), err
+
+
 # ------------------------------------------------------------------ the replica's batching (no Ray)
 
 @pytest.fixture(scope="module")
