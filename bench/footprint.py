@@ -62,8 +62,8 @@ def make_exports(policies: list[str], work: Path, calib_size: int) -> dict[str, 
         path = work / Path(policy).stem  # a policy file's export is named after the file
         if not (path / "manifest.json").is_file():
             start = time.perf_counter()
-            components = parse_component_policy(policy)
-            if policy == "fp32":
+            components = parse_component_policy(policy) if policy != "fp32" else None
+            if components is None:
                 export_model("demo", path)
             elif components.transformer_only and components.transformer.value in ("int8", "fp8"):
                 # what `quantize --precision int8|fp8` writes, ungated
