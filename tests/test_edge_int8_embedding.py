@@ -137,3 +137,21 @@ def test_footprint_finds_the_table_and_projects_it_per_row(exported, model):
     params = {"quantizable": 0, "blocks": 0, "embedding": 151936 * 4096, "rows": 151936, "all": 10**9}
     table = 151936 * 4096 * 1 + 151936 * 4  # codes + one fp32 scale per row
     assert projected(params, rate) == table + (10**9 - 151936 * 4096) * 4
+
+
+def test_manifest_records_the_table(model, edge_encoder, tmp_path):
+    """As export/half.py's fp32-kept nodes: provenance.calibration.components.int8_embedding, per graph."""
+    import json
+
+    from qwen_image_edge.calib.component_export import export_components
+    from qwen_image_edge.calib.components import parse_component_policy
+
+    out = tmp_path / "export"
+    manifest = export_components(model, parse_component_policy("text_encoder=int4"), out, qe=edge_encoder,
+                                 graphs=["text_encoder"])
+    assert manifest.graph("text_encoder").precision.value == "int4"
+    components = json.loads((out / "manifest.json").read_text())["provenance"]["calibration"]["components"]
+    record = components["int8_embedding"]["text_encoder"]
+    codes, _ = edge_encoder.embedding
+    assert record["precision"] == "int8" and [record["rows"], record["width"]] == list(codes.shape)
+    assert components["text_encoder"]["policy"]["int8_embedding"] is True
