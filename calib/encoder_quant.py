@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qwen_image_edge.calib.modelopt_import import load_modelopt as _modelopt
+from qwen_image_edge.calib.policy import check_block_size
 from qwen_image_edge.runtime.errors import ConfigError, InputError
 from qwen_image_edge.runtime.images import load_image, vision_patches
 from qwen_image_edge.runtime.manifest import Precision
@@ -112,12 +114,6 @@ def select_layers(module: nn.Module, policy: EncoderQuantPolicy) -> list[str]:
         raise ConfigError(f"encoder policy include {list(policy.include)}: names no linear layer; the graph's "
                           f"linears are {linears[:8]}...")
     return chosen
-
-
-def check_block_size(block_size: int, where: str) -> None:
-    if block_size < 16 or block_size & (block_size - 1):
-        # onnxruntime's MatMulNBits and TensorRT's INT4 weight-only GEMMs take powers of two >= 16
-        raise ConfigError(f"{where} block_size: expected a power of two >= 16, got {block_size}")
 
 
 def block_size_for(policy, in_features: int) -> int:
@@ -208,12 +204,6 @@ def demo_condition_images(count: int, seed: int = 20261127) -> list:
 
 
 # ----------------------------------------------------------------------------- quantize
-
-
-def _modelopt():
-    from qwen_image_edge.calib.quantize import _modelopt as load
-
-    return load()
 
 
 def quantize_text_encoder(model, policy: EncoderQuantPolicy, prompts: Sequence[str], batch_size: int = 8,

@@ -197,6 +197,13 @@ def existing_layers(names: list[str]) -> list[str]:
 
 
 
+def check_block_size(block_size: int, where: str) -> None:
+    """A block-wise INT4 block size (the transformer's and the text encoder's policies)."""
+    if block_size < 16 or block_size & (block_size - 1):
+        # onnxruntime's MatMulNBits and TensorRT's INT4 weight-only GEMMs take powers of two >= 16
+        raise ConfigError(f"{where} block_size: expected a power of two >= 16, got {block_size}")
+
+
 @dataclass(frozen=True)
 class Int4Policy:
     """The transformer in 4-bit weight-only (block-wise INT4, AWQ-lite by default), as the text
@@ -213,8 +220,6 @@ class Int4Policy:
     precision: ClassVar[Precision] = Precision.INT4
 
     def __post_init__(self) -> None:
-        from qwen_image_edge.calib.encoder_quant import check_block_size
-
         check_block_size(self.block_size, "transformer int4 policy")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))

@@ -49,12 +49,13 @@ from qwen_image_edge.calib.collect import (
     spread_summary,
 )
 from qwen_image_edge.calib.encoder_quant import int4_config
+from qwen_image_edge.calib.modelopt_import import load_modelopt as _modelopt
 from qwen_image_edge.calib.policy import Granularity, Int4Policy, QuantPolicy, Reduction, parse_precision
 from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
 from qwen_image_edge.export.lean import choose_lean
 from qwen_image_edge.export.qdq_lean import calibrated_scales
 from qwen_image_edge.export.quantized import export_quantized
-from qwen_image_edge.runtime.errors import ConfigError, InputError, NumericalError
+from qwen_image_edge.runtime.errors import InputError, NumericalError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES
 from qwen_image_edge.runtime.manifest import Precision
 
@@ -73,17 +74,6 @@ class QuantizedTransformer:
     policy: QuantPolicy | Int4Policy
     layers: tuple[str, ...]
     summary: dict
-
-
-def _modelopt():
-    try:
-        import modelopt.torch.quantization as mtq
-    except ImportError as exc:
-        raise ConfigError(
-            f"quantization needs nvidia-modelopt ({exc}); install the 'quant' extra: "
-            "pip install nvidia-modelopt onnxslim 'onnxconverter-common~=1.16.0' lief cppimport"
-        ) from None
-    return mtq
 
 
 def modelopt_config(policy: QuantPolicy, layers: Sequence[str]) -> dict:
