@@ -19,7 +19,6 @@ safetensors files are read (a pickle is refused: loading one can run code).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen_image_edge.runtime.errors import CheckpointError, InputError
+from qwen_image_edge.runtime.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +109,6 @@ def normalize_specs(loras: Iterable[LoraSpec] | None) -> tuple[tuple[Path, float
         else:
             raise InputError(f"loras: expected a file or a (file, scale) pair per adapter, got {spec!r}")
     return tuple(out)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -214,7 +206,7 @@ def read_lora(path: str | os.PathLike, scale: float, shapes: Mapping[str, tuple[
         kohya |= "kohya" in p
     if not layers:
         raise CheckpointError(f"LoRA {path}: expected LoRA matrices, found only {_listing(sorted(tensors))}")
-    adapter = LoraAdapter(path, float(scale), _sha256(path), "kohya" if kohya else "diffusers", layers)
+    adapter = LoraAdapter(path, float(scale), sha256_file(path), "kohya" if kohya else "diffusers", layers)
     log.info("LoRA %s: %s format, rank %d, %d layers, scale %g", path.name, adapter.format, adapter.rank,
              len(layers), adapter.scale)
     return adapter

@@ -13,7 +13,6 @@ loras=)``, the same fp32 sum and cast) bit for bit.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -23,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qwen_image_edge.runtime.backends import cuda
 from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.manifest import load_manifest
+from tests.real_trt import real_trt_and_gpu
 
 ATOL = 1e-5
 MODULES = {"transformer_blocks.0.attn.to_q": (32, 32), "transformer_blocks.1.img_mlp.proj": (96, 32),
@@ -306,20 +305,9 @@ def test_standin_refitter_behaves_like_tensorrts(copy, trt):
 # ----------------------------------------------------------------------------- real TensorRT
 
 
-def _real_trt_and_gpu() -> bool:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    try:
-        import tensorrt  # noqa: F401
-
-        return cuda.device_count() > 0
-    except Exception:
-        return False
-
-
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-@pytest.mark.skipif(not _real_trt_and_gpu(), reason="needs TensorRT and a CUDA GPU")
+@pytest.mark.skipif(not real_trt_and_gpu(), reason="needs TensorRT and a CUDA GPU")
 def test_real_refit_matches_onnxruntime_on_the_fused_graph(copy, lora, feeds):
     """fp32 engines (TensorRT uses TF32 in matmuls by default: 10-bit mantissa, relative error ~1e-3
     per product, so the bound is relative: 1% of the output's range); the adapter moves it ~100%."""

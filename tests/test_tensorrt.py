@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import sys
@@ -24,6 +23,7 @@ from qwen_image_edge.runtime.manifest import (
     load_manifest,
     sha256_file,
 )
+from tests.real_trt import real_trt_and_gpu
 
 
 @pytest.fixture(scope="module")
@@ -539,20 +539,9 @@ def test_qdq_graphs_build_strongly_typed_only(export_copy, trt, precision):
 # ----------------------------------------------------------------------------- real TensorRT
 
 
-def _real_trt_and_gpu() -> bool:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    try:
-        import tensorrt  # noqa: F401
-
-        return cuda.device_count() > 0
-    except Exception:
-        return False
-
-
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-@pytest.mark.skipif(not _real_trt_and_gpu(), reason="needs TensorRT and a CUDA GPU")
+@pytest.mark.skipif(not real_trt_and_gpu(), reason="needs TensorRT and a CUDA GPU")
 def test_real_engines_match_onnxruntime(export_copy):
     import tensorrt
 
