@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from qwen_image2_ref.devices import resolve_placement
 from qwen_image2_ref.model_folder import DeviceArg, DtypeArg, LoadedModel, ModelSource, open_model
 from qwen_image_edge.calib.collect import CalibrationSettings
-from qwen_image_edge.calib.components import ComponentPolicy, parse_component_policy
+from qwen_image_edge.calib.components import ComponentPolicy, parse_component_policy, read_json_object
 from qwen_image_edge.calib.encoder_quant import (
     EncoderQuantPolicy,
     demo_condition_images,
@@ -38,9 +38,16 @@ log = logging.getLogger(__name__)
 
 def _transformer_policy(policy: QuantPolicy | str | os.PathLike | None, precision: Precision):
     if precision is Precision.INT4:  # weight-only: the policy's layer selection, blocks and AWQ-lite
+        if isinstance(policy, Int4Policy):
+            return policy
         if policy is not None and not isinstance(policy, QuantPolicy):
-            policy = QuantPolicy.from_json(policy, precision=Precision.INT8.value)
+            data = read_json_object(policy, f"quant policy file {policy}")
+            if data.get("precision") == Precision.INT4.value:  # an INT4 policy file: blocks, AWQ, keeps
+                return Int4Policy.from_dict(data)
+            policy = QuantPolicy.from_dict({**data, "precision": Precision.INT8.value})
         return Int4Policy.like(policy)
+    if isinstance(policy, Int4Policy):
+        raise ConfigError(f"quantize: an int4 policy given for a {precision.value} transformer")
     if policy is None:
         return QuantPolicy(precision=precision)
     if isinstance(policy, QuantPolicy):

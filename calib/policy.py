@@ -237,6 +237,16 @@ class Int4Policy:
                                                       for k, v in dataclasses.asdict(self).items()}}
 
     @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Int4Policy:
+        """An INT4 policy file: ``{"precision": "int4", "block_size": 64, "keep_first": 1, ...}``."""
+        d = {k: v for k, v in d.items() if k != "precision"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"int4 policy keys {unknown}: unknown; expected some of {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @classmethod
     def like(cls, policy: QuantPolicy | None) -> Int4Policy:
         """The INT4 policy selecting what ``policy`` (a transformer QuantPolicy) selects."""
         if policy is None:

@@ -166,14 +166,15 @@ def _add_quantize(add) -> None:
     quant.add_argument("--precision", required=True,
                        help="int8 or fp8 (the transformer only); a preset: edge (transformer fp8, text encoder int4 "
                        "AWQ, vision tower and VAE fp16); part=precision pairs, e.g. "
-                       "transformer=fp8,text_encoder=int4,vae=fp16 (parts: transformer int8|fp8, text_encoder "
+                       "transformer=fp8,text_encoder=int4,vae=fp16 (parts: transformer int8|fp8|int4, text_encoder "
                        "int8|int4, vision_encoder fp16, vae fp16; unnamed parts stay fp32); or a .json file of "
                        "such pairs")
     quant.add_argument("--out", required=True, help="export directory to create")
     quant.add_argument("--calib-size", type=int, default=32, help="calibration prompts (default: %(default)s)")
     quant.add_argument("--prompts", default=None,
                        help="prompt set 'general', 'demo' or a text file (default: demo for the demo model)")
-    quant.add_argument("--policy", default=None, help="QuantPolicy JSON file (default: the built-in policy)")
+    quant.add_argument("--policy", default=None, help="the transformer's QuantPolicy JSON file (layer selection, ranges; default: the built-in "
+                       "policy); with \"precision\": \"int4\" the int4 policy (block_size, awq, keep_first, keep_last)")
     quant.add_argument("--batch-size", type=int, default=4, help="calibration batch (default: %(default)s)")
     quant.add_argument("--steps", type=int, default=None, help="calibration denoising steps (default: the model's)")
     quant.add_argument("--guidance", type=float, default=None, help="calibration guidance (default: the model's)")

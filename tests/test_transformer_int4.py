@@ -120,3 +120,31 @@ def test_footprint_projects_int4_with_the_full_size_blocks():
     rate = {"quantized": 0.5 + 4 / 32, "blocked": True, "codes": 0.5, "scale": 4.0, "rest": 4.0}
     params = {"quantizable": 3072 * 12288, "blocks": 3072 * 12288 // 128, "all": 3072 * 12288 + 1000}
     assert projected(params, rate) == 3072 * 12288 * 0.5 + 3072 * 12288 // 128 * 4 + 1000 * 4
+
+
+def test_int4_policy_file_sets_blocks_awq_and_keeps(tmp_path):
+    """``quantize --policy FILE`` with ``"precision": "int4"`` is read as the INT4 policy (blocks, AWQ
+    and kept blocks), not just its layer selection; a plain QuantPolicy file keeps only the selection."""
+    from qwen_image_edge.calib.component_export import _transformer_policy
+
+    path = tmp_path / "int4.json"
+    path.write_text('{"precision": "int4", "block_size": 32, "awq": false, "keep_last": 1}')
+    policy = _transformer_policy(str(path), Precision.INT4)
+    assert (policy.block_size, policy.awq, policy.keep_last) == (32, False, 1)
+    selection = tmp_path / "int8.json"
+    selection.write_text('{"precision": "int8", "keep_first": 1}')
+    policy = _transformer_policy(str(selection), Precision.INT4)
+    assert (policy.block_size, policy.awq, policy.keep_first) == (128, True, 1)
+    assert _transformer_policy(Int4Policy(block_size=64), Precision.INT4).block_size == 64
+
+
+def test_bad_int4_policy_file_is_one_line(tmp_path):
+    from qwen_image_edge.calib.component_export import _transformer_policy
+
+    path = tmp_path / "int4.json"
+    path.write_text('{"precision": "int4", "block": 32}')
+    with pytest.raises(ConfigError, match=r"int4 policy keys \['block'\]") as err:
+        _transformer_policy(str(path), Precision.INT4)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="int4 policy given for a fp8 transformer"):
+        _transformer_policy(Int4Policy(), Precision.FP8)
