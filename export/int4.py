@@ -12,7 +12,8 @@ its ``MatMulNBits`` kernel. The alternative, ``com.microsoft.MatMulNBits``, is o
 A graph is traced from a stand-in module whose linears hold the dequantized weights
 (``codes * scales``, :func:`stand_in`); the traced fp32 initializers are then found by value and
 replaced by codes and scales (:func:`rewrite_int4`), so the graph computes exactly what modelopt's
-simulated quantization computes.
+simulated quantization computes. The transformer's linears left unquantized are stored as float16
+weights widened by a ``Cast`` (:func:`store_half_weights`).
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ class DequantizedLinear(nn.Module):
         return F.linear(x if self.pqs is None else x * self.pqs, self.weight, self.bias)
 
 
-def stand_in(module: nn.Module, layers: Sequence[str]) -> tuple[nn.Module, dict[str, tuple]]:
+def stand_in(module: nn.Module, layers: Sequence[str], half_rest: bool = False) -> tuple[nn.Module, dict[str, tuple]]:
     """A plain fp32 copy of ``module`` with every INT4 linear of ``layers`` replaced by its dequantized
-    twin, and per layer ``(codes, scales, pqs, dequantized [out, in])`` for :func:`rewrite_int4`."""
+    twin, and per layer ``(codes, scales, pqs, dequantized [out, in])`` for :func:`rewrite_int4`.
+    ``half_rest``: the other linears' weights rounded to float16 values (:func:`round_rest_to_half`),
+    what :func:`store_half_weights` then stores exactly."""
     weights = {}
     for name in layers:
         layer = module.get_submodule(name)
@@ -88,7 +91,19 @@ def stand_in(module: nn.Module, layers: Sequence[str]) -> tuple[nn.Module, dict[
     for name, (_, _, pqs, dequantized, bias) in weights.items():
         parent, _, child = name.rpartition(".")
         plain.get_submodule(parent).register_module(child, DequantizedLinear(dequantized, pqs, bias))
+    if half_rest:
+        round_rest_to_half(plain, layers)
     return plain.eval(), {n: w[:4] for n, w in weights.items()}
+
+
+def round_rest_to_half(module: nn.Module, layers: Sequence[str]) -> None:
+    """In place: the weight of every ``nn.Linear`` not in ``layers`` rounded to float16 (and back to
+    float32), as the int4 transformer graph stores them."""
+    skip = set(layers)
+    with torch.no_grad():
+        for name, sub in module.named_modules():
+            if isinstance(sub, nn.Linear) and name not in skip:
+                sub.weight.copy_(sub.weight.half().float())
 
 
 def int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
@@ -129,6 +144,33 @@ def rewrite_int4(model: onnx.ModelProto, weights: dict[str, tuple], graph: str, 
     return done
 
 
+def store_half_weights(model: onnx.ModelProto) -> int:
+    """The linears left unquantized (embedders, modulation, output projection: weights read only as
+    a ``MatMul`` / ``Gemm`` right operand) stored as float16 and widened by a ``Cast`` to float32:
+    a weight-only rounding of 2^-11 relative (nothing overflows: |w| is checked), half their bytes,
+    activations untouched. Biases, norms and the int4 scales stay float32. Returns how many."""
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node.op_type, k))
+    done = 0
+    for init in list(model.graph.initializer):
+        readers = uses.get(init.name, [])
+        if init.data_type != TensorProto.FLOAT or len(init.dims) != 2 or not readers \
+                or any(op not in ("MatMul", "Gemm") or k != 1 for op, k in readers):
+            continue
+        weight = numpy_helper.to_array(init)
+        if not np.isfinite(weight).all() or np.abs(weight).max() > np.finfo(np.float16).max:
+            continue
+        stem = init.name
+        model.graph.initializer.remove(init)
+        model.graph.initializer.append(numpy_helper.from_array(weight.astype(np.float16), f"{stem}_fp16"))
+        model.graph.node.insert(0, helper.make_node("Cast", [f"{stem}_fp16"], [stem], name=f"{stem}_widen",
+                                                    to=TensorProto.FLOAT))
+        done += 1
+    return done
+
+
 def raise_opset(model: onnx.ModelProto, version: int) -> None:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
@@ -141,13 +183,15 @@ def export_int4_transformer(quantized, cfg, export_dir, max_resolution: int, nam
     ``QuantizedTransformer``: traced from its dequantized stand-in, weights rewritten to int4 codes."""
     start = time.perf_counter()
     io = graph_io(name, cfg, max_resolution)
-    plain, weights = stand_in(quantized.module, quantized.layers)
+    plain, weights = stand_in(quantized.module, quantized.layers, half_rest=True)
     model = trace_to_onnx(wrap(name, plain), example_inputs(name, cfg), io, export_dir / name / ONNX_NAME, opset)
     model, _ = cleanup_graph(model, name)
     # each half of the pair holds some of the layers (the condition's K/V or the image's step)
     found = rewrite_int4(model, weights, name, require_all=name == "transformer")
     check_quantized_count(name, found, len(quantized.layers))
+    halved = store_half_weights(model)
     declare_outputs(model, io)
     spec = save_graph_spec(model, io, export_dir, Precision.INT4, external_threshold)
-    log.info("%s (int4): exported in %.1f s", name, time.perf_counter() - start)
+    log.info("%s (int4): exported in %.1f s; %d unquantized linear weights stored as fp16", name,
+             time.perf_counter() - start, halved)
     return spec

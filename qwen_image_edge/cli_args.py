@@ -164,7 +164,7 @@ def _add_quantize(add) -> None:
     quant.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
     add_lora_argument(quant)
     quant.add_argument("--precision", required=True,
-                       help="int8 or fp8 (the transformer only); a preset: edge (transformer fp8, text encoder int4 "
+                       help="int8 or fp8 (the transformer only); a preset: edge (transformer int4, text encoder int4 "
                        "AWQ, vision tower and VAE fp16); part=precision pairs, e.g. "
                        "transformer=fp8,text_encoder=int4,vae=fp16 (parts: transformer int8|fp8|int4, text_encoder "
                        "int8|int4, vision_encoder fp16, vae fp16; unnamed parts stay fp32); or a .json file of "

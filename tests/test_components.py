@@ -26,7 +26,7 @@ P = Precision
     ("fp8", dict(transformer=P.FP8)),
     ("transformer=fp8,text_encoder=int4,vae=fp16", dict(transformer=P.FP8, text_encoder=P.INT4, vae=P.FP16)),
     (" text_encoder = int8 , vision_encoder=fp16 ", dict(text_encoder=P.INT8, vision_encoder=P.FP16)),
-    ("edge", dict(transformer=P.FP8, text_encoder=P.INT4, vision_encoder=P.FP16, vae=P.FP16)),
+    ("edge", dict(transformer=P.INT4, text_encoder=P.INT4, vision_encoder=P.FP16, vae=P.FP16)),
 ])
 def test_policy_parses(text, expected):
     policy = parse_component_policy(text)
@@ -40,7 +40,7 @@ def test_policy_file(tmp_path):
     path.write_text(json.dumps({"text_encoder": "int4", "vae": "fp16"}))
     assert parse_component_policy(str(path)) == ComponentPolicy(text_encoder=P.INT4, vae=P.FP16, name="mine")
     assert PRESETS["edge"].graph_precision("vae_encoder") is P.FP16
-    assert PRESETS["edge"].graph_precision("transformer_step") is P.FP8
+    assert PRESETS["edge"].graph_precision("transformer_step") is P.INT4
 
 
 BAD = [
