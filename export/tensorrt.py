@@ -11,7 +11,8 @@ transformer graphs with ``refittable`` (``qwen_image_edge.export.refit`` writes 
 
 Precision (one decision per graph, :func:`network_mode`):
 
-- int8 / fp8 graphs carry Q/DQ nodes: strongly typed network, the graph's types are the truth;
+- int8 / fp8 graphs carry Q/DQ nodes, int4 graphs weight-only DequantizeLinear blocks: strongly
+  typed network, the graph's types are the truth;
 - fp16 / bf16 graphs, and fp32 graphs built with ``precision=fp16|bf16`` (applied to
   ``precision_graphs``, by default the condition encoder (text, vision) and the transformer: the
   VAE stays fp32 as the design says), use TensorRT 10's FP16 / BF16 builder flags on a weakly typed network. TensorRT 11
@@ -74,11 +75,16 @@ class NetworkMode:
     precision: Precision  # what the engine computes in, recorded in the manifest
 
 
+# Graphs whose own Q/DQ types decide (int4: weight-only DequantizeLinear blocks, TensorRT 10's INT4
+# weight-only GEMM, parsed from the types as int8 / fp8 Q/DQ are)
+QUANTIZED = (Precision.INT8, Precision.FP8, Precision.INT4)
+
+
 def network_mode(graph: Precision, override: Precision | None, trt_version: str,
                  weight_streaming: bool = False) -> NetworkMode:
     """Strong or weak typing and builder flags for one graph (see the module docstring)."""
     major = trt_major(trt_version)
-    if graph in (Precision.INT8, Precision.FP8):
+    if graph in QUANTIZED:
         if override is not None and override is not graph:
             raise ConfigError(f"precision {override.value}: a {graph.value} (Q/DQ) graph is built as its "
                               "quantizer typed it; --precision applies to fp32 graphs only")
@@ -88,7 +94,7 @@ def network_mode(graph: Precision, override: Precision | None, trt_version: str,
         if graph is not Precision.FP32 and target is not graph:
             raise ConfigError(f"precision {target.value}: the graph is already {graph.value}; "
                               "--precision applies to fp32 graphs only")
-        if target in (Precision.INT8, Precision.FP8):
+        if target in QUANTIZED:
             raise ConfigError(f"precision {target.value}: needs a quantized (Q/DQ) graph from the quantize stage")
         if target is Precision.FP32:
             mode = NetworkMode(True, (), target)

@@ -116,6 +116,12 @@ def test_network_mode_per_precision():
     P = Precision
     assert network_mode(P.FP8, None, "10.13.0").strongly_typed
     assert network_mode(P.INT8, None, "11.4.0").flags == ()
+    int4 = network_mode(P.INT4, None, "10.13.0")  # the edge transformer / text encoder: weight-only DQ blocks
+    assert int4.strongly_typed and int4.flags == () and int4.precision is P.INT4
+    with pytest.raises(ConfigError, match="a int4 \\(Q/DQ\\) graph"):
+        network_mode(P.INT4, P.BF16, "10.13.0")
+    with pytest.raises(ConfigError, match="needs a quantized"):
+        network_mode(P.FP32, P.INT4, "10.13.0")
     with pytest.raises(ConfigError, match="fp32 graphs only"):
         network_mode(P.FP8, P.FP16, "10.13.0")
     fp16 = network_mode(P.FP32, P.FP16, "10.13.0")
