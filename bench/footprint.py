@@ -16,8 +16,9 @@ One run prints:
 4. adherence (demo judge, ``--n`` held-out prompts, ``--steps``, same seeds for every policy) and
    seconds per image per policy, through the torch-free runtime (onnxruntime CPU).
 
-The demo encoder is random and frozen (no outlier channels): the text encoder's INT8/INT4 figures
-here are on it; tests/test_encoder_quant.py measures the methods on injected outliers.
+The shipped demo encoder is random and frozen (no outlier channels): the text encoder's INT8/INT4
+figures here are on it; ``bench/encoder_quant.py`` measures the methods on a trained encoder (demo
+v2) and with injected outliers, tests/test_encoder_quant.py on injected outliers.
 """
 
 from __future__ import annotations
