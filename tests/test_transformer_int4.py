@@ -159,3 +159,26 @@ def test_bad_int4_policy_file_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="int4 policy given for a fp8 transformer"):
         _transformer_policy(Int4Policy(), Precision.FP8)
+
+
+def test_the_edge_preset_writes_int4_graphs_that_run_in_both_memory_modes(tiny_model_dir, tmp_path):
+    """``--precision edge`` end to end on the tiny model: the transformer graphs int4 (with their other
+    linears fp16), the text encoder int4, the vision tower and VAE fp16; the runtime loads the mixed
+    manifest and the staged (low-memory) pipeline gives the default's image."""
+    from qwen_image_edge.runtime.manifest import load_manifest
+    from qwen_image_edge.runtime.pipeline import Pipeline
+
+    out = tmp_path / "edge"
+    quantize_components(tiny_model_dir, "edge", out, calib_size=2, settings=SETTINGS, max_resolution=64,
+                        progress=False, gate=False)
+    manifest = load_manifest(out)
+    want = {"transformer": Precision.INT4, "transformer_prefill": Precision.INT4, "transformer_step": Precision.INT4,
+            "text_encoder": Precision.INT4, "vision_encoder": Precision.FP16, "vae_decoder": Precision.FP16}
+    assert {n: manifest.graph(n).precision for n in want} == want
+    graph = onnx.load(str(out / manifest.graph("transformer").file))
+    types = {i.data_type for i in graph.graph.initializer}
+    assert onnx.TensorProto.INT4 in types and onnx.TensorProto.FLOAT16 in types
+    default = Pipeline.load(out, threads=1).generate("a red cat", steps=2, seed=0, output="np")
+    low = Pipeline.load(out, threads=1, memory="low").generate("a red cat", steps=2, seed=0, output="np")
+    assert np.isfinite(default).all() and default.std() > 0
+    np.testing.assert_array_equal(low, default)
