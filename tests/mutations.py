@@ -510,4 +510,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         "DequantizedLinear(dequantized, None, bias))",
         ("tests/test_transformer_int4.py::test_graph_is_int4_blocked_dequantize_and_computes_the_module",),
     ),
+    Mutation(
+        "int4-transformer-rest-fp32", "export", "export/int4.py",
+        "the int4 transformer keeps its unquantized linears in fp32 (edge's projected bytes grow by ~0.25 GB)",
+        "    halved = store_half_weights(model)",
+        "    halved = 0",
+        ("tests/test_transformer_int4.py::test_graph_is_int4_blocked_dequantize_and_computes_the_module",),
+    ),
 )
