@@ -1,16 +1,17 @@
 #!/bin/bash
 # One call on a lent GPU machine (the device tool): bench/gpu_check.py, then the demo v2 data + dit
 # stages on the GPU until DEADLINE seconds, the dit checkpoint split into <=16 MB pieces under $OUT.
-# Prepare here first (the machine has torch/transformers/onnx but no modelopt and no network):
+# Prepare here first (the machine has torch/transformers/onnx but no modelopt and no network); the vae
+# and encoder stages of build/demo_v2b run on the CPU here first (README command with --stages vae,encoder):
 #   mkdir -p .carry/whl .carry/demo_v2 && echo /.carry/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .carry/whl nvidia-modelopt pydantic pydantic_core annotated-types \
 #     typing-inspection PuLP omegaconf onnx-graphsurgeon      # strip pulp's 35 MB solverdir/cbc: 64 MiB limit
-#   cp build/demo_v2/{vae,encoder}.{safetensors,json} .carry/demo_v2/ && cp -r build/demo_v2/tokenizer .carry/demo_v2/
+#   cp build/demo_v2b/{vae,encoder}.{safetensors,json} .carry/demo_v2/ && cp -r build/demo_v2b/tokenizer .carry/demo_v2/
 #   cp bench/gpu_session.sh .carry/run.sh
 # Then: device run, carry [".carry"], command "DEADLINE=530 bash .carry/run.sh". Every call re-sends the
 # repo, so the namespace links below are made again in each one. Back here: cat ckpt_dit.part* >
-# build/demo_v2/ckpt_dit.safetensors and resume with the README's command (measured on an H200: data
+# build/demo_v2b/ckpt_dit.safetensors and resume with the README's command (measured on an H200: data
 # stage 230 s, then 32 ms per MMDiT step).
 set -u
 PY=${PY:-python3}; DEADLINE=${DEADLINE:-540}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,7 +27,7 @@ timeout 150 $PY bench/gpu_check.py --parts step ${GPU_ARGS:-} >> $C 2>&1
 echo "[t=$(el)] training starts (data, dit) in the background" >> $C
 rm -rf /tmp/dv2 && mkdir -p /tmp/dv2 && cp -r .carry/demo_v2/* /tmp/dv2/
 $PY -m qwen_image2_ref.demo.train --out /tmp/dv2 --stages data,dit --device ${TRAIN_DEVICE:-cuda} --threads 4 \
-  --vae-steps 2500 --encoder-steps 3000 --dit-steps ${DIT_STEPS:-30000} --guidance 4 --checkpoint-minutes 2 \
+  --vae-steps 2500 --encoder-steps 3000 --encoder-token-loss 1 --dit-steps ${DIT_STEPS:-30000} --guidance 4 --checkpoint-minutes 2 \
   --no-progress ${TRAIN_ARGS:-} > $OUT/train.log 2>&1 &
 TP=$!
 echo "[t=$(el)] calibrate + generate parts (while the trainer runs)" >> $C

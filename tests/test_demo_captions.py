@@ -168,3 +168,34 @@ def test_generate_with_the_shipped_demo_names_unknown_words(tmp_path, caplog):
     assert code == 0 and (tmp_path / "z.png").is_file()
     notes = [r.getMessage() for r in caplog.records if "may not follow" in r.getMessage()]
     assert len(notes) == 1 and "'zebra'" in notes[0], notes
+
+
+def _word_cosines(encoder) -> list[float]:
+    """Per changed word (colour, shape, position): the smallest per-token cosine between the last
+    hidden states of two captions that differ only in that word."""
+    texts = ["a red circle on the left on a white background", "a blue circle on the left on a white background",
+             "a red square on the left on a white background", "a red circle on the right on a white background"]
+    with torch.no_grad():
+        states, mask, _ = encoder.encode(texts)
+    n = int(mask[0].sum())
+    a = states[:, :n].float()
+    return [float(torch.nn.functional.cosine_similarity(a[0], a[j], dim=-1).min()) for j in (1, 2, 3)]
+
+
+def test_the_current_token_term_keeps_each_words_identity(tmp_path):
+    """Next-token pre-training alone lets the last hidden state drop words that do not predict what
+    follows (the colour before "circle"); the current-token term keeps them. Measured at 1000 steps:
+    min cosines 0.994 / 0.999 / 0.999 without, 0.58 / 0.59 / 0.76 with; here 150 steps each, from the
+    same random init and batches."""
+    from qwen_image2_ref.config import DEMO
+    from qwen_image2_ref.demo.parts import build_encoder
+
+    torch.set_num_threads(1)
+    cosines = {}
+    for weight in (0.0, 1.0):
+        encoder = build_encoder(tmp_path / str(weight), DEMO, 0, V2)
+        settings = train_encoder.EncoderSettings(steps=150, batch=32, warmup=10, token_loss=weight)
+        train_encoder.train_encoder(encoder, settings, seed=0, progress=False)
+        cosines[weight] = _word_cosines(encoder)
+    assert all(with_term < without - 0.1 for with_term, without in zip(cosines[1.0], cosines[0.0])), cosines
+    assert "token_loss" not in train_encoder.settings_record(train_encoder.EncoderSettings())  # old checkpoints resume

@@ -62,7 +62,7 @@ def stage_encoder(out: Path, config: ModelConfig, args, progress: bool) -> dict:
     encoder = build_encoder(out, config, args.seed, CaptionStyle(args.style))
     losses, stats = [], {"steps": 0}
     if args.encoder_steps:
-        settings = EncoderSettings(steps=args.encoder_steps, style=args.style,
+        settings = EncoderSettings(steps=args.encoder_steps, style=args.style, token_loss=args.encoder_token_loss,
                                    **({"batch": 4} if args.small_data else {}))
         losses, stats = train_encoder(encoder, settings, args.seed, progress,
                                       out / train_dit.CHECKPOINTS["encoder"], args.resume,
@@ -102,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="caption language (v1: the shipped model's, always naming the background)")
     p.add_argument("--vae-steps", type=int, default=900)
     p.add_argument("--encoder-steps", type=int, default=3000, help="causal-LM pre-training steps (0: random init)")
+    p.add_argument("--encoder-token-loss", type=float, default=0.0,
+                   help="weight of a current-token term in the encoder's pre-training, which keeps each word's "
+                   "own identity in its last hidden state (next-token loss alone drops the colour, shape and "
+                   "position words; see train_encoder); default 0")
     p.add_argument("--dit-steps", type=int, default=20000)
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="checkpoint interval of training stages")
     p.add_argument("--small-data", action="store_true", help="tiny data pools (smoke tests)")
