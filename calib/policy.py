@@ -175,11 +175,7 @@ class QuantPolicy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantPolicy:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"quant policy keys {unknown}: unknown; expected some of {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return policy_from_dict(cls, d, "quant policy")
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> QuantPolicy:
@@ -195,6 +191,15 @@ def existing_layers(names: list[str]) -> list[str]:
             out.append(folded)
     return out
 
+
+
+def policy_from_dict(cls, d: dict[str, Any], what: str):
+    """A policy dataclass from its JSON fields (lists become tuples); an unknown key is one line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{what} keys {unknown}: unknown; expected some of {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def check_block_size(block_size: int, where: str) -> None:
@@ -244,12 +249,7 @@ class Int4Policy:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Int4Policy:
         """An INT4 policy file: ``{"precision": "int4", "block_size": 64, "keep_first": 1, ...}``."""
-        d = {k: v for k, v in d.items() if k != "precision"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"int4 policy keys {unknown}: unknown; expected some of {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return policy_from_dict(cls, {k: v for k, v in d.items() if k != "precision"}, "int4 policy")
 
     @classmethod
     def like(cls, policy: QuantPolicy | None) -> Int4Policy:
