@@ -27,13 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # run as a script: bench/runtime.py would shadow the runtime package
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 import numpy as np  # noqa: E402
 
-# the tests' stress case: three channels scaled 60-100x (tests/test_encoder_quant.py)
-OUTLIERS = ((3, 17, 40), (60.0, 80.0, 100.0))
+from bench.quant import table  # noqa: E402 (after the path fix above)
 
 
 def methods():
@@ -45,12 +44,6 @@ def methods():
             ("int8 SmoothQuant", EncoderQuantPolicy(Precision.INT8)),
             ("int4 AWQ + int8 table (edge)", int4),
             ("int4 AWQ, fp32 table", dataclasses.replace(int4, int8_embedding=False))]
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
 
 
 def measure(model, calib: list[str], held: list[str], label: str) -> list[list[str]]:
@@ -81,7 +74,7 @@ def main() -> None:
     import torch
 
     from qwen_image2_ref.model_folder import load_model, resolve_model_path
-    from qwen_image_edge.calib.encoder_quant import add_outlier_channels
+    from qwen_image_edge.calib.encoder_quant import STRESS_OUTLIERS, add_outlier_channels
     from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
 
     if args.threads:
@@ -94,7 +87,7 @@ def main() -> None:
              "s"]]
     rows += measure(model, calib, held, "as trained")
     if args.outliers:
-        add_outlier_channels(model.encoder.model, *OUTLIERS)
+        add_outlier_channels(model.encoder.model, *STRESS_OUTLIERS)
         rows += measure(model, calib, held, "+outliers")
     print(f"model {path}: text encoder hidden states vs fp32, cosine per prompt ({len(calib)} calibration "
           f"prompts, {len(held)} held out)\n" + table(rows))

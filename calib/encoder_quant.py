@@ -287,6 +287,11 @@ def hidden_state_cosines(model, module: nn.Module, prompts: Sequence[str], batch
     return np.asarray(out)
 
 
+# The stress case the tests and bench/encoder_quant.py give an encoder with none of its own: three
+# channels 60-100x (LLM.int8() and SmoothQuant measure 20-100x in trained LLMs).
+STRESS_OUTLIERS = ((3, 17, 40), (60.0, 80.0, 100.0))
+
+
 def add_outlier_channels(qwen3vl, channels: Sequence[int], factors: Sequence[float]) -> None:
     """Give a (random) Qwen3-VL language model a trained LLM's outlier channels, in place, without
     changing what it computes: per decoder layer, each RMSNorm weight is scaled up by ``factor`` in

@@ -75,11 +75,9 @@ class DequantizedLinear(nn.Module):
         return F.linear(x if self.pqs is None else x * self.pqs, self.weight, self.bias)
 
 
-def stand_in(module: nn.Module, layers: Sequence[str], half_rest: bool = False) -> tuple[nn.Module, dict[str, tuple]]:
+def stand_in(module: nn.Module, layers: Sequence[str]) -> tuple[nn.Module, dict[str, tuple]]:
     """A plain fp32 copy of ``module`` with every INT4 linear of ``layers`` replaced by its dequantized
-    twin, and per layer ``(codes, scales, pqs, dequantized [out, in])`` for :func:`rewrite_int4`.
-    ``half_rest``: the other linears' weights rounded to float16 values (:func:`round_rest_to_half`),
-    what :func:`store_half_weights` then stores exactly."""
+    twin, and per layer ``(codes, scales, pqs, dequantized [out, in])`` for :func:`rewrite_int4`."""
     weights = {}
     for name in layers:
         layer = module.get_submodule(name)
@@ -91,14 +89,12 @@ def stand_in(module: nn.Module, layers: Sequence[str], half_rest: bool = False) 
     for name, (_, _, pqs, dequantized, bias) in weights.items():
         parent, _, child = name.rpartition(".")
         plain.get_submodule(parent).register_module(child, DequantizedLinear(dequantized, pqs, bias))
-    if half_rest:
-        round_rest_to_half(plain, layers)
     return plain.eval(), {n: w[:4] for n, w in weights.items()}
 
 
 def round_rest_to_half(module: nn.Module, layers: Sequence[str]) -> None:
     """In place: the weight of every ``nn.Linear`` not in ``layers`` rounded to float16 (and back to
-    float32), as the int4 transformer graph stores them."""
+    float32): what the int4 transformer graph computes after :func:`store_half_weights`."""
     skip = set(layers)
     with torch.no_grad():
         for name, sub in module.named_modules():
@@ -183,7 +179,7 @@ def export_int4_transformer(quantized, cfg, export_dir, max_resolution: int, nam
     ``QuantizedTransformer``: traced from its dequantized stand-in, weights rewritten to int4 codes."""
     start = time.perf_counter()
     io = graph_io(name, cfg, max_resolution)
-    plain, weights = stand_in(quantized.module, quantized.layers, half_rest=True)
+    plain, weights = stand_in(quantized.module, quantized.layers)
     model = trace_to_onnx(wrap(name, plain), example_inputs(name, cfg), io, export_dir / name / ONNX_NAME, opset)
     model, _ = cleanup_graph(model, name)
     # each half of the pair holds some of the layers (the condition's K/V or the image's step)

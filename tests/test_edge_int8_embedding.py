@@ -19,6 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from qwen_image2_ref.model_folder import load_model  # noqa: E402
 from qwen_image_edge.calib.encoder_quant import (  # noqa: E402
+    STRESS_OUTLIERS,
     EncoderQuantPolicy,
     add_outlier_channels,
     graph_inputs,
@@ -34,7 +35,7 @@ from qwen_image_edge.export.encoder_qdq import (  # noqa: E402
 )
 from qwen_image_edge.runtime.errors import ConfigError  # noqa: E402
 
-OUTLIERS = ([3, 17, 40], [60.0, 80.0, 100.0])
+OUTLIERS = STRESS_OUTLIERS  # three channels 60-100x
 
 
 @pytest.fixture(scope="module")
