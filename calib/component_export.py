@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import onnx
-import torch
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.devices import resolve_placement
@@ -89,13 +88,13 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
     placement = resolve_placement(device, dtype, stage="quantize")
     loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize", loras=loras)
     texts = texts or load_prompts(default_prompt_set(loaded.path), calib_size)
+    from qwen_image_edge.calib.quantize import quantize_transformer, to_trace_placement
+
     qt = qe = None
     if transformer_policy is not None:
-        from qwen_image_edge.calib.quantize import quantize_transformer
-
         qt = quantize_transformer(loaded, transformer_policy, texts, settings, progress)
         qt.summary["prompt_source"] = str(prompts or default_prompt_set(loaded.path))
-    _to_cpu_fp32(loaded, qt)
+    loaded = to_trace_placement(loaded, qt)  # fp32 on the CPU, the checkpoint's weights
     if encoder_policy is not None:
         # the text encoder graph also reads visual rows: the demo calibrates them on rendered scenes
         # (a real checkpoint ships no images; its edits are then calibrated on text only)
@@ -106,16 +105,6 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
     if gate:
         _gate(Path(out), loaded, components)
     return manifest
-
-
-def _to_cpu_fp32(loaded: LoadedModel, qt) -> None:
-    """The export traces fp32 graphs on the CPU (the calibrated copy moves with the model, in place)."""
-    if loaded.device.type == "cpu" and loaded.dtype is torch.float32:
-        return
-    modules = [loaded.transformer, loaded.vae, loaded.encoder.model] + ([qt.module] if qt is not None else [])
-    for module in modules:
-        module.to("cpu", torch.float32)
-    loaded.device, loaded.dtype = torch.device("cpu"), torch.float32
 
 
 def _halve(name: str, spec: GraphSpec, loaded: LoadedModel, staging: Path, max_resolution: int) -> tuple:

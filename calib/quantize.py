@@ -38,6 +38,7 @@ from qwen_image2_ref.model_folder import (
     LoadedModel,
     ModelSource,
     load_lazy_model,
+    load_model,
     open_model,
 )
 from qwen_image2_ref.pipeline import QwenImagePipeline
@@ -215,7 +216,8 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
 
     ``device`` / ``dtype``: where calibration runs (default: CUDA + bf16 where available, else CPU +
     fp32; fp16 is refused, see ``qwen_image2_ref.devices``); checked before anything loads. A
-    ``LoadedModel`` is calibrated where it already is. Ranges are recorded in fp32 either way.
+    ``LoadedModel`` is calibrated where it already is. Ranges are recorded in fp32 either way, and the
+    export's weights are the checkpoint's as stored (a bf16 calibration is exported lean by default).
 
     ``policy``: a QuantPolicy, a JSON file of one (its precision is overridden by ``precision``) or
     None for the defaults. ``prompts``: a prompt-set name or text file (default: ``demo`` captions
@@ -236,7 +238,10 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
     # it ran under alive (an exception it stores from a plugin import holds those frames); imported
     # later, that stack held the calibrated model, which then could not be freed before the export.
     _modelopt()
-    lean = choose_lean(model, list(GRAPH_NAMES)) if lean is None else lean
+    if lean is None:
+        # calibrated in a narrower dtype than fp32 (bf16): the lean path, whose weights stream from the
+        # checkpoint as stored; exported from the calibrated modules they would carry bf16's rounding
+        lean = choose_lean(model, list(GRAPH_NAMES)) or placement.dtype is not torch.float32
     owned = not isinstance(model, LoadedModel)  # ours to quantize in place
     loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize", loras=loras)
     source = prompts or default_prompt_set(loaded.path)
@@ -252,7 +257,7 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
         del quantized, loaded, model
         release_memory()
         return _export_lean(path, name, scales, Path(out), placement, max_resolution, overwrite, adapters)
-    _to_trace_placement(loaded, quantized)
+    loaded = to_trace_placement(loaded, quantized)
     manifest = export_quantized(loaded, quantized, Path(out), max_resolution=max_resolution, overwrite=overwrite)
     _gate(Path(out), loaded, precision)
     return manifest
@@ -282,11 +287,35 @@ def _gate(out: Path, loaded: LoadedModel, precision: Precision) -> None:
                              f"(see {report.report_path})")
 
 
-def _to_trace_placement(loaded: LoadedModel, quantized: QuantizedTransformer) -> None:
-    """The export traces fp32 graphs on the CPU: move the calibrated modules there (in place, so no
-    second copy is made). The fake-quant ranges are fp32 already and do not change."""
+def to_trace_placement(loaded: LoadedModel, quantized: QuantizedTransformer | None) -> LoadedModel:
+    """The model the export traces: fp32 on the CPU, with the checkpoint's own weights.
+
+    Calibrated on the CPU in fp32: ``loaded`` itself. Calibrated in fp32 elsewhere: moved in place
+    (no second copy). Calibrated in a narrower dtype: the modules hold rounded weights (bf16 keeps 8
+    bits), and an upcast would put that rounding into every fp32 graph of the export, the VAE's and
+    the encoders' included. The model is then opened again in fp32 from its folder (LoRAs fused as
+    before), and the calibrated ``quantized`` module takes the fresh tensors of every layer it did not
+    quantize; a quantized layer keeps its weight (its rounding stays below a quarter of an INT8 step;
+    ``quantize_model``'s lean path, its default there, reads those from the checkpoint too)."""
     if loaded.device.type == "cpu" and loaded.dtype is torch.float32:
-        return
-    for module in (quantized.module, loaded.transformer, loaded.vae, loaded.encoder.model):
+        return loaded
+    module = quantized.module if quantized is not None else None
+    if loaded.dtype is torch.float32:
+        for m in (module, loaded.transformer, loaded.vae, loaded.encoder.model):
+            if m is not None:
+                m.to("cpu", torch.float32)
+        loaded.device = torch.device("cpu")
+        return loaded
+    log.info("calibrated in %s: the export takes the weights from %s in fp32", str(loaded.dtype).removeprefix(
+        "torch."), loaded.path)
+    fresh = load_model(loaded.path, dtype=torch.float32, device="cpu", name=loaded.config.name,
+                       stage="quantize", loras=loaded.loras)
+    if module is not None:
         module.to("cpu", torch.float32)
-    loaded.device, loaded.dtype = torch.device("cpu"), torch.float32
+        skip = tuple(f"{name}." for name in quantized.layers)
+        source = dict(fresh.transformer.named_parameters()) | dict(fresh.transformer.named_buffers())
+        with torch.no_grad():
+            for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                if name in source and not name.startswith(skip) and t.shape == source[name].shape:
+                    t.copy_(source[name])
+    return fresh

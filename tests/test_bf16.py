@@ -123,3 +123,54 @@ def test_quantize_in_bf16_records_fp32_amax_within_rounding(tiny_model_dir):
         amax[name] = q.summary["input_amax"]
     rel = [abs(amax["bf16"][k] - v) / v for k, v in amax["fp32"].items()]
     assert 0 < max(rel) <= RANGE_BOUND * U_BF16, max(rel)
+
+
+def _graph_digests(export_dir) -> dict[str, str]:
+    """Every graph folder's files, hashed together (weights and graph)."""
+    import hashlib
+
+    out = {}
+    for folder in sorted(p for p in export_dir.iterdir() if (p / "model.onnx").is_file()):
+        h = hashlib.sha256()
+        for f in sorted(folder.iterdir()):
+            h.update(f.name.encode() + f.read_bytes())
+        out[folder.name] = h.hexdigest()
+    return out
+
+
+def _rounded_tensors(graph_file) -> tuple[int, int]:
+    """(fp32 initializers of >= 64 values, how many of them hold bf16 values only: low 16 bits zero).
+    SmoothQuant's scales are left out: calibration products, computed by modelopt in its dtype."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph_file))
+    arrays = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+              and not t.name.endswith("pre_quant_scale")]
+    arrays = [np.ascontiguousarray(a, np.float32) for a in arrays if a.size >= 64]
+    return len(arrays), sum(not np.any(a.view(np.uint32) & 0xFFFF) for a in arrays)
+
+
+@pytest.mark.parametrize("route", ["int8", "transformer=int8,vae=fp16"])
+def test_a_bf16_calibration_exports_the_checkpoints_weights(tiny_model_dir, tmp_path, route):
+    """Calibrated in bf16, the export still holds the checkpoint's fp32 weights: every graph that
+    calibration does not touch is byte for byte the fp32 calibration's, and the transformer's fp32
+    tensors are not bf16-rounded (a bf16 model upcast for the trace would hold nothing else).
+    ``int8``: quantize_model (lean by default in bf16); the other: the per-component path."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from qwen_image_edge.calib.collect import CalibrationSettings
+    from qwen_image_edge.calib.component_export import quantize_components
+
+    settings = CalibrationSettings(batch_size=2, steps=2)
+    digests, rounded = {}, {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        quantize_components(tiny_model_dir, route, out, calib_size=2, settings=settings, max_resolution=64,
+                            prompts="general", device="cpu", dtype=dtype, progress=False,
+                            lean=True if route == "int8" and dtype == "fp32" else None)  # the bf16 default's writer
+        digests[dtype] = _graph_digests(out)
+        rounded[dtype] = _rounded_tensors(out / "transformer" / "model.onnx")
+    for name in ("vae_decoder", "vae_encoder", "text_encoder", "vision_encoder"):
+        assert digests["bf16"][name] == digests["fp32"][name], name
+    total, bf16_only = rounded["bf16"]
+    assert total > 0 and bf16_only == rounded["fp32"][1] < total, (rounded, route)
