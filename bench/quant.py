@@ -306,5 +306,6 @@ def bf16_table(e2e: dict, n: int) -> str:
             "points, row minus its reference; goal: every image PSNR >= 35 dB, within 2 points; the control "
             "row has the same ranges in both)\n" + table(rows))
 
+
 if __name__ == "__main__":
     main()

@@ -125,19 +125,6 @@ def test_quantize_in_bf16_records_fp32_amax_within_rounding(tiny_model_dir):
     assert 0 < max(rel) <= RANGE_BOUND * U_BF16, max(rel)
 
 
-def _graph_digests(export_dir) -> dict[str, str]:
-    """Every graph folder's files, hashed together (weights and graph)."""
-    import hashlib
-
-    out = {}
-    for folder in sorted(p for p in export_dir.iterdir() if (p / "model.onnx").is_file()):
-        h = hashlib.sha256()
-        for f in sorted(folder.iterdir()):
-            h.update(f.name.encode() + f.read_bytes())
-        out[folder.name] = h.hexdigest()
-    return out
-
-
 def _rounded_tensors(graph_file) -> tuple[int, int]:
     """(fp32 initializers of >= 64 values, how many of them hold bf16 values only: low 16 bits zero).
     SmoothQuant's scales are left out: calibration products, computed by modelopt in its dtype."""
@@ -160,6 +147,7 @@ def test_a_bf16_calibration_exports_the_checkpoints_weights(tiny_model_dir, tmp_
     pytest.importorskip("modelopt.torch.quantization")
     from qwen_image_edge.calib.collect import CalibrationSettings
     from qwen_image_edge.calib.component_export import quantize_components
+    from qwen_image_edge.runtime.manifest import load_manifest
 
     settings = CalibrationSettings(batch_size=2, steps=2)
     digests, rounded = {}, {}
@@ -168,7 +156,8 @@ def test_a_bf16_calibration_exports_the_checkpoints_weights(tiny_model_dir, tmp_
         quantize_components(tiny_model_dir, route, out, calib_size=2, settings=settings, max_resolution=64,
                             prompts="general", device="cpu", dtype=dtype, progress=False,
                             lean=True if route == "int8" and dtype == "fp32" else None)  # the bf16 default's writer
-        digests[dtype] = _graph_digests(out)
+        manifest = load_manifest(out)  # the export's own sha256 of each graph file and its weights
+        digests[dtype] = {g: (manifest.graph(g).sha256, manifest.graph(g).external_data) for g in manifest.graphs}
         rounded[dtype] = _rounded_tensors(out / "transformer" / "model.onnx")
     for name in ("vae_decoder", "vae_encoder", "text_encoder", "vision_encoder"):
         assert digests["bf16"][name] == digests["fp32"][name], name
