@@ -196,3 +196,95 @@ def test_device_without_cuda_is_refused_in_one_line(tmp_path, monkeypatch):
         train.main(["--out", str(tmp_path), "--device", "cuda", "--stages", "dit"])
     with pytest.raises(SystemExit, match=r"--device: expected cpu, cuda or cuda:N, got 'gpu'"):
         train.main(["--out", str(tmp_path), "--device", "gpu", "--stages", "dit"])
+
+
+def _link_stages(src, dst) -> None:
+    """A new work folder sharing ``src``'s finished vae, encoder and data stages."""
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name.split(".")[0] in ("vae", "encoder", "data", "tokenizer", "ckpt_vae", "ckpt_encoder"):
+            (dst / p.name).symlink_to(p.resolve())
+
+
+def test_a_branch_continues_its_parent_bit_for_bit_and_then_resumes_as_itself(tmp_path, monkeypatch):
+    a = tmp_path / "a"
+    _stop_at(monkeypatch, "dit", 2)
+    with pytest.raises(resume.Interrupted):
+        train.main(_args(a))
+    monkeypatch.undo()
+    parent = tmp_path / "parent.safetensors"
+    parent.write_bytes((a / "ckpt_dit.safetensors").read_bytes())
+    straight = train.main(_args(a, 0, "vae,encoder,data,dit", "--resume"))["dit"]["losses"]
+    # the same options from the branch point: exactly the parent's own continuation
+    b = tmp_path / "b"
+    _link_stages(a, b)
+    assert train.main(_args(b, 0, "dit", "--branch-from", str(parent)))["dit"]["losses"] == straight
+    ca, cb = (resume.read_checkpoint(d / "ckpt_dit.safetensors") for d in (a, b))
+    assert ca[0].keys() == cb[0].keys() and all(torch.equal(ca[0][k], cb[0][k]) for k in ca[0])
+    assert cb[1]["settings"]["branched_from"] == {"path": str(parent), "step": 2, "settings": ca[1]["settings"]}
+    # with other options: the parent's first steps, then its own run, which stops and resumes bit for bit
+    weighted = ("--branch-from", str(parent), "--edit-weight", "recolor/2=4", "--edit-weight", "move=0.5")
+    c, d = tmp_path / "c", tmp_path / "d"
+    _link_stages(a, c)
+    _link_stages(a, d)
+    whole = train.main(_args(c, 0, "dit", *weighted))["dit"]["losses"]
+    assert whole[:2] == straight[:2] and len(whole) == STEPS
+    _stop_at(monkeypatch, "dit", 3)
+    with pytest.raises(resume.Interrupted):
+        train.main(_args(d, 0, "dit", *weighted))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="edit_weights"):  # a resume still needs the same options
+        train.main(_args(d, 0, "dit", "--resume"))
+    assert train.main(_args(d, 0, "dit", "--resume", *weighted))["dit"]["losses"] == whole
+    meta = resume.read_checkpoint(d / "ckpt_dit.safetensors")[1]
+    assert meta["settings"]["edit_weights"] == {"move": 0.5, "recolor/2": 4.0}
+    assert meta["settings"]["branched_from"]["step"] == 2
+
+
+def test_edit_weights_scale_the_draw_of_the_labelled_edits():
+    edits = train_dit.train_edits(0, 300)
+    assert train_dit.train_edits(0, 24) == edits[:24]  # the small data's edits are the same stream
+    labels = [train_dit.edit_label(e) for e in edits]
+    p = train_dit.edit_probabilities(0, 300, {"recolor/2": 4.0, "move": 0.5})
+    base = p[labels.index("remove_object/2")]
+    for label, q in zip(labels, p):
+        want = 4.0 if label == "recolor/2" else 0.5 if label.startswith("move/") else 1.0
+        assert q == pytest.approx(want * base, rel=1e-12), label
+    assert p.sum() == pytest.approx(1.0) and 20 < labels.count("recolor/2") < 80
+
+
+def test_the_dit_step_draws_edits_by_their_weights(tmp_path, monkeypatch):
+    from qwen_image2_ref.config import DEMO
+
+    train.main(_args(tmp_path, 0, "vae,encoder,data"))
+    groups, _ = train_dit.load_groups(tmp_path / "data", train_dit.Group)
+    labels = [train_dit.edit_label(e) for e in train_dit.train_edits(0, len(groups["edit_128"].latents))]
+    assert 0 < labels.count("recolor/2") < len(labels) / 2
+    drawn = []
+
+    def flow_loss(model, group, idx, *args, **kwargs):  # record the edit draws; a cheap loss
+        if group is groups["edit_128"]:
+            drawn.extend(labels[i] for i in idx)
+        return sum(p.sum() for p in model.parameters()) * 0.0
+
+    monkeypatch.setattr(train_dit, "flow_loss", flow_loss)
+    shares = []
+    for weights in (None, {"recolor/2": 1000.0}):
+        drawn.clear()
+        train_dit.train_dit(DEMO, groups, train_dit.DiTSettings(steps=60, batch=4), 0, progress=False,
+                            edit_weights=weights)
+        assert len(drawn) >= 20
+        shares.append(drawn.count("recolor/2") / len(drawn))
+    assert shares[0] < 0.5 and shares[1] > 0.9, shares
+
+
+@pytest.mark.parametrize("flag,message", [
+    (("--edit-weight", "recolour/2=4"), r"unknown \['recolour/2'\]"),
+    (("--edit-weight", "recolor/2"), "expected KIND"),
+    (("--edit-weight", "recolor=-1"), "positive finite"),
+    (("--branch-from", "nowhere.safetensors"), "no such checkpoint file"),
+])
+def test_bad_branch_and_edit_weight_options_are_refused_before_anything_runs(tmp_path, flag, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(_args(tmp_path / "x", 0, "vae", *flag))
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

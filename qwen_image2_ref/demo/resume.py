@@ -128,10 +128,44 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def load_checkpoint(path: Path, state: TrainState) -> dict:
     """Restore ``state`` in place from ``path``; returns the JSON state. The settings must match."""
     tensors, meta = read_checkpoint(path)
-    if meta["settings"] != state.settings:
-        diff = {k: (meta["settings"].get(k), v) for k, v in state.settings.items() if meta["settings"].get(k) != v}
+    stored, now = _options(meta["settings"]), _options(state.settings)
+    if stored != now:
+        diff = {k: (stored.get(k), now.get(k)) for k in stored.keys() | now.keys() if stored.get(k) != now.get(k)}
         raise ConfigError(f"resume {path}: expected the settings it was started with, got changes "
                           f"(checkpoint, now) {diff}; use the same options or a fresh --out")
+    if BRANCHED in meta["settings"]:
+        state.settings[BRANCHED] = meta["settings"][BRANCHED]
+    _restore(state, tensors, meta)
+    state.total = meta["total"]
+    log.info("resumed %s at step %d/%d", path, state.step, state.total)
+    return meta
+
+
+# settings entry of a branched run: where it started (a record, not an option a resume must repeat)
+BRANCHED = "branched_from"
+
+
+def _options(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != BRANCHED}
+
+
+def branch(state: TrainState, path: Path) -> dict:
+    """Start ``state`` where another run's checkpoint ``path`` stands (weights, optimizer moments,
+    random streams, step, losses) but with this run's settings: a change of data or sampling in the
+    middle of a long run, without repeating its first steps. ``state.settings`` records the branch
+    point and the parent's settings; the step total stays this run's. From there, this run
+    checkpoints and resumes bit for bit like any other."""
+    tensors, meta = read_checkpoint(path)
+    if meta["step"] >= state.total:
+        raise ConfigError(f"branch from {path}: it is at step {meta['step']}, expected fewer than this run's "
+                          f"total {state.total}")
+    _restore(state, tensors, meta)
+    state.settings[BRANCHED] = {"path": str(path), "step": meta["step"], "settings": _options(meta["settings"])}
+    log.info("branched from %s at step %d/%d", path, state.step, state.total)
+    return meta
+
+
+def _restore(state: TrainState, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     for name, module in state.modules.items():
         prefix = f"{name}/"
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -140,9 +174,7 @@ def load_checkpoint(path: Path, state: TrainState) -> dict:
     state.gen.set_state(tensors["rng/torch_gen"])
     torch.set_rng_state(tensors["rng/torch_global"])
     state.rng.bit_generator.state = meta["numpy_rng"]
-    state.step, state.total, state.losses = meta["step"], meta["total"], list(meta["losses"])
-    log.info("resumed %s at step %d/%d", path, state.step, state.total)
-    return meta
+    state.step, state.losses = meta["step"], list(meta["losses"])
 
 
 def run_steps(state: TrainState, step_fn: Callable[[TrainState], float], path: Path | None, every_s: float,

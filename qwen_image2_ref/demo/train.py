@@ -39,6 +39,7 @@ from qwen_image2_ref.demo.parts import build_encoder
 from qwen_image2_ref.demo.stage_io import save_module
 from qwen_image2_ref.demo.train_encoder import EncoderSettings, train_encoder
 from qwen_image2_ref.demo.train_vae import VAESettings, evaluate_vae, train_vae
+from qwen_image_edge.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "own identity in its last hidden state (next-token loss alone drops the colour, shape and "
                    "position words; see train_encoder); default 0")
     p.add_argument("--dit-steps", type=int, default=20000)
+    p.add_argument("--edit-weight", action="append", default=[], metavar="KIND[/N]=W",
+                   help="dit stage: draw the edits of this kind (and source object count N) W times as often "
+                   "within the edit group, e.g. recolor/2=4; repeatable (default: all 1)")
+    p.add_argument("--branch-from", type=Path, default=None, metavar="CKPT",
+                   help="dit stage: start from another run's dit checkpoint (its weights, optimizer, random "
+                   "streams and step) with this run's options, instead of step 0; for changing the data "
+                   "sampling mid-run. Ignored once OUT has a dit checkpoint of its own")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="checkpoint interval of training stages")
     p.add_argument("--small-data", action="store_true", help="tiny data pools (smoke tests)")
     p.add_argument("--guidance", type=float, default=1.0, help="default guidance saved in the checkpoint")
@@ -144,6 +152,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--stages: unknown {sorted(unknown)}, expected a subset of {STAGES}")
     if args.device != "cpu":
         _check_device(args.device)
+    try:
+        train_dit.parse_edit_weights(args.edit_weight)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    if args.branch_from is not None and not args.branch_from.is_file():
+        raise SystemExit(f"--branch-from {args.branch_from}: no such checkpoint file")
     lock = _lock(out, stages)
     try:
         return _run(args, stages)

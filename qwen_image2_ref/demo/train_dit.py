@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from qwen_image2_ref.demo import data
 from qwen_image2_ref.demo.captions import CaptionStyle, caption_v2
 from qwen_image2_ref.demo.parts import encoder_for, load_vae
 from qwen_image2_ref.demo.resume import TrainState, run_steps
+from qwen_image2_ref.demo.resume import branch as resume_branch
 from qwen_image2_ref.demo.resume import start as resume_or_start
 from qwen_image2_ref.demo.stage_io import load_groups, load_stage, save_groups, save_module
 from qwen_image2_ref.demo.train_vae import lr_at, to_pixels
@@ -35,6 +37,7 @@ from qwen_image2_ref.model_folder import save_model
 from qwen_image2_ref.transformer import QwenImageTransformer, layout_inputs
 from qwen_image2_ref.vae import pack_latents
 from qwen_image_edge.runtime import images as rimages
+from qwen_image_edge.runtime.errors import ConfigError
 from qwen_image_edge.runtime.layout import image_slot_prefix, padded_batch
 
 log = logging.getLogger(__name__)
@@ -115,8 +118,7 @@ def build_data(vae, encoder, seed: int, small: bool, progress: bool,
             ds = data.make_dataset(sizes[name], seed + 1000 + i, w, h)
             texts, images = _captions(ds, style, seed + 1500 + i), ds.images
         raw[name] = (texts, _encode_latents(vae, images), (h // 16, w // 16))
-    rng = np.random.default_rng(seed + 2000)
-    edits = [data.sample_edit(rng, 128, 128, "train") for _ in range(sizes["edit_128"])]
+    edits = train_edits(seed, sizes["edit_128"])
     src = np.stack([data.render(e.source) for e in edits])
     tgt = np.stack([data.render(e.target) for e in edits])
     src_lat, tgt_lat = _encode_latents(vae, src), _encode_latents(vae, tgt)
@@ -145,6 +147,36 @@ def build_data(vae, encoder, seed: int, small: bool, progress: bool,
             negs.append(neg_s)
         groups["edit_128"] = Group(norm(tgt_lat), states, negs, (8, 8), norm(src_lat), prefix)
     return groups, stats
+
+
+def train_edits(seed: int, n: int) -> list[data.EditExample]:
+    """The edit group's triples, in its order (the data stage renders and encodes exactly these)."""
+    rng = np.random.default_rng(seed + 2000)
+    return [data.sample_edit(rng, 128, 128, "train") for _ in range(n)]
+
+
+def edit_label(ex: data.EditExample) -> str:
+    """'recolor/2': an edit's kind and its source's object count."""
+    return f"{ex.kind}/{len(ex.source.objects)}"
+
+
+def check_edit_weights(weights: dict[str, float]) -> None:
+    known = {f"{k}/{c}" for k in data.EDIT_KINDS for c in (1, 2)} | set(data.EDIT_KINDS)
+    unknown = set(weights) - known
+    if unknown:
+        raise ConfigError(f"edit weights: unknown {sorted(unknown)}, expected a kind {data.EDIT_KINDS} "
+                          "optionally followed by /1 or /2 (the source's object count)")
+    if any(not (w > 0 and math.isfinite(w)) for w in weights.values()):
+        raise ConfigError(f"edit weights: expected positive finite numbers, got {weights}")
+
+
+def edit_probabilities(seed: int, n: int, weights: dict[str, float]) -> np.ndarray:
+    """Sampling probabilities of the edit group's n items: each item's weight is ``weights``'s entry
+    for its label ('recolor/2'), else for its kind ('recolor'), else 1. The labels are derived again
+    from the seed, with the code that built the data."""
+    check_edit_weights(weights)
+    w = np.array([weights.get(edit_label(ex), weights.get(ex.kind, 1.0)) for ex in train_edits(seed, n)])
+    return w / w.sum()
 
 
 def make_batch(group: Group, idx: np.ndarray, drop: np.ndarray, variant: np.ndarray | None = None):
@@ -186,11 +218,16 @@ def flow_loss(model, group: Group, idx, drop, variant, gen: torch.Generator, cfg
 
 def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettings, seed: int,
               progress: bool = True, checkpoint=None, resume: bool = False, every_s: float = 600.0,
-              on_checkpoint=None, device: torch.device | str = "cpu"):
+              on_checkpoint=None, device: torch.device | str = "cpu", edit_weights: dict[str, float] | None = None,
+              branch_from=None):
     """Returns (EMA model, losses, stats) after ``settings.steps`` steps, continuing ``checkpoint``
     when ``resume``. ``on_checkpoint(ema)`` runs after every checkpoint write. The model, its EMA and
     the optimizer live on ``device``; a checkpoint written on one device resumes on another (the
-    device is not a setting; the numbers then differ in the last bits)."""
+    device is not a setting; the numbers then differ in the last bits).
+
+    ``edit_weights`` ('recolor/2' -> 4.0): draw those edits that many times as often within the edit
+    group (``edit_probabilities``). ``branch_from``: with no checkpoint of its own yet, start from
+    that checkpoint of another run (``resume.branch``) instead of step 0."""
     t0 = time.time()
     torch.manual_seed(seed)
     model = QwenImageTransformer(config.transformer)
@@ -205,17 +242,26 @@ def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettin
     state = TrainState({"model": model, "ema": ema}, opt, np.random.default_rng(seed + 3000),
                        torch.Generator().manual_seed(seed + 4000), settings.steps,
                        {"seed": seed, **dataclasses.asdict(settings),
-                        "data": {n: [len(g.latents), g.captions_per_image] for n, g in groups.items()}})
+                        "data": {n: [len(g.latents), g.captions_per_image] for n, g in groups.items()},
+                        **({"edit_weights": dict(sorted(edit_weights.items()))} if edit_weights else {})})
+    edit_p = (edit_probabilities(seed, len(groups["edit_128"].latents), edit_weights)
+              if edit_weights and "edit_128" in groups else None)
 
     def step(st: TrainState) -> float:
-        g = groups[names[st.rng.choice(len(names), p=p)]]
-        idx = st.rng.integers(len(g.latents), size=settings.batch)
+        name = names[st.rng.choice(len(names), p=p)]
+        g = groups[name]
+        if name == "edit_128" and edit_p is not None:
+            idx = st.rng.choice(len(g.latents), size=settings.batch, p=edit_p)
+        else:
+            idx = st.rng.integers(len(g.latents), size=settings.batch)
         drop = st.rng.random(settings.batch) < DROPOUT
         variant = st.rng.integers(g.captions_per_image, size=settings.batch)
         lr = lr_at(st.step, st.total, settings.lr, settings.warmup)
         loss = flow_loss(model, g, idx, drop, variant, st.gen, config.transformer, device)
         return _dit_step(model, ema, opt, lr, loss, min(settings.ema, (1 + st.step) / (10 + st.step)))
 
+    if branch_from is not None and not (checkpoint is not None and Path(checkpoint).exists()):
+        resume_branch(state, branch_from)
     if not resume_or_start(state, checkpoint, resume):
         hook = None if on_checkpoint is None else (lambda st: on_checkpoint(ema))
         run_steps(state, step, checkpoint, every_s, "dit", progress, on_checkpoint=hook)
@@ -265,7 +311,9 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
             save_module(out / "dit", ema, config.transformer)
 
         model, losses, stats = train_dit(config, groups, settings, args.seed, progress, out / CHECKPOINTS["dit"],
-                                         args.resume, args.checkpoint_minutes * 60, write, device)
+                                         args.resume, args.checkpoint_minutes * 60, write, device,
+                                         parse_edit_weights(getattr(args, "edit_weight", None) or []),
+                                         getattr(args, "branch_from", None))
         write(model)
         stats["loss_every_500"] = smoothed(losses)
         log.info("dit stage: %s", stats)
@@ -273,6 +321,21 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
     if stage == "save":
         return {"folder": str(save_weights(out, config, data_stats, args))}
     raise ValueError(stage)
+
+
+def parse_edit_weights(items: list[str]) -> dict[str, float]:
+    """['recolor/2=4'] -> {'recolor/2': 4.0}; one-line errors for anything else."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--edit-weight: expected KIND[/N]=WEIGHT such as recolor/2=4, got {item!r}")
+    check_edit_weights(out)
+    return out
 
 
 def save_weights(out, config: ModelConfig, stats: dict, args):
