@@ -1,8 +1,8 @@
 """Prompt adherence of the demo model on held-out prompts, read back by the demo judge; prints a table.
 
     python bench/demo_quality.py [--model demo] [--style v1] [--n 64] [--edits 64] [--pairs 64]
-                                 [--steps 4,8,20,40] [--guidance 1] [--threads 2] [--grid out.png]
-                                 [--json rows.json]
+                                 [--tasks t2i,t2i-nb,t2i-2,edit] [--steps 4,8,20,40] [--guidance 1]
+                                 [--threads 2] [--grid out.png] [--json rows.json]
 
 Text-to-image prompts are held-out scenes: (color, shape, position) combinations that no
 training scene contains, captioned in the model's caption language (``--style``: v1 for the
@@ -42,6 +42,7 @@ from qwen_image2_ref.demo import NEGATIVE_PROMPT, data, judge  # noqa: E402
 from qwen_image2_ref.demo.captions import CaptionStyle, heldout_prompts  # noqa: E402
 from qwen_image2_ref.model_folder import load_pipeline  # noqa: E402
 
+TASKS = ("t2i", "t2i-nb", "t2i-2", "edit")
 T2I_KEYS = ("color", "shape", "position", "background", "glyph")
 EDIT_KEYS = ("edit_applied", "preserved", "color", "shape", "position", "background")
 
@@ -200,6 +201,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--pairs", type=int, default=None, help="two-object held-out prompts (t2i-2 row; default: --n)")
     p.add_argument("--no-background-row", action=argparse.BooleanOptionalAction, default=True,
                    help="the t2i-nb row (the t2i prompts without their background phrase)")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated rows to run, of {','.join(TASKS)} (default: all)")
     p.add_argument("--steps", default="4,8,20,40")
     p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--threads", type=int, default=2)
@@ -208,15 +211,20 @@ def main(argv=None) -> list[dict]:
                    "(8 with and 8 without a background phrase when the t2i-nb row runs)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    if not tasks or tasks - set(TASKS):
+        p.error(f"--tasks: expected a comma-separated subset of {','.join(TASKS)}, got {args.tasks!r}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     style = CaptionStyle(args.style or model_style(args.model))
     guidance = args.guidance if args.guidance is not None else pipe.config.pipeline.guidance_scale
-    prompts = heldout_prompts(args.n, 1000 + args.seed, style, background=True)
-    bare = heldout_prompts(args.n, 1000 + args.seed, style, background=False) if args.no_background_row else []
-    edits = heldout_edits(args.n if args.edits is None else args.edits, 2000 + args.seed)
-    pairs = heldout_pairs(args.n if args.pairs is None else args.pairs, 3000 + args.seed, style)
+    prompts = heldout_prompts(args.n, 1000 + args.seed, style, background=True) if "t2i" in tasks else []
+    bare = (heldout_prompts(args.n, 1000 + args.seed, style, background=False)
+            if args.no_background_row and "t2i-nb" in tasks else [])
+    edits = heldout_edits(args.n if args.edits is None else args.edits, 2000 + args.seed) if "edit" in tasks else []
+    pairs = heldout_pairs(args.n if args.pairs is None else args.pairs, 3000 + args.seed, style) if (
+        "t2i-2" in tasks) else []
     rows = []
     print(f"model {args.model} ({style.value} captions), guidance {guidance}, {len(prompts)} held-out prompts "
           f"(+{len(bare)} without background), {len(pairs)} two-object prompts, {len(edits)} held-out edits")
@@ -224,15 +232,17 @@ def main(argv=None) -> list[dict]:
           + f" {'colErr':>8} {'s/image':>8}")
     step_counts = [int(s) for s in args.steps.split(",")]
     for steps in step_counts:
-        row, images = _t2i_row(pipe, "t2i", prompts, steps, guidance)
-        rows.append(row)
+        images = []
+        if prompts:
+            row, images = _t2i_row(pipe, "t2i", prompts, steps, guidance)
+            rows.append(row)
         if bare:
             row, bare_images = _t2i_row(pipe, "t2i-nb", bare, steps, guidance)
             rows.append(row)
             images = images[:8] + bare_images[:8]
         if pairs:
             rows.append(_t2i_row(pipe, "t2i-2", pairs, steps, guidance)[0])
-        if args.grid and steps == max(step_counts):
+        if args.grid and images and steps == max(step_counts):
             save_grid(images[:16], args.grid)
         if edits:
             t0 = time.perf_counter()

@@ -82,3 +82,12 @@ def test_a_short_run_prints_every_row_and_the_goals(bench, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "issue-23 goals at 2 steps:" in out and "edits applied by kind" in out
     assert rows[0]["color_error"] >= 0
+
+
+def test_tasks_picks_the_rows_and_the_goals_of_missing_rows_read_not_measured(bench, capsys):
+    rows = bench.main(["--tasks", "edit,t2i-2", "--edits", "2", "--pairs", "2", "--steps", "2", "--threads", "1"])
+    assert [r["task"] for r in rows] == ["t2i-2", "edit"]
+    out = capsys.readouterr().out
+    assert "one object, background named: color" in out and "not measured" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--tasks", "edits"])
