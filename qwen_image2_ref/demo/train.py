@@ -152,8 +152,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--stages: unknown {sorted(unknown)}, expected a subset of {STAGES}")
     if args.device != "cpu":
         _check_device(args.device)
-    try:
-        train_dit.parse_edit_weights(args.edit_weight)
+    try:  # parsed once, here, so a bad weight stops the run before any stage
+        args.edit_weights = train_dit.parse_edit_weights(args.edit_weight)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
     if args.branch_from is not None and not args.branch_from.is_file():

@@ -312,8 +312,7 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
 
         model, losses, stats = train_dit(config, groups, settings, args.seed, progress, out / CHECKPOINTS["dit"],
                                          args.resume, args.checkpoint_minutes * 60, write, device,
-                                         parse_edit_weights(getattr(args, "edit_weight", None) or []),
-                                         getattr(args, "branch_from", None))
+                                         args.edit_weights, args.branch_from)
         write(model)
         stats["loss_every_500"] = smoothed(losses)
         log.info("dit stage: %s", stats)
@@ -327,13 +326,11 @@ def parse_edit_weights(items: list[str]) -> dict[str, float]:
     """['recolor/2=4'] -> {'recolor/2': 4.0}; one-line errors for anything else."""
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, _, value = item.partition("=")
         try:
-            out[key.strip()] = float(value)
+            out[key.strip()] = float(value)  # no "=": float("") fails too
         except ValueError:
-            sep = ""
-        if not sep:
-            raise ConfigError(f"--edit-weight: expected KIND[/N]=WEIGHT such as recolor/2=4, got {item!r}")
+            raise ConfigError(f"--edit-weight: expected KIND[/N]=WEIGHT such as recolor/2=4, got {item!r}") from None
     check_edit_weights(out)
     return out
 
