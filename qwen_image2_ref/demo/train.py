@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import logging
 import signal
@@ -36,7 +37,7 @@ from qwen_image2_ref.config import DEMO, ModelConfig
 from qwen_image2_ref.demo import resume, train_dit
 from qwen_image2_ref.demo.captions import CaptionStyle
 from qwen_image2_ref.demo.parts import build_encoder
-from qwen_image2_ref.demo.stage_io import save_module
+from qwen_image2_ref.demo.stage_io import load_stage, save_module
 from qwen_image2_ref.demo.train_encoder import EncoderSettings, train_encoder
 from qwen_image2_ref.demo.train_vae import VAESettings, evaluate_vae, train_vae
 from qwen_image_edge.runtime.errors import ConfigError
@@ -61,15 +62,35 @@ def stage_vae(out: Path, config: ModelConfig, args, progress: bool) -> dict:
 
 def stage_encoder(out: Path, config: ModelConfig, args, progress: bool) -> dict:
     encoder = build_encoder(out, config, args.seed, CaptionStyle(args.style))
+    extra = {}
+    if args.encoder_init is not None:
+        extra["init_from"] = init_encoder_from(encoder, out, args.encoder_init)
     losses, stats = [], {"steps": 0}
     if args.encoder_steps:
         settings = EncoderSettings(steps=args.encoder_steps, style=args.style, token_loss=args.encoder_token_loss,
-                                   **({"batch": 4} if args.small_data else {}))
+                                   scene_loss=args.encoder_scene_loss,
+                                   **({"lr": args.encoder_lr} if args.encoder_lr is not None else {}),
+                                   **({"batch": 4, "scene_batch": 2} if args.small_data else {}))
         losses, stats = train_encoder(encoder, settings, args.seed, progress,
                                       out / train_dit.CHECKPOINTS["encoder"], args.resume,
-                                      args.checkpoint_minutes * 60)
+                                      args.checkpoint_minutes * 60, extra)
     save_module(out / "encoder", encoder.model, losses=losses, stats=stats)
     return {"losses": losses, **stats}
+
+
+def init_encoder_from(encoder, out: Path, parent: Path) -> dict:
+    """Load another run's encoder stage (PARENT/encoder.safetensors) into ``encoder``: the stage then
+    continues from those weights, with a fresh optimizer and this run's options. The tokenizers must
+    be the same file (same seed and caption style). Returns what the checkpoint records."""
+    stage = parent / "encoder.safetensors"
+    if not stage.is_file():
+        raise ConfigError(f"--encoder-init {parent}: no encoder stage there (expected {stage})")
+    mine, theirs = out / "tokenizer" / "tokenizer.json", parent / "tokenizer" / "tokenizer.json"
+    if not theirs.is_file() or theirs.read_bytes() != mine.read_bytes():
+        raise ConfigError(f"--encoder-init {parent}: its tokenizer differs from this run's (use the same --seed "
+                          "and --style)")
+    encoder.model.load_state_dict(load_stage(parent / "encoder")[0])
+    return {"path": str(parent), "sha256": hashlib.sha256(stage.read_bytes()).hexdigest()}
 
 
 def stage_done(out: Path, stage: str) -> bool:
@@ -107,6 +128,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of a current-token term in the encoder's pre-training, which keeps each word's "
                    "own identity in its last hidden state (next-token loss alone drops the colour, shape and "
                    "position words; see train_encoder); default 0")
+    p.add_argument("--encoder-scene-loss", type=float, default=0.0,
+                   help="weight of a scene readout from the encoder's last token (captions: their scene; edit "
+                   "instructions read with the source image: the edited scene), which also trains the vision "
+                   "tower (see train_encoder); default 0")
+    p.add_argument("--encoder-lr", type=float, default=None, help="encoder stage peak learning rate (default 3e-3)")
+    p.add_argument("--encoder-init", type=Path, default=None, metavar="DIR",
+                   help="encoder stage: start from the encoder stage of another work folder DIR (same --seed "
+                   "and --style) instead of a random init; its --encoder-steps then train on top")
     p.add_argument("--dit-steps", type=int, default=20000)
     p.add_argument("--edit-weight", action="append", default=[], metavar="KIND[/N]=W",
                    help="dit stage: draw the edits of this kind (and source object count N) W times as often "
@@ -156,6 +185,9 @@ def main(argv=None) -> dict:
         args.edit_weights = train_dit.parse_edit_weights(args.edit_weight)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
+    if args.encoder_init is not None and not (args.encoder_init / "encoder.safetensors").is_file():
+        raise SystemExit(f"--encoder-init {args.encoder_init}: no encoder stage there (expected "
+                         f"{args.encoder_init / 'encoder.safetensors'})")
     if args.branch_from is not None and not args.branch_from.is_file():
         raise SystemExit(f"--branch-from {args.branch_from}: no such checkpoint file")
     lock = _lock(out, stages)
@@ -224,6 +256,8 @@ def cli(argv=None) -> None:
     except resume.Interrupted as exc:
         logging.getLogger(__name__).warning("%s; continue with the same command plus --resume", exc)
         raise SystemExit(3) from None
+    except ConfigError as exc:  # a resume or --encoder-init that does not fit: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -22,6 +22,18 @@ next-token loss still falls. The shipped v1 random encoder's are 0.36 / 0.36 / 0
 The text is what the encoder reads at inference: captions and edit instructions from TRAINING
 scenes (the held-out combinations never appear), in the runtime's chat template. The loss counts
 the user turn only (the system message is the same every time).
+
+What both terms still leave out (measured, session 10, on the v2b encoder): every state carries its
+own word and almost nothing of its context. "make the square black" and "make the circle black"
+differ at "square" (cosine 0.71) and nowhere else (>= 0.998), and edits read the condition image
+through a vision tower that never trained. An edit's meaning, which object ends up which colour,
+is then left for the MMDiT to assemble from separate words and the condition latents; on
+two-object recolours it paints both objects. ``scene_loss`` adds the job a real VLM does for
+Qwen-Image-Edit: the last token's state (the one after "assistant\n", which the MMDiT reads) must
+describe the scene the prompt asks for, slot by slot (``SCENE_SLOTS``: background, the colour and
+shape at each of the five positions, the glyph), through a linear readout that only training
+uses. Captions describe their scene; an edit instruction, read with its source image, describes
+the edited scene, so the vision tower trains too.
 """
 
 from __future__ import annotations
@@ -34,11 +46,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from qwen_image2_ref.demo import captions, data
 from qwen_image2_ref.demo.resume import TrainState, run_steps
 from qwen_image2_ref.demo.resume import start as resume_or_start
 from qwen_image2_ref.demo.train_vae import lr_at
+from qwen_image_edge.runtime.images import vision_patches
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +70,8 @@ class EncoderSettings:
     style: str = "v2"  # captions.CaptionStyle value
     instruction_share: float = 0.25
     token_loss: float = 0.0  # weight of the current-token term (module docstring); 0: next token only
+    scene_loss: float = 0.0  # weight of the last-token scene readout (module docstring); 0: none
+    scene_batch: int = 16  # captions, and as many edits, per step for the scene readout
 
 
 def lm_texts(rng: np.random.Generator, n: int, style: captions.CaptionStyle, instruction_share: float) -> list[str]:
@@ -87,37 +103,124 @@ def lm_loss(encoder, texts: list[str], token_loss: float = 0.0) -> torch.Tensor:
     return out.loss + token_loss * current
 
 
+# The scene readout's slots: what a prompt asks the image to hold. "none": no object there / no glyph.
+SCENE_SLOTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("background", data.BACKGROUNDS),
+    *((f"{pos}_{attr}", (*(data.COLORS if attr == "color" else data.SHAPES), "none"))
+      for pos in data.POSITIONS for attr in ("color", "kind")),
+    ("glyph", (*data.GLYPHS, "none")),
+)
+
+
+def scene_labels(scene: data.Scene) -> list[int]:
+    """The class index of every ``SCENE_SLOTS`` slot for ``scene``."""
+    at = {o.position: o for o in scene.objects}
+    if len(at) != len(scene.objects):
+        raise ValueError(f"scene labels: two objects share a position in {scene}")
+    values = [scene.background]
+    for pos in data.POSITIONS:
+        o = at.get(pos)
+        values += [o.color if o else "none", o.kind if o else "none"]
+    values.append(scene.glyph or "none")
+    return [options.index(v) for (_, options), v in zip(SCENE_SLOTS, values)]
+
+
+def scene_head(hidden_size: int) -> torch.nn.Linear:
+    """The readout from the last token's state to every slot's logits (used in training only)."""
+    return torch.nn.Linear(hidden_size, sum(len(options) for _, options in SCENE_SLOTS))
+
+
+def last_state(encoder, texts: list[str], images: list | None = None) -> torch.Tensor:
+    """[B, D] the language model's final (normed) state at each templated prompt's last token, with
+    gradients; ``images``: one condition image per prompt (all the same size), as an edit reads them."""
+    if images is None:
+        batch, pixel_values, grid = encoder.tokenizer.encode(texts), None, None
+    else:
+        pixel_values, grid = vision_patches(images, encoder.vision)
+        if len({tuple(g) for g in grid}) != 1:
+            raise ValueError("last_state: the images of one batch must share a size")
+        batch = encoder.tokenizer.encode(texts, grid[:1])  # one image per prompt, same grid
+    inputs = {"input_ids": torch.from_numpy(batch.input_ids), "attention_mask": torch.from_numpy(batch.attention_mask),
+              "mm_token_type_ids": torch.from_numpy(batch.mm_token_type_ids)}
+    if images is not None:
+        inputs["pixel_values"] = torch.from_numpy(pixel_values)
+        inputs["image_grid_thw"] = torch.from_numpy(grid)
+    return encoder.model.model(**inputs, use_cache=False).last_hidden_state[:, -1]  # rows are left padded
+
+
+def scene_readout(head: torch.nn.Linear, states: torch.Tensor, scenes: list[data.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the slots, and the right/wrong table [B, n_slots]."""
+    logits = head(states)
+    labels = torch.tensor([scene_labels(s) for s in scenes])
+    loss, right, start = 0.0, [], 0
+    for k, (_, options) in enumerate(SCENE_SLOTS):
+        part = logits[:, start:start + len(options)]
+        loss = loss + torch.nn.functional.cross_entropy(part, labels[:, k])
+        right.append(part.argmax(1) == labels[:, k])
+        start += len(options)
+    return loss / len(SCENE_SLOTS), torch.stack(right, 1)
+
+
+def scene_examples(rng: np.random.Generator, n: int, style: captions.CaptionStyle, split: str = "train"):
+    """n captioned 128 px scenes and n edits: (captions, their scenes), (instructions, source images,
+    target scenes)."""
+    scenes = [data.sample_scene(rng, 128, 128, split) for _ in range(n)]
+    texts = [captions.caption(s, rng, style) for s in scenes]
+    edits = [data.sample_edit(rng, 128, 128, split) for _ in range(n)]
+    images = [Image.fromarray(data.render(e.source)) for e in edits]
+    return (texts, scenes), ([e.instruction for e in edits], images, [e.target for e in edits])
+
+
+def scene_loss(encoder, head, rng: np.random.Generator, n: int, style: captions.CaptionStyle) -> torch.Tensor:
+    (texts, scenes), (instructions, images, targets) = scene_examples(rng, n, style)
+    t2i, _ = scene_readout(head, last_state(encoder, texts), scenes)
+    edit, _ = scene_readout(head, last_state(encoder, instructions, images), targets)
+    return t2i + edit
+
+
 def settings_record(settings: EncoderSettings) -> dict:
-    """The settings a checkpoint records (and resuming compares); ``token_loss`` only when used, so
-    checkpoints written before it existed still resume."""
+    """The settings a checkpoint records (and resuming compares); ``token_loss`` and ``scene_loss``
+    (with its batch) only when used, so checkpoints written before they existed still resume."""
     record = dataclasses.asdict(settings)
     if not record["token_loss"]:
         del record["token_loss"]
+    if not record["scene_loss"]:
+        del record["scene_loss"], record["scene_batch"]
     return record
 
 
 def text_parameters(encoder) -> list[torch.nn.Parameter]:
-    """The language model and its head; the vision tower is left as it is."""
+    """The language model and its head (the vision tower trains only with the scene readout)."""
     return [*encoder.model.model.language_model.parameters(), *encoder.model.lm_head.parameters()]
 
 
 def train_encoder(encoder, settings: EncoderSettings, seed: int, progress: bool = True,
-                  checkpoint: Path | None = None, resume: bool = False, every_s: float = 600.0) -> tuple[list, dict]:
-    """Pre-train ``encoder``'s text model in place; returns (losses, stats). Leaves it frozen, in eval mode."""
+                  checkpoint: Path | None = None, resume: bool = False, every_s: float = 600.0,
+                  extra_settings: dict | None = None) -> tuple[list, dict]:
+    """Pre-train ``encoder``'s text model (and, with ``scene_loss``, its vision tower) in place; returns
+    (losses, stats). Leaves it frozen, in eval mode. ``extra_settings`` join what the checkpoint
+    records and a resume compares (e.g. the run its weights started from)."""
     t0 = time.time()
+    modules = {"encoder": encoder.model}
     params = text_parameters(encoder)
+    if settings.scene_loss:
+        torch.manual_seed(seed + 502)
+        modules["scene_head"] = head = scene_head(encoder.model.config.text_config.hidden_size)
+        params += [*encoder.model.model.visual.parameters(), *head.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
     style = captions.CaptionStyle(settings.style)
-    state = TrainState({"encoder": encoder.model}, opt, np.random.default_rng(seed + 500),
+    state = TrainState(modules, opt, np.random.default_rng(seed + 500),
                        torch.Generator().manual_seed(seed + 501), settings.steps,
-                       {"seed": seed, **settings_record(settings)})
+                       {"seed": seed, **settings_record(settings), **(extra_settings or {})})
 
     def step(st: TrainState) -> float:
         for g in opt.param_groups:
             g["lr"] = lr_at(st.step, st.total, settings.lr, settings.warmup)
         loss = lm_loss(encoder, lm_texts(st.rng, settings.batch, style, settings.instruction_share), settings.token_loss)
+        if settings.scene_loss:
+            loss = loss + settings.scene_loss * scene_loss(encoder, head, st.rng, settings.scene_batch, style)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
