@@ -292,12 +292,12 @@ def test_bad_branch_and_edit_weight_options_are_refused_before_anything_runs(tmp
 
 
 def test_the_encoder_stage_starts_from_another_runs_encoder_and_resumes_bit_exact(tmp_path, monkeypatch):
-    """--encoder-init loads the parent's encoder stage, then trains (here with the scene readout, whose
+    """--encoder-init loads the parent's encoder stage, then trains (here with the edit readout, whose
     head and the vision tower join the checkpoint) and resumes bit for bit; a parent with another
     tokenizer is refused in one line."""
     parent = tmp_path / "parent"
     train.main(_args(parent, 0, "vae,encoder"))
-    flags = ("--encoder-init", str(parent), "--encoder-scene-loss", "1", "--encoder-lr", "1e-3")
+    flags = ("--encoder-init", str(parent), "--encoder-edit-loss", "1", "--encoder-lr", "1e-3")
     straight = train.main(_args(tmp_path / "a", 0, "vae,encoder", *flags))["encoder"]
     out = tmp_path / "b"
     _stop_at(monkeypatch, "encoder", 2)
@@ -309,9 +309,9 @@ def test_the_encoder_stage_starts_from_another_runs_encoder_and_resumes_bit_exac
     a, b = resume.read_checkpoint(tmp_path / "a" / "ckpt_encoder.safetensors"), resume.read_checkpoint(
         out / "ckpt_encoder.safetensors")
     assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
-    assert any(k.startswith("scene_head/") for k in a[0])
+    assert any(k.startswith("edit_head/") for k in a[0])
     settings = a[1]["settings"]
-    assert settings["scene_loss"] == 1.0 and settings["lr"] == 1e-3 and settings["init_from"]["path"] == str(parent)
+    assert settings["edit_loss"] == 1.0 and settings["lr"] == 1e-3 and settings["init_from"]["path"] == str(parent)
     # the first step started from the parent's weights: a run without --encoder-init has other losses
     fresh = train.main(_args(tmp_path / "c", 0, "vae,encoder", *flags[2:]))["encoder"]
     assert fresh["losses"][0] != straight["losses"][0]

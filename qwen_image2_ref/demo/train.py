@@ -68,9 +68,9 @@ def stage_encoder(out: Path, config: ModelConfig, args, progress: bool) -> dict:
     losses, stats = [], {"steps": 0}
     if args.encoder_steps:
         settings = EncoderSettings(steps=args.encoder_steps, style=args.style, token_loss=args.encoder_token_loss,
-                                   scene_loss=args.encoder_scene_loss,
+                                   edit_loss=args.encoder_edit_loss,
                                    **({"lr": args.encoder_lr} if args.encoder_lr is not None else {}),
-                                   **({"batch": 4, "scene_batch": 2} if args.small_data else {}))
+                                   **({"batch": 4, "edit_batch": 2} if args.small_data else {}))
         losses, stats = train_encoder(encoder, settings, args.seed, progress,
                                       out / train_dit.CHECKPOINTS["encoder"], args.resume,
                                       args.checkpoint_minutes * 60, extra)
@@ -128,10 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of a current-token term in the encoder's pre-training, which keeps each word's "
                    "own identity in its last hidden state (next-token loss alone drops the colour, shape and "
                    "position words; see train_encoder); default 0")
-    p.add_argument("--encoder-scene-loss", type=float, default=0.0,
-                   help="weight of a scene readout from the encoder's last token (captions: their scene; edit "
-                   "instructions read with the source image: the edited scene), which also trains the vision "
-                   "tower (see train_encoder); default 0")
+    p.add_argument("--encoder-edit-loss", type=float, default=0.0,
+                   help="weight of an edit readout from the encoder's last token: an instruction read with its "
+                   "source image must tell the edit's kind, the position it acts on and the new colour; trains "
+                   "the vision tower too (see train_encoder); default 0")
     p.add_argument("--encoder-lr", type=float, default=None, help="encoder stage peak learning rate (default 3e-3)")
     p.add_argument("--encoder-init", type=Path, default=None, metavar="DIR",
                    help="encoder stage: start from the encoder stage of another work folder DIR (same --seed "

@@ -26,14 +26,17 @@ the user turn only (the system message is the same every time).
 What both terms still leave out (measured, session 10, on the v2b encoder): every state carries its
 own word and almost nothing of its context. "make the square black" and "make the circle black"
 differ at "square" (cosine 0.71) and nowhere else (>= 0.998), and edits read the condition image
-through a vision tower that never trained. An edit's meaning, which object ends up which colour,
-is then left for the MMDiT to assemble from separate words and the condition latents; on
-two-object recolours it paints both objects. ``scene_loss`` adds the job a real VLM does for
-Qwen-Image-Edit: the last token's state (the one after "assistant\n", which the MMDiT reads) must
-describe the scene the prompt asks for, slot by slot (``SCENE_SLOTS``: background, the colour and
-shape at each of the five positions, the glyph), through a linear readout that only training
-uses. Captions describe their scene; an edit instruction, read with its source image, describes
-the edited scene, so the vision tower trains too.
+through a vision tower that never trained. Which object an edit means is then left for the MMDiT
+to find from a shape word and the condition latents; on two-object recolours it paints both
+objects, and it removes the named one of two barely above chance. ``edit_loss`` adds the job the
+VLM does for Qwen-Image-Edit, grounding the instruction in the image: from the state of the last
+token (after "assistant\n"; the MMDiT reads it), a linear readout that only training uses must
+tell the edit's kind, where it acts (the position of the object it recolours or removes, or
+moves it to) and the new colour. The instruction is read with its source image, so the vision
+tower trains too. Measured from the v2b encoder, 6000 steps of 32 edits: on held-out two-object
+recolours the readout names the right object 91% of the time (chance 50%), on removals 94%. A
+readout of the whole target scene (every position's colour and shape) learned far less in 1500
+steps (both colours right on 11% of held-out two-object recolours).
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ class EncoderSettings:
     style: str = "v2"  # captions.CaptionStyle value
     instruction_share: float = 0.25
     token_loss: float = 0.0  # weight of the current-token term (module docstring); 0: next token only
-    scene_loss: float = 0.0  # weight of the last-token scene readout (module docstring); 0: none
-    scene_batch: int = 16  # captions, and as many edits, per step for the scene readout
+    edit_loss: float = 0.0  # weight of the last-token edit readout (module docstring); 0: none
+    edit_batch: int = 32  # edits per step for the edit readout
 
 
 def lm_texts(rng: np.random.Generator, n: int, style: captions.CaptionStyle, instruction_share: float) -> list[str]:
@@ -103,31 +106,31 @@ def lm_loss(encoder, texts: list[str], token_loss: float = 0.0) -> torch.Tensor:
     return out.loss + token_loss * current
 
 
-# The scene readout's slots: what a prompt asks the image to hold. "none": no object there / no glyph.
-SCENE_SLOTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("background", data.BACKGROUNDS),
-    *((f"{pos}_{attr}", (*(data.COLORS if attr == "color" else data.SHAPES), "none"))
-      for pos in data.POSITIONS for attr in ("color", "kind")),
-    ("glyph", (*data.GLYPHS, "none")),
+# The edit readout's slots: what an edit instruction, read with its source image, asks to change.
+# "where": the position of the object it recolours or removes, or moves it to; "none" otherwise.
+EDIT_SLOTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("kind", data.EDIT_KINDS),
+    ("where", (*data.POSITIONS, "none")),
+    ("color", (*data.COLORS, "none")),
 )
 
 
-def scene_labels(scene: data.Scene) -> list[int]:
-    """The class index of every ``SCENE_SLOTS`` slot for ``scene``."""
-    at = {o.position: o for o in scene.objects}
-    if len(at) != len(scene.objects):
-        raise ValueError(f"scene labels: two objects share a position in {scene}")
-    values = [scene.background]
-    for pos in data.POSITIONS:
-        o = at.get(pos)
-        values += [o.color if o else "none", o.kind if o else "none"]
-    values.append(scene.glyph or "none")
-    return [options.index(v) for (_, options), v in zip(SCENE_SLOTS, values)]
+def edit_labels(edit: data.EditExample) -> list[int]:
+    """The class index of every ``EDIT_SLOTS`` slot for ``edit``."""
+    where, color = "none", "none"
+    if edit.kind == "recolor":
+        (i,) = [j for j, (a, b) in enumerate(zip(edit.source.objects, edit.target.objects)) if a.color != b.color]
+        where, color = edit.source.objects[i].position, edit.target.objects[i].color
+    elif edit.kind == "remove_object":
+        (where,) = {o.position for o in edit.source.objects} - {o.position for o in edit.target.objects}
+    elif edit.kind == "move":
+        where = edit.target.objects[0].position
+    return [options.index(v) for (_, options), v in zip(EDIT_SLOTS, (edit.kind, where, color))]
 
 
-def scene_head(hidden_size: int) -> torch.nn.Linear:
+def edit_head(hidden_size: int) -> torch.nn.Linear:
     """The readout from the last token's state to every slot's logits (used in training only)."""
-    return torch.nn.Linear(hidden_size, sum(len(options) for _, options in SCENE_SLOTS))
+    return torch.nn.Linear(hidden_size, sum(len(options) for _, options in EDIT_SLOTS))
 
 
 def last_state(encoder, texts: list[str], images: list | None = None) -> torch.Tensor:
@@ -148,64 +151,59 @@ def last_state(encoder, texts: list[str], images: list | None = None) -> torch.T
     return encoder.model.model(**inputs, use_cache=False).last_hidden_state[:, -1]  # rows are left padded
 
 
-def scene_readout(head: torch.nn.Linear, states: torch.Tensor, scenes: list[data.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+def edit_readout(head: torch.nn.Linear, states: torch.Tensor,
+                 edits: list[data.EditExample]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the slots, and the right/wrong table [B, n_slots]."""
     logits = head(states)
-    labels = torch.tensor([scene_labels(s) for s in scenes])
+    labels = torch.tensor([edit_labels(e) for e in edits])
     loss, right, start = 0.0, [], 0
-    for k, (_, options) in enumerate(SCENE_SLOTS):
+    for k, (_, options) in enumerate(EDIT_SLOTS):
         part = logits[:, start:start + len(options)]
         loss = loss + torch.nn.functional.cross_entropy(part, labels[:, k])
         right.append(part.argmax(1) == labels[:, k])
         start += len(options)
-    return loss / len(SCENE_SLOTS), torch.stack(right, 1)
+    return loss / len(EDIT_SLOTS), torch.stack(right, 1)
 
 
-def scene_examples(rng: np.random.Generator, n: int, style: captions.CaptionStyle, split: str = "train"):
-    """n captioned 128 px scenes and n edits: (captions, their scenes), (instructions, source images,
-    target scenes)."""
-    scenes = [data.sample_scene(rng, 128, 128, split) for _ in range(n)]
-    texts = [captions.caption(s, rng, style) for s in scenes]
+def edit_examples(rng: np.random.Generator, n: int, split: str = "train") -> tuple[list[data.EditExample], list]:
+    """n 128 px edits of ``split`` and their source images."""
     edits = [data.sample_edit(rng, 128, 128, split) for _ in range(n)]
-    images = [Image.fromarray(data.render(e.source)) for e in edits]
-    return (texts, scenes), ([e.instruction for e in edits], images, [e.target for e in edits])
+    return edits, [Image.fromarray(data.render(e.source)) for e in edits]
 
 
-def scene_loss(encoder, head, rng: np.random.Generator, n: int, style: captions.CaptionStyle) -> torch.Tensor:
-    (texts, scenes), (instructions, images, targets) = scene_examples(rng, n, style)
-    t2i, _ = scene_readout(head, last_state(encoder, texts), scenes)
-    edit, _ = scene_readout(head, last_state(encoder, instructions, images), targets)
-    return t2i + edit
+def edit_loss(encoder, head, rng: np.random.Generator, n: int) -> torch.Tensor:
+    edits, images = edit_examples(rng, n)
+    return edit_readout(head, last_state(encoder, [e.instruction for e in edits], images), edits)[0]
 
 
 def settings_record(settings: EncoderSettings) -> dict:
-    """The settings a checkpoint records (and resuming compares); ``token_loss`` and ``scene_loss``
+    """The settings a checkpoint records (and resuming compares); ``token_loss`` and ``edit_loss``
     (with its batch) only when used, so checkpoints written before they existed still resume."""
     record = dataclasses.asdict(settings)
     if not record["token_loss"]:
         del record["token_loss"]
-    if not record["scene_loss"]:
-        del record["scene_loss"], record["scene_batch"]
+    if not record["edit_loss"]:
+        del record["edit_loss"], record["edit_batch"]
     return record
 
 
 def text_parameters(encoder) -> list[torch.nn.Parameter]:
-    """The language model and its head (the vision tower trains only with the scene readout)."""
+    """The language model and its head (the vision tower trains only with the edit readout)."""
     return [*encoder.model.model.language_model.parameters(), *encoder.model.lm_head.parameters()]
 
 
 def train_encoder(encoder, settings: EncoderSettings, seed: int, progress: bool = True,
                   checkpoint: Path | None = None, resume: bool = False, every_s: float = 600.0,
                   extra_settings: dict | None = None) -> tuple[list, dict]:
-    """Pre-train ``encoder``'s text model (and, with ``scene_loss``, its vision tower) in place; returns
+    """Pre-train ``encoder``'s text model (and, with ``edit_loss``, its vision tower) in place; returns
     (losses, stats). Leaves it frozen, in eval mode. ``extra_settings`` join what the checkpoint
     records and a resume compares (e.g. the run its weights started from)."""
     t0 = time.time()
     modules = {"encoder": encoder.model}
     params = text_parameters(encoder)
-    if settings.scene_loss:
+    if settings.edit_loss:
         torch.manual_seed(seed + 502)
-        modules["scene_head"] = head = scene_head(encoder.model.config.text_config.hidden_size)
+        modules["edit_head"] = head = edit_head(encoder.model.config.text_config.hidden_size)
         params += [*encoder.model.model.visual.parameters(), *head.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -219,8 +217,8 @@ def train_encoder(encoder, settings: EncoderSettings, seed: int, progress: bool 
         for g in opt.param_groups:
             g["lr"] = lr_at(st.step, st.total, settings.lr, settings.warmup)
         loss = lm_loss(encoder, lm_texts(st.rng, settings.batch, style, settings.instruction_share), settings.token_loss)
-        if settings.scene_loss:
-            loss = loss + settings.scene_loss * scene_loss(encoder, head, st.rng, settings.scene_batch, style)
+        if settings.edit_loss:
+            loss = loss + settings.edit_loss * edit_loss(encoder, head, st.rng, settings.edit_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
