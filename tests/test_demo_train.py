@@ -291,7 +291,7 @@ def test_bad_branch_and_edit_weight_options_are_refused_before_anything_runs(tmp
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
-def test_the_encoder_stage_starts_from_another_runs_encoder_and_resumes_bit_exact(tmp_path, monkeypatch):
+def test_the_encoder_stage_starts_from_another_runs_encoder_and_resumes_bit_exact(tmp_path, monkeypatch, capsys):
     """--encoder-init loads the parent's encoder stage, then trains (here with the edit readout, whose
     head and the vision tower join the checkpoint) and resumes bit for bit; a parent with another
     tokenizer is refused in one line."""
@@ -315,6 +315,16 @@ def test_the_encoder_stage_starts_from_another_runs_encoder_and_resumes_bit_exac
     # the first step started from the parent's weights: a run without --encoder-init has other losses
     fresh = train.main(_args(tmp_path / "c", 0, "vae,encoder", *flags[2:]))["encoder"]
     assert fresh["losses"][0] != straight["losses"][0]
+    # bench/encoder_grounding.py reads the checkpoint's edit readout; a run without one is refused
+    from bench import encoder_grounding
+
+    capsys.readouterr()
+    encoder_grounding.main(["--work", str(out), "--n", "3"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 2 * len(encoder_grounding.ROWS) and all(r[2] == "3" for r in rows)
+    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[3:])
+    with pytest.raises(SystemExit, match="without --encoder-edit-loss"):
+        encoder_grounding.main(["--work", str(parent), "--n", "3"])
     other = tmp_path / "other"
     train.main(_args(other, 1, "vae,encoder"))  # seed 1: another tokenizer
     with pytest.raises(SystemExit, match=r"^error: --encoder-init .*tokenizer differs"):
