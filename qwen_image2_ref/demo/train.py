@@ -5,7 +5,9 @@ Stages, each saved under ``--out`` so a later stage can run in another process (
 1. ``vae``: the f16c64 RGBA VAE on rendered scenes (``train_vae``).
 2. ``encoder``: the byte-level BPE tokenizer on the caption language (``--style``), and the small
    Qwen3-VL: pre-trained as a causal LM on captions for ``--encoder-steps`` (``train_encoder`` says
-   why), or left at its random init with 0 (how the shipped v1 model was made), then frozen.
+   why), or left at its random init with 0 (how the shipped v1 model was made), then frozen. With
+   ``--encoder-edit-loss`` its last token also learns to name what an edit instruction asks of its
+   source image (vision tower included); ``--encoder-init`` starts it from another run's encoder.
 3. ``data``: renders text-to-image scenes and edit triples, encodes them once with the VAE (mode)
    and the encoder, and measures the latent statistics (``latents_mean/std``), which must be known
    before the MMDiT trains because it sees normalised latents.
