@@ -33,10 +33,11 @@ VLM does for Qwen-Image-Edit, grounding the instruction in the image: from the s
 token (after "assistant\n"; the MMDiT reads it), a linear readout that only training uses must
 tell the edit's kind, where it acts (the position of the object it recolours or removes, or
 moves it to) and the new colour. The instruction is read with its source image, so the vision
-tower trains too. Measured from the v2b encoder, 6000 steps of 32 edits: on held-out two-object
-recolours the readout names the right object 91% of the time (chance 50%), on removals 94%. A
-readout of the whole target scene (every position's colour and shape) learned far less in 1500
-steps (both colours right on 11% of held-out two-object recolours).
+tower trains too. Measured from the v2b encoder, 6000 steps of 32 edits (``build/demo_v2e``,
+``bench/encoder_grounding.py``): on held-out two-object recolours the readout names the right
+object 95% of the time (chance 50%), on removals 97%. A readout of the whole target scene (every
+position's colour and shape) learned far less in 1500 steps (both colours right on 11% of held-out
+two-object recolours).
 """
 
 from __future__ import annotations
@@ -133,22 +134,20 @@ def edit_head(hidden_size: int) -> torch.nn.Linear:
     return torch.nn.Linear(hidden_size, sum(len(options) for _, options in EDIT_SLOTS))
 
 
-def last_state(encoder, texts: list[str], images: list | None = None) -> torch.Tensor:
-    """[B, D] the language model's final (normed) state at each templated prompt's last token, with
-    gradients; ``images``: one condition image per prompt (all the same size), as an edit reads them."""
-    if images is None:
-        batch, pixel_values, grid = encoder.tokenizer.encode(texts), None, None
-    else:
-        pixel_values, grid = vision_patches(images, encoder.vision)
-        if len({tuple(g) for g in grid}) != 1:
-            raise ValueError("last_state: the images of one batch must share a size")
-        batch = encoder.tokenizer.encode(texts, grid[:1])  # one image per prompt, same grid
-    inputs = {"input_ids": torch.from_numpy(batch.input_ids), "attention_mask": torch.from_numpy(batch.attention_mask),
-              "mm_token_type_ids": torch.from_numpy(batch.mm_token_type_ids)}
-    if images is not None:
-        inputs["pixel_values"] = torch.from_numpy(pixel_values)
-        inputs["image_grid_thw"] = torch.from_numpy(grid)
-    return encoder.model.model(**inputs, use_cache=False).last_hidden_state[:, -1]  # rows are left padded
+def last_state(encoder, texts: list[str], images: list) -> torch.Tensor:
+    """[B, D] the language model's final (normed) state at each templated edit prompt's last token,
+    with gradients; one condition image per prompt, all of one size (``encoder.tokenize`` would give
+    every prompt the same images)."""
+    pixel_values, grid = vision_patches(images, encoder.vision)
+    if len({tuple(g) for g in grid}) != 1:
+        raise ValueError("last_state: the images of one batch must share a size")
+    batch = encoder.tokenizer.encode(texts, grid[:1])  # the same slot layout in every row
+    out = encoder.model.model(input_ids=torch.from_numpy(batch.input_ids),
+                              attention_mask=torch.from_numpy(batch.attention_mask),
+                              mm_token_type_ids=torch.from_numpy(batch.mm_token_type_ids),
+                              pixel_values=torch.from_numpy(pixel_values), image_grid_thw=torch.from_numpy(grid),
+                              use_cache=False)
+    return out.last_hidden_state[:, -1]  # rows are left padded
 
 
 def edit_readout(head: torch.nn.Linear, states: torch.Tensor,
