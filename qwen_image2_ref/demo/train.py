@@ -84,9 +84,7 @@ def init_encoder_from(encoder, out: Path, parent: Path) -> dict:
     """Load another run's encoder stage (PARENT/encoder.safetensors) into ``encoder``: the stage then
     continues from those weights, with a fresh optimizer and this run's options. The tokenizers must
     be the same file (same seed and caption style). Returns what the checkpoint records."""
-    stage = parent / "encoder.safetensors"
-    if not stage.is_file():
-        raise ConfigError(f"--encoder-init {parent}: no encoder stage there (expected {stage})")
+    stage = parent / "encoder.safetensors"  # main() refused a PARENT without one before any stage ran
     mine, theirs = out / "tokenizer" / "tokenizer.json", parent / "tokenizer" / "tokenizer.json"
     if not theirs.is_file() or theirs.read_bytes() != mine.read_bytes():
         raise ConfigError(f"--encoder-init {parent}: its tokenizer differs from this run's (use the same --seed "
