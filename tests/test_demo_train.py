@@ -84,8 +84,8 @@ def test_trainer_resumes_bit_exact_after_interruptions_in_every_stage(tmp_path, 
     # mid-run, the dit stage file (what `--stages save` writes a folder from) is the checkpoint's EMA
     ckpt, meta = resume.read_checkpoint(out / "ckpt_dit.safetensors")
     ema = {k[len("ema/"):]: v for k, v in ckpt.items() if k.startswith("ema/")}
-    stage_file = train_dit.load_stage(out / "dit")[0]
-    assert meta["step"] == 3 and ema.keys() == stage_file.keys()
+    stage_file, stage_meta = train_dit.load_stage(out / "dit")
+    assert meta["step"] == 3 and stage_meta["step"] == 3 and ema.keys() == stage_file.keys()
     assert all(torch.equal(ema[k], stage_file[k]) for k in ema)
     resumed = train.main(_args(out, 0, "vae,encoder,data,dit", "--resume"))
     assert list(resumed) == ["dit", "timings_s"]  # the stages finished before were skipped
@@ -107,6 +107,7 @@ def test_trainer_seed_changes_the_run_and_save_writes_a_loadable_folder(tmp_path
     assert load_model(tmp_path / "c" / "weights").config.transformer == load_model("demo").config.transformer
     index = json.loads((tmp_path / "c" / "weights" / "model_index.json").read_text())
     assert index["qwen_image_edge"][train_dit.CAPTION_STYLE_KEY] == "v2"  # the language it learned
+    assert index["qwen_image_edge"][train_dit.DIT_STEP_KEY] == len(c["dit"]["losses"])  # and how far
 
 
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):

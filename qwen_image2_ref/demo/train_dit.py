@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # model_index.json's qwen_image_edge entry naming the caption language (captions.CaptionStyle value).
 CAPTION_STYLE_KEY = "demo_caption_style"
+DIT_STEP_KEY = "demo_dit_step"
 # Checkpoint file of each training stage, under the work folder.
 CHECKPOINTS = {"vae": "ckpt_vae.safetensors", "encoder": "ckpt_encoder.safetensors", "dit": "ckpt_dit.safetensors"}
 NEGATIVE_PROMPT = " "  # the unconditional prompt of caption dropout and of guidance
@@ -221,7 +222,7 @@ def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettin
               on_checkpoint=None, device: torch.device | str = "cpu", edit_weights: dict[str, float] | None = None,
               branch_from=None):
     """Returns (EMA model, losses, stats) after ``settings.steps`` steps, continuing ``checkpoint``
-    when ``resume``. ``on_checkpoint(ema)`` runs after every checkpoint write. The model, its EMA and
+    when ``resume``. ``on_checkpoint(ema, step)`` runs after every checkpoint write. The model, its EMA and
     the optimizer live on ``device``; a checkpoint written on one device resumes on another (the
     device is not a setting; the numbers then differ in the last bits).
 
@@ -263,7 +264,7 @@ def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettin
     if branch_from is not None and not (checkpoint is not None and Path(checkpoint).exists()):
         resume_branch(state, branch_from)
     if not resume_or_start(state, checkpoint, resume):
-        hook = None if on_checkpoint is None else (lambda st: on_checkpoint(ema))
+        hook = None if on_checkpoint is None else (lambda st: on_checkpoint(ema, st.step))
         run_steps(state, step, checkpoint, every_s, "dit", progress, on_checkpoint=hook)
     return ema.cpu().eval(), state.losses, {"steps": state.step, "seconds": round(time.time() - t0, 1)}
 
@@ -307,13 +308,13 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
     if stage == "dit":
         settings = DiTSettings(steps=args.dit_steps, **({"batch": 4} if args.small_data else {}))
 
-        def write(ema):  # the stage file later stages (and `--stages save` mid-run) read
-            save_module(out / "dit", ema, config.transformer)
+        def write(ema, step: int):  # the stage file later stages (and `--stages save` mid-run) read
+            save_module(out / "dit", ema, config.transformer, step=step)
 
         model, losses, stats = train_dit(config, groups, settings, args.seed, progress, out / CHECKPOINTS["dit"],
                                          args.resume, args.checkpoint_minutes * 60, write, device,
                                          args.edit_weights, args.branch_from)
-        write(model)
+        write(model, stats["steps"])
         stats["loss_every_500"] = smoothed(losses)
         log.info("dit stage: %s", stats)
         return {"losses": losses, **stats}
@@ -343,7 +344,8 @@ def save_weights(out, config: ModelConfig, stats: dict, args):
     vae.reset_buffers()
     encoder = load_encoder(out, config, args)
     model = QwenImageTransformer(config.transformer)
-    model.load_state_dict(load_stage(out / "dit")[0])
+    weights, dit_meta = load_stage(out / "dit")
+    model.load_state_dict(weights)
     extra = {"default_negative_prompt": NEGATIVE_PROMPT} if "default_negative_prompt" in {
         f.name for f in dataclasses.fields(config.pipeline)} else {}
     pipe = dataclasses.replace(config.pipeline, output_resolution=128, num_steps=40,
@@ -353,9 +355,12 @@ def save_weights(out, config: ModelConfig, stats: dict, args):
     dtype = torch.bfloat16 if n_params * 4 > 24e6 else None
     folder = args.weights or (out / "weights")
     log.info("saving %d parameters (%s) to %s", n_params, dtype or "float32", folder)
-    # the caption language it learned: bench/demo_quality.py words its prompts in it
-    return save_model(folder, full, model, vae, encoder, dtype=dtype, overwrite=True,
-                      extra_index={CAPTION_STYLE_KEY: args.style})
+    # the caption language it learned (bench/demo_quality.py words its prompts in it) and the MMDiT
+    # step its EMA was taken at (a folder saved mid-run says which step it is)
+    extra_index = {CAPTION_STYLE_KEY: args.style}
+    if "step" in dit_meta:
+        extra_index[DIT_STEP_KEY] = dit_meta["step"]
+    return save_model(folder, full, model, vae, encoder, dtype=dtype, overwrite=True, extra_index=extra_index)
 
 
 def latent_stats_ok(stats: dict) -> bool:
