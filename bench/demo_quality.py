@@ -110,11 +110,10 @@ def mean(scores: list[dict], key: str) -> float:
 
 def model_style(model: str) -> str:
     """The caption language a demo trainer's folder records (``demo_caption_style``), else "v1"."""
-    from qwen_image2_ref.demo.train_dit import CAPTION_STYLE_KEY
-    from qwen_image2_ref.model_folder import EDGE_KEY, MODEL_INDEX, resolve_model_path
+    from qwen_image2_ref.demo import caption_style
+    from qwen_image2_ref.model_folder import resolve_model_path
 
-    index = json.loads((resolve_model_path(model) / MODEL_INDEX).read_text())
-    return (index.get(EDGE_KEY) or {}).get(CAPTION_STYLE_KEY, "v1")
+    return caption_style(resolve_model_path(model)) or "v1"
 
 
 def median_color_error(scores: list[dict]) -> float:

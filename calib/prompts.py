@@ -2,8 +2,12 @@
 
 - ``general``: 336 prompts for real text-to-image models (subjects x settings x styles, some
   with text to render), the role ``calibration-prompts.txt`` plays in TensorRT's demo;
-- ``demo``: 512 captions in the demo model's language, sampled from its training split
-  (``qwen_image2_ref.demo.data``, seed 20261126), never from the held-out evaluation prompts.
+- ``demo``: 512 captions in the demo model's first language (v1), sampled from its training split
+  (``qwen_image2_ref.demo.data``, seed 20261126), never from the held-out evaluation prompts;
+- ``demo-v2``: 512 captions in the v2 language (optional background phrase, more word orders),
+  ``qwen_image2_ref.demo.captions.calibration_captions(512, 20261126)``, training split too.
+
+A demo-trained folder gets the set of the language its ``model_index.json`` records.
 
 Any other name is read as a UTF-8 text file with one prompt per line.
 """
@@ -12,11 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_image2_ref.demo import STUDENT_DIR, WEIGHTS_DIR
+from qwen_image2_ref.demo import caption_style
 from qwen_image_edge.runtime.errors import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-PROMPT_SETS = {"general": DATA_DIR / "general_prompts.txt", "demo": DATA_DIR / "demo_captions.txt"}
+PROMPT_SETS = {"general": DATA_DIR / "general_prompts.txt", "demo": DATA_DIR / "demo_captions.txt",
+               "demo-v2": DATA_DIR / "demo_captions_v2.txt"}
+# The prompt set of each demo caption language (a folder's ``demo_caption_style``).
+DEMO_SETS = {"v1": "demo", "v2": "demo-v2"}
 
 
 def load_prompts(source: str | Path = "general", limit: int | None = None) -> list[str]:
@@ -35,10 +42,17 @@ def load_prompts(source: str | Path = "general", limit: int | None = None) -> li
 
 
 def default_prompt_set(model_path: str | Path) -> str:
-    """``demo`` for the folder of the embedded demo model or its student, ``general`` otherwise."""
-    return "demo" if is_demo_folder(model_path) else "general"
+    """The demo set in the caption language of a demo-trained folder (the shipped ones, or one the
+    demo trainer saved), ``general`` otherwise."""
+    style = caption_style(model_path)
+    if style is None:
+        return "general"
+    if style not in DEMO_SETS:
+        raise ConfigError(f"{model_path}: demo caption style {style!r}, expected one of {sorted(DEMO_SETS)}")
+    return DEMO_SETS[style]
 
 
 def is_demo_folder(model_path: str | Path) -> bool:
-    """Whether ``model_path`` is one of the shipped demo folders (``resolve_model_path("demo")``)."""
-    return Path(model_path).resolve() in (WEIGHTS_DIR.resolve(), STUDENT_DIR.resolve())
+    """Whether ``model_path`` holds a demo-trained model: one of the shipped demo folders, or a folder
+    the demo trainer saved (it records its caption language); its data generator then applies."""
+    return caption_style(model_path) is not None

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="teacher guidance (default: the teacher's own, or 4 when that is 1)")
     p.add_argument("--pool", type=int, default=512, help="teacher trajectories (prompts x noise) (default: %(default)s)")
-    p.add_argument("--edits", type=int, default=0, help="edit trajectories too (demo teacher only) (default: 0)")
+    p.add_argument("--edits", type=int, default=0, help="edit trajectories too (a demo-trained teacher only) (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     add_placement_arguments(p, "the teacher's pool sampling (the student trains in fp32 on that device)")
     p.add_argument("--strategy", default="ddp",

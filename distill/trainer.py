@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.checkpoint import checkpoint_digest
-from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo import CAPTION_STYLE_KEY, caption_style, data
 from qwen_image2_ref.demo.stage_io import load_stage, save_stage
 from qwen_image2_ref.demo.train_vae import lr_at
 from qwen_image2_ref.devices import resolve_placement
@@ -299,7 +299,8 @@ def pool_spec(model_path: str | Path, pipe, settings: DistillSettings) -> PoolSp
     edits: tuple = ()
     if settings.edit_size:
         if not is_demo_folder(model_path):
-            raise ConfigError("--edits: edit examples come from the demo data generator; only with --teacher demo")
+            raise ConfigError("--edits: edit examples come from the demo data generator; only with a demo-trained "
+                              "teacher (--teacher demo, or a folder the demo trainer saved)")
         rng = np.random.default_rng(settings.seed + 17)
         ex = [data.sample_edit(rng, 128, 128, "train") for _ in range(settings.edit_size)]
         edits = tuple((data.render(e.source), e.instruction) for e in ex)
@@ -519,6 +520,9 @@ def save_student(pipe, student, folder: Path, steps: int, teacher_folder: Path, 
         if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("torch_dtype") == "bfloat16":
             dtype = torch.bfloat16
     extra = {"distilled_from": provenance, **({STUDENT_LORA_KEY: ADAPTER_NAME} if lora else {})}
+    style = caption_style(teacher_folder)
+    if style is not None:  # the student reads the teacher's prompt language
+        extra[CAPTION_STYLE_KEY] = style
     state = student if isinstance(student, dict) else student.eval().float().cpu()
     weights = base_state(state) if lora else state
     write_adapter = (lambda staging: save_adapter(staging / ADAPTER_NAME, state, lora)) if lora else None

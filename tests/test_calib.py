@@ -188,28 +188,65 @@ def test_shipped_prompt_sets() -> None:
         load_prompts("general", 0)
     with pytest.raises(ConfigError, match="general"):
         load_prompts("no-such-set")
-    assert set(PROMPT_SETS) == {"general", "demo"}
+    assert set(PROMPT_SETS) == {"general", "demo", "demo-v2"}
+    v2 = load_prompts("demo-v2")
+    assert len(v2) == 512 and len(set(v2)) == 512 and not set(v2) & set(demo)
+
+
+def test_the_v2_demo_set_is_what_its_generator_writes() -> None:
+    """calib/data/demo_captions_v2.txt is reproducible: captions.calibration_captions(512, 20261126)."""
+    from qwen_image2_ref.demo.captions import calibration_captions
+
+    assert load_prompts("demo-v2") == calibration_captions(512, 20261126)
+    assert calibration_captions(5, 1) != calibration_captions(5, 2)  # the seed matters
+
+
+def test_a_demo_folder_gets_the_prompt_set_of_its_language(tiny_model_dir, tmp_path) -> None:
+    import json
+    import shutil
+
+    from qwen_image2_ref.demo import STUDENT_DIR, WEIGHTS_DIR
+    from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder
+
+    # the shipped folders: the language their model_index.json records, v1 where it records none
+    for shipped in (WEIGHTS_DIR, STUDENT_DIR):
+        index = json.loads((shipped / "model_index.json").read_text())
+        style = index["qwen_image_edge"].get("demo_caption_style", "v1")
+        assert default_prompt_set(shipped) == {"v1": "demo", "v2": "demo-v2"}[style] and is_demo_folder(shipped)
+    assert default_prompt_set(tiny_model_dir) == "general" and not is_demo_folder(tiny_model_dir)
+    folder = tmp_path / "saved"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    for style, expected in (("v2", "demo-v2"), ("v1", "demo")):
+        index["qwen_image_edge"]["demo_caption_style"] = style
+        (folder / "model_index.json").write_text(json.dumps(index))
+        assert default_prompt_set(folder) == expected and is_demo_folder(folder)
+    index["qwen_image_edge"]["demo_caption_style"] = "v9"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="v9"):
+        default_prompt_set(folder)
 
 
 def test_demo_calibration_captions_avoid_the_heldout_combinations() -> None:
     from qwen_image2_ref.demo import data
 
     heldout = data.heldout_combos()
-    checked = 0
-    for caption in load_prompts("demo"):
-        words = caption.replace(";", " ").replace(",", " ").replace(":", " ").split()
-        # single-object captions name one colour and one shape; check those against held-out triples
-        colors = [w for w in words if w in data.COLORS]
-        shapes = [w for w in words if w in data.SHAPES]
-        glyph = any(w in words for w in ("letter", "digit", "number"))  # glyphs carry position words too
-        if len(colors) == 1 and len(shapes) == 1 and not glyph:
-            checked += 1
-            assert not any(c == colors[0] and s == shapes[0] and any(p in caption for p in _position_words(pos))
-                           for c, s, pos in heldout), caption
-    assert checked >= 50  # the check covers a good share of the set
+    for name in ("demo", "demo-v2"):
+        checked = 0
+        for caption in load_prompts(name):
+            words = caption.replace(";", " ").replace(",", " ").replace(":", " ").replace(".", " ").split()
+            # single-object captions name one colour and one shape; check those against held-out triples
+            colors = [w for w in words if w in data.COLORS]
+            shapes = [w for w in words if w in data.SHAPES]
+            glyph = any(w in words for w in ("letter", "digit", "number"))  # glyphs carry position words too
+            if len(colors) == 1 and len(shapes) == 1 and not glyph:
+                checked += 1
+                assert not any(c == colors[0] and s == shapes[0] and any(p in caption for p in _position_words(pos))
+                               for c, s, pos in heldout), caption
+        assert checked >= 50, name  # the check covers a good share of the set
 
 
 def _position_words(position: str) -> tuple[str, ...]:
-    from qwen_image2_ref.demo import data
+    from qwen_image2_ref.demo.captions import POSITION_PHRASES_V2
 
-    return data.POSITION_PHRASES[position]
+    return POSITION_PHRASES_V2[position]  # v1's phrases and more

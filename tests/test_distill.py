@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -218,3 +219,37 @@ def test_teacher_pool_is_not_reused_across_dtypes(tiny_model_dir, tmp_path, monk
     assert built == [torch.float32, torch.bfloat16]
     for runs in pools.values():  # the cached pool is the one built
         torch.testing.assert_close(runs[0].groups["t2i"].points, runs[1].groups["t2i"].points, rtol=0, atol=0)
+
+
+def test_a_folder_the_demo_trainer_saved_distils_in_its_own_language(tiny_model_dir, tmp_path):
+    """A demo-trained folder (its model_index.json records demo_caption_style) gets the demo prompt set
+    of that language and edit trajectories, and its student records the same language; any other
+    folder gets the general set and no edits."""
+    import shutil
+
+    from qwen_image2_ref.model_folder import load_pipeline
+    from qwen_image_edge.calib.prompts import load_prompts
+    from qwen_image_edge.distill import trainer
+
+    settings = DistillSettings(steps=(2,), iters=1, batch=2, teacher_steps=4, guidance=2.0, pool_size=3, edit_size=2)
+    with pytest.raises(ConfigError, match="demo-trained teacher"):
+        trainer.pool_spec(tiny_model_dir, None, settings)
+    plain = trainer.pool_spec(tiny_model_dir, None, dataclasses.replace(settings, edit_size=0))
+    assert list(plain.prompts) == load_prompts("general")[:3] and plain.edits == ()
+
+    folder = tmp_path / "v2"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["qwen_image_edge"]["demo_caption_style"] = "v2"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    spec = trainer.pool_spec(folder, None, settings)
+    assert list(spec.prompts) == load_prompts("demo-v2")[:3]
+    assert len(spec.edits) == 2 and all(img.shape == (128, 128, 4) for img, _ in spec.edits)
+
+    pipe = load_pipeline(folder)
+    student = trainer.save_student(pipe, pipe.transformer, tmp_path / "student", 2, folder, {"note": "test"})
+    edge = json.loads((student / "model_index.json").read_text())["qwen_image_edge"]
+    assert edge["demo_caption_style"] == "v2" and edge["distilled_from"] == {"note": "test"}
+    plain_student = trainer.save_student(load_pipeline(tiny_model_dir), pipe.transformer, tmp_path / "s2", 2,
+                                         Path(tiny_model_dir), {})
+    assert "demo_caption_style" not in json.loads((plain_student / "model_index.json").read_text())["qwen_image_edge"]

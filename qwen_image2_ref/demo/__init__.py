@@ -5,12 +5,16 @@ student (``qwen-image-edge distill --teacher demo``), ``--model demo-4step``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from qwen_image_edge.runtime.errors import CheckpointError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 STUDENT_DIR = Path(__file__).resolve().parent / "student"
+# model_index.json's qwen_image_edge entry naming the caption language a demo-trained folder learned
+# (captions.CaptionStyle value); the trainer writes it, distillation carries it to the student.
+CAPTION_STYLE_KEY = "demo_caption_style"
 # Guidance needs an unconditional branch; the demo model learned it from captions dropped to this.
 NEGATIVE_PROMPT = " "
 
@@ -39,3 +43,20 @@ SHIPPED_MODELS = {"demo": weights_path, "demo-4step": student_path}
 def is_shipped(model) -> bool:
     """Whether ``model`` (a name or a path) names one of the shipped demo folders."""
     return str(model) in SHIPPED_MODELS
+
+
+def caption_style(folder: str | Path) -> str | None:
+    """The caption language of a demo-trained checkpoint folder: what its ``model_index.json``
+    records, else "v1" for the shipped folders (trained before the key existed); None for a folder
+    that is not the demo model's (a real checkpoint, a tiny test model)."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get("qwen_image_edge") if isinstance(index, dict) else None
+    style = entry.get(CAPTION_STYLE_KEY) if isinstance(entry, dict) else None
+    if isinstance(style, str):
+        return style
+    shipped = {WEIGHTS_DIR.resolve(), STUDENT_DIR.resolve()}
+    return "v1" if folder.resolve() in shipped else None

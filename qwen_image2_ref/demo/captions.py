@@ -137,3 +137,20 @@ def heldout_prompts(n: int, seed: int, style: CaptionStyle = CaptionStyle.V1, ba
     scenes = [data.sample_scene(rng, width, height, "heldout", n_objects=n_objects, glyph_prob=0.0)
               for _ in range(n)]
     return [(s, caption(s, rng, style, background)) for s in scenes]
+
+
+def calibration_captions(n: int, seed: int, style: CaptionStyle = CaptionStyle.V2) -> list[str]:
+    """n distinct captions of training-split scenes (one or two objects, sometimes a glyph) in
+    ``style``: the demo's calibration and distillation prompt set (``calib/data/demo_captions_v2.txt``
+    is ``calibration_captions(512, 20261126)``). Never a held-out combination."""
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    for _ in range(100 * n):
+        text = caption(data.sample_scene(rng, 128, 128, "train"), rng, style)
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+            if len(out) == n:
+                return out
+    raise data.InputError(f"calibration captions: only {len(out)} distinct of {n} in {100 * n} draws")

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.config import ModelConfig
-from qwen_image2_ref.demo import data
+from qwen_image2_ref.demo import CAPTION_STYLE_KEY, data
 from qwen_image2_ref.demo.captions import CaptionStyle, caption_v2
 from qwen_image2_ref.demo.parts import encoder_for, load_vae
 from qwen_image2_ref.demo.resume import TrainState, run_steps
@@ -42,8 +42,6 @@ from qwen_image_edge.runtime.layout import image_slot_prefix, padded_batch
 
 log = logging.getLogger(__name__)
 
-# model_index.json's qwen_image_edge entry naming the caption language (captions.CaptionStyle value).
-CAPTION_STYLE_KEY = "demo_caption_style"
 DIT_STEP_KEY = "demo_dit_step"
 # Checkpoint file of each training stage, under the work folder.
 CHECKPOINTS = {"vae": "ckpt_vae.safetensors", "encoder": "ckpt_encoder.safetensors", "dit": "ckpt_dit.safetensors"}
