@@ -172,7 +172,8 @@ def _add_quantize(add) -> None:
     quant.add_argument("--out", required=True, help="export directory to create")
     quant.add_argument("--calib-size", type=int, default=32, help="calibration prompts (default: %(default)s)")
     quant.add_argument("--prompts", default=None,
-                       help="prompt set 'general', 'demo' or a text file (default: demo for the demo model)")
+                       help="prompt set 'general', 'demo', 'demo-v2' or a text file (default: the demo set of a demo-trained "
+                       "folder's caption language, else general)")
     quant.add_argument("--policy", default=None, help="the transformer's QuantPolicy JSON file (layer selection, ranges; default: the built-in "
                        "policy); with \"precision\": \"int4\" the int4 policy (block_size, awq, keep_first, keep_last)")
     quant.add_argument("--batch-size", type=int, default=4, help="calibration batch (default: %(default)s)")
