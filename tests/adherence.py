@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen_image2_ref.demo import data, judge
+from qwen_image2_ref.demo import WEIGHTS_DIR, caption_style, data, judge
+from qwen_image2_ref.demo.captions import CaptionStyle, heldout_prompts
 
 KEYS = ("color", "shape", "position", "background")
 
@@ -40,10 +41,14 @@ def _values(scene: data.Scene) -> dict[str, str]:
     return {"color": o.color, "shape": o.kind, "position": o.position, "background": scene.background}
 
 
-def balanced_heldout_prompts(seed: int = 1000, pool: int = 300) -> list[tuple[data.Scene, str]]:
-    """The scenes of BALANCED, each the first of ``data.heldout_prompts(pool, seed)`` that matches,
-    so size, jitter and caption wording come from the data module's held-out sampler."""
-    stream = data.heldout_prompts(pool, seed)
+def balanced_heldout_prompts(seed: int = 1000, pool: int = 300, style: str | None = None,
+                             background: bool = True) -> list[tuple[data.Scene, str]]:
+    """The scenes of BALANCED, each the first of the held-out sampler's ``pool`` prompts (seed
+    ``seed``) that matches, so size, jitter and caption wording come from the data module. Captions are
+    in ``style`` (default: the language the shipped demo model records; v1 is exactly
+    ``data.heldout_prompts``); ``background=False`` leaves the background phrase out."""
+    style = CaptionStyle(style or caption_style(WEIGHTS_DIR) or "v1")
+    stream = heldout_prompts(pool, seed, style, background=background)
     out = []
     for spec in BALANCED:
         want = dict(zip(("background", "color", "shape", "position"), spec))

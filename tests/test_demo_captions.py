@@ -256,3 +256,20 @@ def test_the_edit_readout_brings_the_edit_to_the_last_token_and_trains_the_visio
     assert vision_moved == {0.0: False, 1.0: True}
     assert cosines[1.0] < cosines[0.0] - 0.05, cosines
     assert "edit_loss" not in train_encoder.settings_record(train_encoder.EncoderSettings())  # old checkpoints resume
+
+
+def test_the_balanced_adherence_set_speaks_the_language_asked_for():
+    """tests/adherence.py's fixed set: the same balanced scenes in either language; v1 is
+    data.heldout_prompts' wording, v2 names the background only when asked."""
+    from tests.adherence import BALANCED, _values, balanced_heldout_prompts
+
+    v1 = balanced_heldout_prompts(style="v1")
+    stream = data.heldout_prompts(300, 1000)
+    assert all(p in stream for p in v1)
+    for style, background in (("v1", True), ("v2", True), ("v2", False)):
+        prompts = balanced_heldout_prompts(style=style, background=background)
+        assert [tuple(_values(s)[k] for k in ("background", "color", "shape", "position")) for s, _ in prompts] == [
+            tuple(b) for b in BALANCED]
+        for scene, text in prompts:
+            assert _background_named(text, scene) is background, (style, text)
+    assert [t for _, t in balanced_heldout_prompts(style="v2")] != [t for _, t in v1]
