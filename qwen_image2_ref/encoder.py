@@ -9,6 +9,7 @@ system message, right padded to the batch max.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -223,28 +224,22 @@ class ConditionEncoder(torch.nn.Module):
             max_prompt_tokens=max_prompt_tokens,
             merge_size=vision.merge_size,
         )
-        from transformers.utils import logging as hf_logging
-
-        # transformers draws a per-tensor bar; our own logging says what is loading (-v shows it)
-        bar_was_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
         try:
-            model = Qwen3VLForConditionalGeneration.from_pretrained(
-                text_encoder_dir, use_safetensors=True, dtype=dtype or "auto"
-            )
+            with _no_transformers_bars():
+                model = Qwen3VLForConditionalGeneration.from_pretrained(
+                    text_encoder_dir, use_safetensors=True, dtype=dtype or "auto"
+                )
         except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"text encoder {text_encoder_dir}: cannot load safetensors weights ({exc})"
             ) from exc
-        finally:
-            if bar_was_on:
-                hf_logging.enable_progress_bar()
         logger.info("loaded Qwen3-VL encoder from %s (%s)", text_encoder_dir, model.dtype)
         return cls(model, tokenizer, vision)
 
     def save_pretrained(self, text_encoder_dir: str | Path, processor_dir: str | Path) -> None:
         """Write the transformers model folder and a processor folder diffusers' pipeline loads."""
-        self.model.save_pretrained(text_encoder_dir)
+        with _no_transformers_bars():
+            self.model.save_pretrained(text_encoder_dir)
         processor_dir = Path(processor_dir)
         processor_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.tokenizer.save(str(processor_dir / "tokenizer.json"))
@@ -333,3 +328,18 @@ def read_image_processor_config(processor_dir: Path) -> dict[str, Any]:
         f"processor {processor_dir}: expected processor_config.json with an image_processor entry "
         "or preprocessor_config.json, found neither"
     )
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers draws a bar per tensor on load and per shard on save; our own logging says what is
+    loading or being written (-v shows it), and a --no-progress run stays free of bars."""
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()

@@ -258,3 +258,16 @@ def test_mismatched_token_ids_raise(ours):
     cfg = dataclasses.replace(ours.config, image_token_id=ours.config.image_token_id - 1)
     with pytest.raises(CheckpointError, match="image_token_id"):
         ConditionEncoder.from_config(cfg, ours.tokenizer, ours.vision)
+
+
+def test_saving_and_loading_draw_no_transformers_bars(ours, tmp_path, capfd):
+    """transformers' per-shard / per-tensor bars stay off (a --no-progress run writes none), and the
+    caller's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    ours.save_pretrained(tmp_path / "text_encoder", tmp_path / "processor")
+    ConditionEncoder.from_pretrained(tmp_path / "text_encoder", tmp_path / "processor")
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err and "it/s" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
