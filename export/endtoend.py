@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen_image2_ref.demo import STUDENT_DIR, WEIGHTS_DIR, data, judge
+from qwen_image2_ref.demo import caption_style, judge
+from qwen_image2_ref.demo.captions import CaptionStyle, heldout_prompts
 
 JUDGE_KEYS = ("color", "shape", "position", "background")
 HELDOUT_SEED = 1000  # the held-out prompt set tests/adherence.py and bench/demo_quality.py use
@@ -66,9 +67,12 @@ def psnr(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def _prompts(model, n: int) -> tuple[list[str], list | None]:
-    """Captions and their scenes (held-out demo scenes for the demo model; else the general set)."""
-    if model.path is not None and Path(model.path).resolve() in (WEIGHTS_DIR.resolve(), STUDENT_DIR.resolve()):
-        pairs = data.heldout_prompts(n, HELDOUT_SEED)
+    """Captions and their scenes: for a demo-trained folder, held-out demo scenes captioned in the
+    language it learned, background named (v1: ``data.heldout_prompts``), so the reference's image
+    is fixed by the prompt; else the general set."""
+    style = caption_style(model.path) if model.path is not None else None
+    if style is not None:
+        pairs = heldout_prompts(n, HELDOUT_SEED, CaptionStyle(style), background=True)
         return [c for _, c in pairs], [s for s, _ in pairs]
     return [GENERAL_PROMPTS[i % len(GENERAL_PROMPTS)] for i in range(n)], None
 

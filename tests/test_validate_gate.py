@@ -115,3 +115,35 @@ def test_cases_reach_the_demo_exports_real_range(demo_default_export):
         assert max(seen[graph]["N_c"]) == manifest.graph(graph).dim_ranges["N_c"][2] == 160
     assert max(seen["vae_decoder"]["h"]) == manifest.graph("vae_decoder").dim_ranges["h"][2]
     assert 64 in seen["vision_encoder"]["N_p"]
+
+
+def test_end_to_end_prompts_speak_the_language_of_the_folder(tiny_model_dir, tmp_path):
+    """validate's end-to-end images: held-out demo scenes in the caption language a demo-trained folder
+    records, always naming the background (so the reference's image is fixed by the prompt; a v2
+    model picks the background itself otherwise); v1 is data.heldout_prompts; any other model gets
+    the general prompts and no judge."""
+    import shutil
+    from types import SimpleNamespace
+
+    from qwen_image2_ref.demo import WEIGHTS_DIR, caption_style, captions, data
+    from qwen_image_edge.export.endtoend import GENERAL_PROMPTS, HELDOUT_SEED, _prompts
+
+    def expected(style):
+        pairs = captions.heldout_prompts(8, HELDOUT_SEED, captions.CaptionStyle(style), background=True)
+        return [c for _, c in pairs], [s for s, _ in pairs]
+
+    assert _prompts(SimpleNamespace(path=tiny_model_dir), 3) == (list(GENERAL_PROMPTS[:3]), None)
+    assert _prompts(SimpleNamespace(path=WEIGHTS_DIR), 8) == expected(caption_style(WEIGHTS_DIR))
+    folder = tmp_path / "saved"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    got = {}
+    for style in ("v1", "v2"):
+        index["qwen_image_edge"]["demo_caption_style"] = style
+        (folder / "model_index.json").write_text(json.dumps(index))
+        got[style] = _prompts(SimpleNamespace(path=folder), 8)
+        assert got[style] == expected(style)
+    assert list(zip(got["v1"][1], got["v1"][0])) == data.heldout_prompts(8, HELDOUT_SEED)
+    assert got["v2"][1] == got["v1"][1] and got["v2"][0] != got["v1"][0]  # same scenes, other words
+    for text, scene in zip(*got["v2"]):
+        assert "background" in text or any(p in text for p in captions.BACKGROUND_PHRASES_V2[scene.background]), text
