@@ -45,11 +45,7 @@ def default_prompt_set(model_path: str | Path) -> str:
     """The demo set in the caption language of a demo-trained folder (the shipped ones, or one the
     demo trainer saved), ``general`` otherwise."""
     style = caption_style(model_path)
-    if style is None:
-        return "general"
-    if style not in DEMO_SETS:
-        raise ConfigError(f"{model_path}: demo caption style {style!r}, expected one of {sorted(DEMO_SETS)}")
-    return DEMO_SETS[style]
+    return "general" if style is None else DEMO_SETS[style]
 
 
 def is_demo_folder(model_path: str | Path) -> bool:

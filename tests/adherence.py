@@ -47,7 +47,7 @@ def balanced_heldout_prompts(seed: int = 1000, pool: int = 300, style: str | Non
     ``seed``) that matches, so size, jitter and caption wording come from the data module. Captions are
     in ``style`` (default: the language the shipped demo model records; v1 is exactly
     ``data.heldout_prompts``); ``background=False`` leaves the background phrase out."""
-    style = CaptionStyle(style or caption_style(WEIGHTS_DIR) or "v1")
+    style = CaptionStyle(style or caption_style(WEIGHTS_DIR))  # the shipped folder: v1 at least
     stream = heldout_prompts(pool, seed, style, background=background)
     out = []
     for spec in BALANCED:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qwen_image_edge.runtime.errors import CheckpointError
+from qwen_image_edge.runtime.errors import CheckpointError, ConfigError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 STUDENT_DIR = Path(__file__).resolve().parent / "student"
@@ -48,15 +48,21 @@ def is_shipped(model) -> bool:
 def caption_style(folder: str | Path) -> str | None:
     """The caption language of a demo-trained checkpoint folder: what its ``model_index.json``
     records, else "v1" for the shipped folders (trained before the key existed); None for a folder
-    that is not the demo model's (a real checkpoint, a tiny test model)."""
+    that is not the demo model's (a real checkpoint, a tiny test model). A recorded language this
+    code does not know is a ConfigError, so no caller meets it as a bare ValueError."""
+    from qwen_image2_ref.demo.captions import CaptionStyle  # the package's modules import this one
+
     folder = Path(folder)
-    try:
+    try:  # model_folder's MODEL_INDEX / EDGE_KEY, spelled out: model_folder imports this package
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         index = {}
     entry = index.get("qwen_image_edge") if isinstance(index, dict) else None
     style = entry.get(CAPTION_STYLE_KEY) if isinstance(entry, dict) else None
-    if isinstance(style, str):
+    if style is not None:
+        known = [s.value for s in CaptionStyle]
+        if style not in known:
+            raise ConfigError(f"{folder}: demo caption style {style!r}, expected one of {known}")
         return style
     shipped = {WEIGHTS_DIR.resolve(), STUDENT_DIR.resolve()}
     return "v1" if folder.resolve() in shipped else None
