@@ -1,22 +1,25 @@
 #!/bin/bash
 # One call on a lent GPU machine (the device tool): bench/gpu_check.py, then the demo v2 data + dit
 # stages on the GPU until DEADLINE seconds, the dit checkpoint split into <=16 MB pieces under $OUT.
+# The trainer's options are those of the current run (TRAIN_OPTS below: build/demo_v2h, README); a
+# resumed run refuses other options, so change them here and in the README together.
 # Prepare here first (the machine has torch/transformers/onnx but no modelopt and no network); the vae
-# and encoder stages of build/demo_v2b run on the CPU here first (README command with --stages vae,encoder):
+# and encoder stages run on the CPU here first (the README command, or train_state/ unpacked):
 #   mkdir -p .carry/whl .carry/demo_v2 && echo /.carry/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .carry/whl nvidia-modelopt pydantic pydantic_core annotated-types \
 #     typing-inspection PuLP omegaconf onnx-graphsurgeon      # strip pulp's 35 MB solverdir/cbc: 64 MiB limit
-#   cp build/demo_v2b/{vae,encoder}.{safetensors,json} .carry/demo_v2/ && cp -r build/demo_v2b/tokenizer .carry/demo_v2/
+#   cp build/demo_v2h/{vae,encoder}.{safetensors,json} .carry/demo_v2/ && cp -r build/demo_v2h/tokenizer .carry/demo_v2/
 #   cp bench/gpu_session.sh .carry/run.sh
 # Then: device run, carry [".carry"], command "DEADLINE=530 bash .carry/run.sh". Every call re-sends the
 # repo, so the namespace links below are made again in each one. Back here: cat ckpt_dit.part* >
-# build/demo_v2b/ckpt_dit.safetensors and resume with the README's command (measured on an H200: data
+# build/demo_v2h/ckpt_dit.safetensors and resume with the README's command (measured on an H200: data
 # stage 230 s, then 32 ms per MMDiT step).
 # To continue a dit run trained here on the CPU, put its checkpoint in .carry/demo_v2 too (the trainer then
 # gets --resume; a dit checkpoint resumes on any device). It is 64 MB, so leave the wheels out of that call
 # (gpu_check's calibrate part then reports the missing modelopt; its step and generate parts still run).
 set -u
+TRAIN_OPTS=${TRAIN_OPTS:---vae-steps 2500 --encoder-steps 8000 --encoder-token-loss 1 --encoder-edit-loss 1 --encoder-lr 2e-3 --dit-steps 40000 --edit-weight recolor/2=8 --edit-weight remove_object/2=2 --guidance 4}
 PY=${PY:-python3}; DEADLINE=${DEADLINE:-540}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl || echo "wheel install failed"
@@ -31,8 +34,7 @@ echo "[t=$(el)] training starts (data, dit) in the background" >> $C
 rm -rf /tmp/dv2 && mkdir -p /tmp/dv2 && cp -r .carry/demo_v2/* /tmp/dv2/
 RESUME=""; [ -f /tmp/dv2/ckpt_dit.safetensors ] && RESUME=--resume
 $PY -m qwen_image2_ref.demo.train --out /tmp/dv2 --stages data,dit --device ${TRAIN_DEVICE:-cuda} --threads 4 \
-  --vae-steps 2500 --encoder-steps 3000 --encoder-token-loss 1 --dit-steps ${DIT_STEPS:-30000} --guidance 4 --checkpoint-minutes 2 \
-  --no-progress $RESUME ${TRAIN_ARGS:-} > $OUT/train.log 2>&1 &
+  $TRAIN_OPTS --checkpoint-minutes 2 --no-progress $RESUME > $OUT/train.log 2>&1 &
 TP=$!
 echo "[t=$(el)] calibrate + generate parts (while the trainer runs)" >> $C
 timeout 240 $PY bench/gpu_check.py --parts calibrate generate ${GPU_ARGS:-} >> $C 2>&1

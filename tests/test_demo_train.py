@@ -172,6 +172,34 @@ while True:
 """
 
 
+def test_a_kept_run_state_resumes_bit_exact_without_the_data_and_the_early_checkpoints(tmp_path, monkeypatch):
+    """What train_state/ keeps of a run between sittings (the tokenizer, the vae and encoder stage
+    files and the dit checkpoint; not the 0.8 GB data stage nor the vae and encoder checkpoints):
+    --resume skips the vae and encoder stages, renders the data again and continues the dit stage
+    exactly where it stopped."""
+    import shutil
+
+    straight = train.main(_args(tmp_path / "a"))
+    run = tmp_path / "b"
+    _stop_at(monkeypatch, "dit", 2)
+    with pytest.raises(resume.Interrupted):
+        train.main(_args(run))
+    monkeypatch.undo()
+    kept = tmp_path / "kept"
+    shutil.copytree(run / "tokenizer", kept / "tokenizer")
+    for name in ("vae.safetensors", "vae.json", "encoder.safetensors", "encoder.json", "ckpt_dit.safetensors"):
+        shutil.copy(run / name, kept / name)
+    resumed = train.main(_args(kept, 0, "vae,encoder,data,dit", "--resume"))
+    assert list(resumed) == ["data", "dit", "timings_s"]  # vae and encoder skipped, data rendered again
+    assert resumed["dit"]["losses"] == straight["dit"]["losses"]
+    a, b = train_dit.load_stage(tmp_path / "a" / "dit")[0], train_dit.load_stage(kept / "dit")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a dit stage file without its checkpoint is a mid-run snapshot, never taken as a finished stage
+    (kept / "ckpt_dit.safetensors").unlink()
+    assert train.stage_done(kept, "vae") and train.stage_done(kept, "encoder")
+    assert not train.stage_done(kept, "dit")
+
+
 def test_a_kill_mid_write_leaves_the_previous_checkpoint(tmp_path):
     path, tmp = tmp_path / "ckpt.safetensors", tmp_path / "ckpt.safetensors.tmp"
     for _ in range(3):

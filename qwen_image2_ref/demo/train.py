@@ -95,7 +95,10 @@ def init_encoder_from(encoder, out: Path, parent: Path) -> dict:
 
 def stage_done(out: Path, stage: str) -> bool:
     """Whether a resumed run can skip ``stage``: its output exists and its checkpoint (if it has
-    one) is marked done."""
+    one) is marked done. The vae and encoder stages write their output only when they end, so
+    without a checkpoint (a kept run state: ``train_state/`` in the repository holds the stage
+    outputs and the dit checkpoint, not the vae and encoder ones) the output alone says done; the
+    dit stage writes its file at every checkpoint, so it needs its checkpoint's word."""
     outputs = {"vae": "vae", "encoder": "encoder", "data": "data", "dit": "dit"}
     if stage not in outputs or not all((out / f"{outputs[stage]}.{ext}").is_file() for ext in ("safetensors", "json")):
         return False
@@ -103,7 +106,7 @@ def stage_done(out: Path, stage: str) -> bool:
     if ckpt is None:
         return True
     if not (out / ckpt).is_file():
-        return stage == "encoder"  # a random-init encoder (--encoder-steps 0) has no checkpoint
+        return stage in ("vae", "encoder")  # also a random-init encoder (--encoder-steps 0)
     return bool(resume.read_checkpoint(out / ckpt)[1]["done"])
 
 
