@@ -4,7 +4,8 @@
 # The trainer's options are those of the current run (TRAIN_OPTS below: build/demo_v2h, README); a
 # resumed run refuses other options, so change them here and in the README together.
 # Prepare here first (the machine has torch/transformers/onnx but no modelopt and no network); the vae
-# and encoder stages run on the CPU here first (the README command, or train_state/ unpacked):
+# and encoder stages run on the CPU here first (the README command, or the kept
+# qwen_image2_ref/demo/train_state/demo_v2h copied to build/demo_v2h; move that folder out of the tree for the call):
 #   mkdir -p .carry/whl .carry/demo_v2 && echo /.carry/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .carry/whl nvidia-modelopt pydantic pydantic_core annotated-types \
@@ -15,9 +16,10 @@
 # repo, so the namespace links below are made again in each one. Back here: cat ckpt_dit.part* >
 # build/demo_v2h/ckpt_dit.safetensors and resume with the README's command (measured on an H200: data
 # stage 230 s, then 32 ms per MMDiT step).
-# To continue a dit run trained here on the CPU, put its checkpoint in .carry/demo_v2 too (the trainer then
-# gets --resume; a dit checkpoint resumes on any device). It is 64 MB, so leave the wheels out of that call
-# (gpu_check's calibrate part then reports the missing modelopt; its step and generate parts still run).
+# A dit checkpoint (64 MB) cannot travel to continue a run: with the tracked tree (about 39 MB) it is over
+# the 64 MiB a call carries. So a GPU sitting trains the dit stage from step 0 on the carried vae and
+# encoder (about 16,000 steps in a 530 s call); its checkpoint comes back in four pieces and continues
+# here on the CPU (a dit checkpoint resumes on any device, the numbers differing in the last bits).
 set -u
 TRAIN_OPTS=${TRAIN_OPTS:---vae-steps 2500 --encoder-steps 8000 --encoder-token-loss 1 --encoder-edit-loss 1 --encoder-lr 2e-3 --dit-steps 40000 --edit-weight recolor/2=8 --edit-weight remove_object/2=2 --guidance 4}
 PY=${PY:-python3}; DEADLINE=${DEADLINE:-540}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -173,8 +173,9 @@ while True:
 
 
 def test_a_kept_run_state_resumes_bit_exact_without_the_data_and_the_early_checkpoints(tmp_path, monkeypatch):
-    """What train_state/ keeps of a run between sittings (the tokenizer, the vae and encoder stage
-    files and the dit checkpoint; not the 0.8 GB data stage nor the vae and encoder checkpoints):
+    """What qwen_image2_ref/demo/train_state/ keeps of a run between sittings (the tokenizer, the vae
+    and encoder stage files and the dit checkpoint; not the 0.8 GB data stage nor the vae and encoder
+    checkpoints):
     --resume skips the vae and encoder stages, renders the data again and continues the dit stage
     exactly where it stopped."""
     import shutil

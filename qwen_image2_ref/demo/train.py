@@ -96,7 +96,7 @@ def init_encoder_from(encoder, out: Path, parent: Path) -> dict:
 def stage_done(out: Path, stage: str) -> bool:
     """Whether a resumed run can skip ``stage``: its output exists and its checkpoint (if it has
     one) is marked done. The vae and encoder stages write their output only when they end, so
-    without a checkpoint (a kept run state: ``train_state/`` in the repository holds the stage
+    without a checkpoint (a kept run state: ``qwen_image2_ref/demo/train_state/`` holds the stage
     outputs and the dit checkpoint, not the vae and encoder ones) the output alone says done; the
     dit stage writes its file at every checkpoint, so it needs its checkpoint's word."""
     outputs = {"vae": "vae", "encoder": "encoder", "data": "data", "dit": "dit"}
