@@ -110,3 +110,28 @@ def e4m3_spacing(v: np.ndarray) -> np.ndarray:
     normal value in [2^e, 2^(e+1)), and the subnormal spacing 2^-9 below 2^-6."""
     e = np.floor(np.log2(np.maximum(np.abs(v), 2.0 ** -6)))
     return 2.0 ** (e - 3)
+
+
+def weight_tie_flips(weight: np.ndarray, stored: np.ndarray, scale: np.ndarray, fake: np.ndarray,
+                     precision: str) -> np.ndarray:
+    """Where the graph's stored weight grid value (``stored`` ``[in, out]``, times ``scale`` per
+    output column or per tensor) is not modelopt's (``fake``: its fake-quantized weight, ``[in, out]``):
+    the mask of such elements, each checked to be a tie. Both sides round one quotient of the same
+    fp32 weight (``weight`` ``[in, out]``): modelopt's ``w * fl(QMAX / amax)`` and the export's
+    ``w / fl(amax / QMAX)`` differ by at most 4 U, so a grid value may differ only where a 4 U nudge
+    of the weight changes it, and then it is one of the two neighbours either side of the tie. How
+    often a weight lands that close to a tie depends on the SmoothQuant scales, which come from the
+    calibration's fp32 sums, which depend on the CPU's instruction set (seen: one weight of the
+    tiny model's INT8 layers on an AVX512-VNNI machine, quotient -23.4999988; none before)."""
+    deq = as_float(stored) * scale
+    flips = np.abs(deq - fake) > 4 * U * np.abs(fake)
+    w = weight.astype(np.float64)
+    below, above = (onnx_quantize(w * (1 + t), scale, precision) for t in (-4 * U, 4 * U))
+    ours, theirs = deq / scale, fake / scale  # grid values (theirs: up to the few U of its scale)
+
+    def on(v, grid):
+        return np.abs(v - grid) <= 1e-6 * np.abs(grid) + 1e-12
+
+    at_tie = (below != above) & (on(ours, below) | on(ours, above)) & (on(theirs, below) | on(theirs, above))
+    assert at_tie[flips].all(), ("a weight's grid value differs away from a tie", np.argwhere(flips & ~at_tie)[:5])
+    return flips

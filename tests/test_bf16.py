@@ -59,27 +59,37 @@ def test_tiny_reference_matches_fp32_within_rounding(tiny_runs, name, u):
     assert 0 < _rel(pixels, ref_pixels) <= IMAGE_BOUND * u
 
 
-def _attributes(image: np.ndarray) -> tuple:
-    """What the demo judge reads: background and, per object, colour, shape and position."""
+VERDICTS = ("count", "color", "shape", "position", "background")
+
+
+def _verdicts(image: np.ndarray, scene) -> dict[str, bool]:
+    """The demo judge's verdicts on an image against the scene its prompt asks for."""
     from qwen_image2_ref.demo import judge
 
     reading = judge.judge((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-    return reading.background, sorted((o.color, o.shape, o.position) for o in reading.objects)
+    return {k: v for k, v in judge.score(reading, scene).items() if k in VERDICTS}
 
 
 def test_demo_bf16_reads_the_same_attributes_as_fp32():
     """Six held-out prompts (every other one of tests/adherence.py's balanced set: all shapes and
-    backgrounds) at 20 steps instead of the model's 40, to keep the test short."""
+    backgrounds) at 20 steps instead of the model's 40, to keep the test short: bf16 gets each
+    prompt's count, colour, shape, position and background right or wrong exactly where fp32 does.
+    Verdicts, not the raw readings: the v1 model draws a stray second blob for one of these prompts,
+    whose shape sits on the judge's circle/square boundary, and on an AVX512 CPU bf16's rounding
+    tipped that reading (session 13; the image itself stayed within the pixel bound)."""
     from tests.adherence import balanced_heldout_prompts
 
-    prompts = [caption for _, caption in balanced_heldout_prompts()[::2]]  # 6 of the 12
+    chosen = balanced_heldout_prompts()[::2]  # 6 of the 12
+    prompts = [caption for _, caption in chosen]
     images = {}
     for name in ("fp32", "bf16"):
         pipe = load_model("demo", dtype=name).pipeline()
         images[name] = pipe.generate(prompts, seed=3, steps=20, output="np", progress=False)
     assert _rel(images["bf16"], images["fp32"]) <= IMAGE_BOUND * U_BF16
-    for i, prompt in enumerate(prompts):
-        assert _attributes(images["bf16"][i]) == _attributes(images["fp32"][i]), prompt
+    fp32 = [_verdicts(images["fp32"][i], scene) for i, (scene, _) in enumerate(chosen)]
+    for i, (scene, prompt) in enumerate(chosen):
+        assert _verdicts(images["bf16"][i], scene) == fp32[i], prompt
+    assert sum(v["color"] and v["position"] for v in fp32) >= 4  # the readings are of a model that follows them
 
 
 def test_calibration_ranges_are_fp32_and_match_within_bf16_rounding(tiny_model_dir):
