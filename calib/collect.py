@@ -120,32 +120,53 @@ def reduce_ranges(r: StepRanges, policy: QuantPolicy) -> np.ndarray:
 
 
 def run_calibration(pipe, prompts: Sequence[str], settings: CalibrationSettings, recorder: RangeRecorder,
-                    progress: bool = True) -> int:
-    """Sample ``prompts`` through ``pipe`` (a QwenImagePipeline) with the recorder attached.
+                    progress: bool = True, edits: Sequence[tuple[object | None, str]] = ()) -> int:
+    """Sample ``prompts`` through ``pipe`` (a QwenImagePipeline) with the recorder attached, then
+    ``edits``: ``(condition image, instruction)`` pairs, one sample each, so that the condition
+    image's tokens (which text-to-image never feeds the transformer) get ranges too. An image of
+    None is the image the model drew for calibration prompt ``k`` (the k-th such edit), so a model
+    that ships no images calibrates its edits on its own pictures.
 
-    Noise is seeded per prompt (``settings.seed + index``) so a calibration is reproducible.
-    Returns the number of steps per sample.
+    Noise is seeded per sample (``settings.seed + index``; edits ``settings.seed + 100000 + k``) so a
+    calibration is reproducible. Returns the number of steps per sample.
     """
     if not prompts:
         raise InputError("calibration: expected at least one prompt, got none")
+    edits = list(edits)
+    own = sum(image is None for image, _ in edits)  # edits of the model's own calibration images
+    if own > len(prompts):
+        raise InputError(f"calibration: {own} edits of the model's own images need as many prompts, got {len(prompts)}")
     res = settings.resolution or pipe.config.pipeline.output_resolution
     channels = pipe.transformer.config.in_channels
     steps_seen = 0
+    drawn: list = []
+
+    def advance(i, total, _x):
+        recorder.step = i + 1
+
     batches = range(0, len(prompts), settings.batch_size)
     for start in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
         chunk = list(prompts[start:start + settings.batch_size])
         noise = np.concatenate([initial_noise(settings.seed + start + j, 1, res, res, channels)
                                 for j in range(len(chunk))])
-
-        def advance(i, total, _x):
-            recorder.step = i + 1
-
         recorder.begin_batch()
-        pipe.generate(chunk, steps=settings.steps, guidance=settings.guidance, width=res, height=res,
-                      latents=noise, callback=advance, progress=False, output="latent")
+        out = pipe.generate(chunk, steps=settings.steps, guidance=settings.guidance, width=res, height=res,
+                            latents=noise, callback=advance, progress=False,
+                            output="pil" if len(drawn) < own else "latent")
+        if len(drawn) < own:
+            drawn.extend(out)
         steps_seen = recorder.step
         recorder.end_batch()
-    log.info("calibration: %d prompts, %d steps each", len(prompts), steps_seen)
+    for k, (image, instruction) in enumerate(tqdm(edits, desc="calibration edits", unit="edit",
+                                                  disable=not progress or not edits)):
+        if image is None:
+            image, drawn = drawn[0], drawn[1:]
+        recorder.begin_batch()
+        pipe.edit([image], instruction, steps=settings.steps, guidance=settings.guidance, width=res, height=res,
+                  latents=initial_noise(settings.seed + 100_000 + k, 1, res, res, channels), callback=advance,
+                  progress=False, output="latent")
+        recorder.end_batch()
+    log.info("calibration: %d prompts and %d edits, %d steps each", len(prompts), len(edits), steps_seen)
     return steps_seen
 
 

@@ -27,8 +27,13 @@ from qwen_image_edge.calib.encoder_quant import (
     quantize_text_encoder,
 )
 from qwen_image_edge.calib.policy import Int4Policy, QuantPolicy
-from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
-from qwen_image_edge.runtime.errors import ConfigError, InputError, NumericalError
+from qwen_image_edge.calib.prompts import (
+    check_calibration_size,
+    default_prompt_set,
+    is_demo_folder,
+    load_prompts,
+)
+from qwen_image_edge.runtime.errors import ConfigError, NumericalError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES, check_graph_names
 from qwen_image_edge.runtime.manifest import GraphSpec, Manifest, Precision, load_manifest
 
@@ -60,7 +65,7 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
                         calib_size: int = 32, settings: CalibrationSettings | None = None,
                         max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
                         device: DeviceArg = None, dtype: DtypeArg = None, graphs=None, gate: bool = True,
-                        lean: bool | None = None, loras=None) -> Manifest:
+                        lean: bool | None = None, loras=None, calib_edits: int | None = None) -> Manifest:
     """``qwen-image-edge quantize``: ``precision`` is ``int8`` / ``fp8`` (transformer only), a preset, a
     ``part=precision,...`` list or a JSON file (``qwen_image_edge.calib.components``); ``policy`` is the
     transformer's QuantPolicy (or its JSON file). Every argument is checked before the model loads.
@@ -72,7 +77,7 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
         return quantize_model(model, components.transformer, out, policy=policy, prompts=prompts,
                               calib_size=calib_size, settings=settings, max_resolution=max_resolution,
                               overwrite=overwrite, progress=progress, device=device, dtype=dtype, lean=lean,
-                              loras=loras)
+                              loras=loras, calib_edits=calib_edits)
     if lean:
         raise ConfigError(f"quantize --lean: only for a transformer-only precision (int8 or fp8), not "
                           f"{components.name!r}; drop --lean")
@@ -81,18 +86,18 @@ def quantize_components(model: ModelSource, precision: str | os.PathLike | Compo
     if components.text_encoder is not Precision.FP32:
         encoder_policy = dataclasses.replace(encoder_policy or EncoderQuantPolicy(components.text_encoder),
                                              precision=components.text_encoder)
-    if calib_size < 1:
-        raise InputError(f"calibration size: expected >= 1 prompt, got {calib_size}")
+    check_calibration_size(calib_size, calib_edits)
     graphs = check_graph_names(graphs or GRAPH_NAMES, where="quantize graphs")
     texts = load_prompts(prompts, calib_size) if prompts else None  # a bad prompt file fails before loading
     placement = resolve_placement(device, dtype, stage="quantize")
     loaded = open_model(model, device=placement.device, dtype=placement.dtype, stage="quantize", loras=loras)
     texts = texts or load_prompts(default_prompt_set(loaded.path), calib_size)
-    from qwen_image_edge.calib.quantize import quantize_transformer, to_trace_placement
+    from qwen_image_edge.calib.quantize import edit_samples, quantize_transformer, to_trace_placement
 
     qt = qe = None
     if transformer_policy is not None:
-        qt = quantize_transformer(loaded, transformer_policy, texts, settings, progress)
+        qt = quantize_transformer(loaded, transformer_policy, texts, settings, progress,
+                                  edits=edit_samples(loaded, len(texts), calib_edits))
         qt.summary["prompt_source"] = str(prompts or default_prompt_set(loaded.path))
     loaded = to_trace_placement(loaded, qt)  # fp32 on the CPU, the checkpoint's weights
     if encoder_policy is not None:

@@ -52,11 +52,16 @@ from qwen_image_edge.calib.collect import (
 from qwen_image_edge.calib.encoder_quant import int4_config
 from qwen_image_edge.calib.modelopt_import import load_modelopt as _modelopt
 from qwen_image_edge.calib.policy import Granularity, Int4Policy, QuantPolicy, Reduction, parse_precision
-from qwen_image_edge.calib.prompts import default_prompt_set, load_prompts
+from qwen_image_edge.calib.prompts import (
+    calibration_edits,
+    check_calibration_size,
+    default_prompt_set,
+    load_prompts,
+)
 from qwen_image_edge.export.lean import choose_lean
 from qwen_image_edge.export.qdq_lean import calibrated_scales
 from qwen_image_edge.export.quantized import export_quantized
-from qwen_image_edge.runtime.errors import InputError, NumericalError
+from qwen_image_edge.runtime.errors import ConfigError, InputError, NumericalError
 from qwen_image_edge.runtime.graphs import GRAPH_NAMES
 from qwen_image_edge.runtime.manifest import Precision
 
@@ -116,26 +121,29 @@ def _ranges_in_fp32(module: nn.Module, layers: Sequence[str]) -> None:
 
 def quantize_transformer(model: LoadedModel, policy: QuantPolicy, prompts: Sequence[str],
                          settings: CalibrationSettings | None = None,
-                         progress: bool = True, copy_module: bool = True) -> QuantizedTransformer:
+                         progress: bool = True, copy_module: bool = True, edits: Sequence = ()) -> QuantizedTransformer:
     """Calibrate and quantize a copy of ``model.transformer`` (``model``: a ``LoadedModel``) by
-    sampling ``prompts`` through the reference pipeline, in the model's device and dtype.
+    sampling ``prompts`` through the reference pipeline, in the model's device and dtype, then
+    ``edits`` (``(image or None, instruction)`` pairs, see ``run_calibration``).
     ``copy_module=False`` quantizes ``model.transformer`` itself (no second copy at full size; the
     model is then no longer a reference)."""
     settings = settings or CalibrationSettings()
     prompts = list(prompts)
     if not prompts:
         raise InputError("calibration: expected at least one prompt, got none (see --calib-size / --prompts)")
+    edits = list(edits)
     transformer = (copy.deepcopy(model.transformer) if copy_module else model.transformer).eval()
     pipe = QwenImagePipeline(model.config, transformer, model.vae, model.encoder, device=model.device,
                              dtype=model.dtype)
 
     def calibrate(module: nn.Module, recorder: RangeRecorder) -> int:
         pipe.transformer = module
-        return run_calibration(pipe, prompts, settings, recorder, progress)
+        return run_calibration(pipe, prompts, settings, recorder, progress, edits)
 
     quantized = quantize_module(transformer, policy, calibrate)
     quantized.summary.update({
         "prompts": len(prompts),
+        "edits": len(edits),
         "batch_size": settings.batch_size,
         "guidance": settings.guidance if settings.guidance is not None else model.config.pipeline.guidance_scale,
         "resolution": settings.resolution or model.config.pipeline.output_resolution,
@@ -207,11 +215,32 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def default_edit_count(calib_size: int, config) -> int:
+    """Edit samples a calibration of ``calib_size`` prompts adds by default: a quarter of them (at
+    least one; each is a batch of one with a longer sequence) for a model that takes condition
+    images, none for a text-to-image-only one."""
+    return max(1, calib_size // 4) if config.pipeline.max_condition_images > 0 else 0
+
+
+def edit_samples(loaded: LoadedModel, n_prompts: int, calib_edits: int | None) -> list:
+    """The ``(image or None, instruction)`` edits to calibrate ``loaded`` on (``calibration_edits``)."""
+    n = default_edit_count(n_prompts, loaded.config) if calib_edits is None else calib_edits
+    if n and loaded.config.pipeline.max_condition_images < 1:
+        raise ConfigError(f"calibration edits: {loaded.config.name} takes no condition images; use --calib-edits 0")
+    edits = calibration_edits(loaded.path, n)
+    own = sum(image is None for image, _ in edits)
+    if own > n_prompts:
+        raise InputError(f"calibration edits: {own} edits of the model's own images need as many prompts "
+                         f"(--calib-size), got {n_prompts}")
+    return edits
+
+
 def quantize_model(model: ModelSource, precision: str | Precision, out: str | os.PathLike, *,
                    policy: QuantPolicy | str | os.PathLike | None = None, prompts: str | None = None,
                    calib_size: int = 32, settings: CalibrationSettings | None = None,
                    max_resolution: int | None = None, overwrite: bool = False, progress: bool = True,
-                   device: DeviceArg = None, dtype: DtypeArg = None, lean: bool | None = None, loras=None):
+                   device: DeviceArg = None, dtype: DtypeArg = None, lean: bool | None = None, loras=None,
+                   calib_edits: int | None = None):
     """Load ``model`` (a folder, ``demo`` or a ``LoadedModel``), quantize its transformer, write a QDQ export to ``out``.
 
     ``device`` / ``dtype``: where calibration runs (default: CUDA + bf16 where available, else CPU +
@@ -221,7 +250,10 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
 
     ``policy``: a QuantPolicy, a JSON file of one (its precision is overridden by ``precision``) or
     None for the defaults. ``prompts``: a prompt-set name or text file (default: ``demo`` captions
-    for the demo model, else ``general``). Returns the written Manifest.
+    for the demo model, else ``general``). ``calib_edits``: edit samples calibrated after the
+    prompts (``calibration_edits``: the condition image's tokens never pass through a
+    text-to-image calibration); default :func:`default_edit_count`, 0 for text-to-image only.
+    Returns the written Manifest.
     """
     precision = parse_precision(precision)
     if policy is None:
@@ -230,8 +262,7 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
         policy = QuantPolicy.from_dict({**policy.to_dict(), "precision": precision.value})
     else:
         policy = QuantPolicy.from_json(policy, precision=precision.value)
-    if calib_size < 1:
-        raise InputError(f"calibration size: expected >= 1 prompt, got {calib_size}")
+    check_calibration_size(calib_size, calib_edits)
     texts = load_prompts(prompts, calib_size) if prompts else None  # a bad prompt file fails before loading
     placement = resolve_placement(device, dtype, stage="quantize")
     # modelopt first: a missing 'quant' extra fails before any load, and its import keeps the stack
@@ -249,7 +280,9 @@ def quantize_model(model: ModelSource, precision: str | Precision, out: str | os
     if policy.reduction is not Reduction.MAX and len(texts) < 2:
         log.warning("reduction %s over one prompt batch is a per-step range of a single sample",
                     policy.reduction.value)
-    quantized = quantize_transformer(loaded, policy, texts, settings, progress, copy_module=not (lean and owned))
+    edits = edit_samples(loaded, len(texts), calib_edits)
+    quantized = quantize_transformer(loaded, policy, texts, settings, progress, copy_module=not (lean and owned),
+                                     edits=edits)
     quantized.summary["prompt_source"] = str(source)
     if lean:  # only the scales go on: the calibrated model is let go before the export
         scales = calibrated_scales(quantized)

@@ -37,14 +37,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from qwen_image2_ref.checkpoint import checkpoint_digest
-from qwen_image2_ref.demo import CAPTION_STYLE_KEY, caption_style, data
+from qwen_image2_ref.demo import CAPTION_STYLE_KEY, caption_style
 from qwen_image2_ref.demo.stage_io import load_stage, save_stage
 from qwen_image2_ref.demo.train_vae import lr_at
 from qwen_image2_ref.devices import resolve_placement
 from qwen_image2_ref.model_folder import STUDENT_LORA_KEY, ModelSource, open_model, save_model
 from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image2_ref.transformer import layout_inputs
-from qwen_image_edge.calib.prompts import default_prompt_set, is_demo_folder, load_prompts
+from qwen_image_edge.calib.prompts import default_prompt_set, demo_edits, is_demo_folder, load_prompts
 from qwen_image_edge.distill import fsdp
 from qwen_image_edge.distill.lora_student import (
     ADAPTER_NAME,
@@ -301,9 +301,7 @@ def pool_spec(model_path: str | Path, pipe, settings: DistillSettings) -> PoolSp
         if not is_demo_folder(model_path):
             raise ConfigError("--edits: edit examples come from the demo data generator; only with a demo-trained "
                               "teacher (--teacher demo, or a folder the demo trainer saved)")
-        rng = np.random.default_rng(settings.seed + 17)
-        ex = [data.sample_edit(rng, 128, 128, "train") for _ in range(settings.edit_size)]
-        edits = tuple((data.render(e.source), e.instruction) for e in ex)
+        edits = tuple(demo_edits(settings.edit_size, settings.seed + 17))
     guidance = settings.guidance
     if guidance is None:
         guidance = pipe.config.pipeline.guidance_scale if pipe.config.pipeline.guidance_scale > 1 else 4.0

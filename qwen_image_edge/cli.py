@@ -142,7 +142,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(batch_size=args.batch_size, steps=args.steps, guidance=args.guidance)
     with quiet_third_party_warnings():
         quantize_components(args.model, components, args.out, policy=args.policy, prompts=args.prompts,
-                            calib_size=args.calib_size, settings=settings, max_resolution=args.max_resolution,
+                            calib_size=args.calib_size, calib_edits=args.calib_edits, settings=settings,
+                            max_resolution=args.max_resolution,
                             overwrite=args.overwrite, progress=True, device=args.device, dtype=args.dtype,
                             lean=args.lean, loras=loras)
     print(f"quantized export ({args.precision}) written to {args.out}")

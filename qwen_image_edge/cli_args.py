@@ -171,6 +171,10 @@ def _add_quantize(add) -> None:
                        "such pairs")
     quant.add_argument("--out", required=True, help="export directory to create")
     quant.add_argument("--calib-size", type=int, default=32, help="calibration prompts (default: %(default)s)")
+    quant.add_argument("--calib-edits", type=int, default=None,
+                       help="edit samples calibrated after the prompts, so the condition image's tokens get ranges "
+                       "(a demo folder edits rendered scenes, another model the images it draws for its prompts; "
+                       "default: a quarter of --calib-size, 0 for text-to-image only)")
     quant.add_argument("--prompts", default=None,
                        help="prompt set 'general', 'demo', 'demo-v2' or a text file (default: the demo set of a demo-trained "
                        "folder's caption language, else general)")

@@ -250,3 +250,110 @@ def _position_words(position: str) -> tuple[str, ...]:
     from qwen_image2_ref.demo.captions import POSITION_PHRASES_V2
 
     return POSITION_PHRASES_V2[position]  # v1's phrases and more
+
+
+# ------------------------------------------------------------------------------ edit calibration
+
+
+def test_edit_calibration_sets_come_from_the_training_split_or_the_models_own_images(tiny_model_dir) -> None:
+    from qwen_image2_ref.demo import WEIGHTS_DIR, data
+    from qwen_image_edge.calib.prompts import GENERAL_EDITS, calibration_edits, demo_edits
+
+    demo = calibration_edits(WEIGHTS_DIR, 6)
+    assert len(demo) == 6 and [t for _, t in demo] == [t for _, t in demo_edits(6)]
+    assert all(img.shape == (128, 128, 4) and img.dtype == np.uint8 for img, _ in demo)
+    # the same seed draws the same training-split examples; the instruction names what changes
+    rng = np.random.default_rng(20261126)
+    for (img, text), e in zip(demo, (data.sample_edit(rng, 128, 128, "train") for _ in range(6))):
+        assert text == e.instruction and data.scene_split(e.target) == "train"
+        np.testing.assert_array_equal(img, data.render(e.source))
+    general = [line for line in GENERAL_EDITS.read_text().splitlines() if line.strip()]
+    assert len(general) == len(set(general)) >= 32
+    own = calibration_edits(tiny_model_dir, len(general) + 2)  # cycles past the end of the set
+    assert [img for img, _ in own] == [None] * (len(general) + 2)
+    assert [t for _, t in own] == general + general[:2]
+    assert calibration_edits(tiny_model_dir, 0) == []
+    with pytest.raises(ConfigError, match="calibration edits: expected >= 0, got -1"):
+        calibration_edits(tiny_model_dir, -1)
+
+
+class _Spy:
+    """A pipeline stand-in's recorder of what run_calibration asks: generate and edit calls."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, prompts, **kw):
+        out = self.pipe.generate(prompts, **kw)
+        self.calls.append(("generate", list(prompts), kw["output"], out))
+        return out
+
+    def edit(self, images, instruction, **kw):
+        self.calls.append(("edit", list(images), instruction, kw["latents"]))
+        return self.pipe.edit(images, instruction, **kw)
+
+
+def test_edit_calibration_records_the_condition_tokens_ranges(tiny_model_dir) -> None:
+    """Edits run after the prompts, one sample each, on the model's own images where none is given,
+    with their own noise; they can only widen the text-to-image ranges (same prompts and seeds), and
+    do widen them: the condition image's tokens are new inputs to every block."""
+    from qwen_image2_ref.model_folder import load_model
+    from qwen_image_edge.runtime.sampling import initial_noise
+
+    model = load_model(tiny_model_dir)
+    names = QuantPolicy().select(model.transformer)
+    settings = CalibrationSettings(batch_size=2, steps=2, resolution=64)
+    prompts = ["a red cat", "a blue dog", "a green bird"]
+    given = np.zeros((64, 64, 4), np.uint8)
+    given[..., 0], given[..., 3] = 200, 255
+
+    def ranges(edits):
+        spy = _Spy(model.pipeline())
+        rec = RangeRecorder(spy.transformer, names)
+        steps = run_calibration(spy, prompts, settings, rec, progress=False, edits=edits)
+        rec.remove()
+        return rec.ranges(), spy.calls, steps
+
+    base, calls, steps = ranges([])
+    assert steps == 2 and [c[0] for c in calls] == ["generate", "generate"] and calls[0][2] == "latent"
+    with_edits, calls, _ = ranges([(None, "make it blue"), (given, "add a hat"), (None, "remove the dog")])
+    assert [c[0] for c in calls] == ["generate", "generate", "edit", "edit", "edit"]
+    # two edits bring no image: the first batch (two prompts) is drawn as images, the second is not
+    assert (calls[0][2], calls[1][2]) == ("pil", "latent")
+    drawn = calls[0][3]
+    assert calls[2][1] == [drawn[0]] and calls[4][1] == [drawn[1]] and calls[3][1] == [given]
+    assert [c[2] for c in calls[2:]] == ["make it blue", "add a hat", "remove the dog"]
+    channels = model.transformer.config.in_channels
+    for k, call in enumerate(calls[2:]):  # settings.seed 0: edit k's noise is seed 100000 + k
+        np.testing.assert_array_equal(call[3], initial_noise(100_000 + k, 1, 64, 64, channels))
+    widened = 0
+    for n in names:
+        b, e = base[n], with_edits[n]
+        assert (e.step_max >= b.step_max).all(), n
+        np.testing.assert_array_equal(e.step_count, b.step_count + 3)
+        widened += int((e.step_max > b.step_max).any())
+    assert widened >= len(names) // 2  # most layers see a larger value among the condition tokens
+    with pytest.raises(InputError, match="3 edits of the model's own images need as many prompts, got 2"):
+        run_calibration(model.pipeline(), prompts[:2], settings, RangeRecorder(model.transformer, names),
+                        progress=False, edits=[(None, "x")] * 3)
+
+
+def test_quantize_calibrates_a_quarter_of_edits_by_default(tiny_model_dir, monkeypatch) -> None:
+    import dataclasses
+
+    from qwen_image2_ref.model_folder import load_model
+    from qwen_image_edge.calib.quantize import default_edit_count, edit_samples
+
+    model = load_model(tiny_model_dir)
+    assert [default_edit_count(n, model.config) for n in (1, 4, 7, 32)] == [1, 1, 1, 8]
+    assert len(edit_samples(model, 32, None)) == 8 and len(edit_samples(model, 32, 0)) == 0
+    with pytest.raises(InputError, match="5 edits of the model's own images need as many prompts.*got 4"):
+        edit_samples(model, 4, 5)
+    pipeline = dataclasses.replace(model.config.pipeline, max_condition_images=0)
+    t2i = dataclasses.replace(model, config=dataclasses.replace(model.config, pipeline=pipeline))
+    assert default_edit_count(32, t2i.config) == 0 and edit_samples(t2i, 32, None) == []
+    with pytest.raises(ConfigError, match="takes no condition images; use --calib-edits 0"):
+        edit_samples(t2i, 32, 2)

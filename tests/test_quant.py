@@ -442,6 +442,8 @@ def test_quantize_errors_are_clear(tiny, tmp_path) -> None:
         quantize_model("does-not-matter", "int4", tmp_path / "x")
     with pytest.raises(InputError, match="expected >= 1 prompt"):
         quantize_model("does-not-matter", "int8", tmp_path / "x", calib_size=0)
+    with pytest.raises(InputError, match="calibration edits: expected >= 0, got -1"):
+        quantize_model("does-not-matter", "int8", tmp_path / "x", calib_edits=-1)
     assert not (tmp_path / "x").exists()
     # the original transformer is untouched (quantization works on a copy)
     assert not any("quantizer" in n for n, _ in model.transformer.named_modules())
@@ -454,9 +456,11 @@ def test_cli_quantize_writes_a_runnable_export(tiny, tmp_path, capsys) -> None:
     root, model = tiny
     out = tmp_path / "cli-int8"
     code = main(["quantize", "--model", str(model.path), "--precision", "int8", "--out", str(out),
-                 "--calib-size", "2", "--batch-size", "2", "--steps", "2", "--prompts", "general"])
+                 "--calib-size", "2", "--batch-size", "2", "--steps", "2", "--prompts", "general", "--calib-edits", "2"])
     assert code == 0 and out.is_dir()
     pipe = Pipeline.load(out)
+    summary = pipe.manifest.provenance.calibration["summary"]
+    assert (summary["prompts"], summary["edits"]) == (2, 2)  # the default would be one edit
     from qwen_image_edge.export.quantized import TRANSFORMER_GRAPHS
 
     for name, spec in pipe.manifest.graphs.items():  # every graph with transformer math is quantized
