@@ -28,21 +28,19 @@ want() { [[ ",$STEPS," == *",$1,"* ]]; }
 stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 export OMP_NUM_THREADS=2
 
-if want quality; then
-  stamp "teacher quality (40 steps)"
-  $PY bench/demo_quality.py --model "$TEACHER" --n 64 --edits 160 --steps 40 --threads 2 \
-    --json $W/quality_teacher.json | tee $W/quality.txt
-fi
+# reading MODEL STEPS NAME: the must-shows (64 held-out prompts, 160 edits) into $W/NAME.txt
+reading() {
+  stamp "$3: bench/demo_quality.py at $2 steps"
+  $PY bench/demo_quality.py --model "$1" --n 64 --edits 160 --steps "$2" --threads 2 --json "$W/$3.json" | tee "$W/$3.txt"
+}
+
+if want quality; then reading "$TEACHER" 40 quality; fi
 if want distill; then
   stamp "distill the 4-step student"
   $CLI distill --teacher "$TEACHER" --steps 4,8 --out $W/distill --iters 1500 --pool 512 --edits 128 \
     --threads 2 --no-progress | tee $W/distill.txt
 fi
-if want student; then
-  stamp "student quality (4 steps)"
-  $PY bench/demo_quality.py --model "$STUDENT" --n 64 --edits 160 --steps 4 --threads 2 \
-    --json $W/quality_student.json | tee $W/student.txt
-fi
+if want student; then reading "$STUDENT" 4 student; fi
 if want install; then
   stamp "install teacher and student into the package"
   D=qwen_image2_ref/demo
