@@ -119,6 +119,15 @@ def reduce_ranges(r: StepRanges, policy: QuantPolicy) -> np.ndarray:
     return mean[:first].min(axis=0)
 
 
+def check_own_images(edits: Sequence[tuple[object | None, str]], n_prompts: int) -> int:
+    """How many ``edits`` edit the model's own calibration images (image None); each needs a prompt."""
+    own = sum(image is None for image, _ in edits)
+    if own > n_prompts:
+        raise InputError(f"calibration: {own} edits of the model's own images need as many prompts, "
+                         f"got {n_prompts} (--calib-size)")
+    return own
+
+
 def run_calibration(pipe, prompts: Sequence[str], settings: CalibrationSettings, recorder: RangeRecorder,
                     progress: bool = True, edits: Sequence[tuple[object | None, str]] = ()) -> int:
     """Sample ``prompts`` through ``pipe`` (a QwenImagePipeline) with the recorder attached, then
@@ -133,9 +142,7 @@ def run_calibration(pipe, prompts: Sequence[str], settings: CalibrationSettings,
     if not prompts:
         raise InputError("calibration: expected at least one prompt, got none")
     edits = list(edits)
-    own = sum(image is None for image, _ in edits)  # edits of the model's own calibration images
-    if own > len(prompts):
-        raise InputError(f"calibration: {own} edits of the model's own images need as many prompts, got {len(prompts)}")
+    own = check_own_images(edits, len(prompts))
     res = settings.resolution or pipe.config.pipeline.output_resolution
     channels = pipe.transformer.config.in_channels
     steps_seen = 0

@@ -45,6 +45,7 @@ from qwen_image2_ref.pipeline import QwenImagePipeline
 from qwen_image_edge.calib.collect import (
     CalibrationSettings,
     RangeRecorder,
+    check_own_images,
     reduce_ranges,
     run_calibration,
     spread_summary,
@@ -228,10 +229,7 @@ def edit_samples(loaded: LoadedModel, n_prompts: int, calib_edits: int | None) -
     if n and loaded.config.pipeline.max_condition_images < 1:
         raise ConfigError(f"calibration edits: {loaded.config.name} takes no condition images; use --calib-edits 0")
     edits = calibration_edits(loaded.path, n)
-    own = sum(image is None for image, _ in edits)
-    if own > n_prompts:
-        raise InputError(f"calibration edits: {own} edits of the model's own images need as many prompts "
-                         f"(--calib-size), got {n_prompts}")
+    check_own_images(edits, n_prompts)  # before the model is copied and calibrated
     return edits
 
 
