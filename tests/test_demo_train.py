@@ -308,11 +308,89 @@ def test_the_dit_step_draws_edits_by_their_weights(tmp_path, monkeypatch):
     assert shares[0] < 0.5 and shares[1] > 0.9, shares
 
 
+def test_kept_object_tokens_are_the_block_of_the_object_the_edit_leaves_as_it_was():
+    from qwen_image2_ref.demo import data
+
+    edits = train_dit.train_edits(0, 200)
+    mask = train_dit.kept_object_tokens(0, 200, (8, 8))
+    assert mask.shape == (200, 64) and mask.dtype == bool
+    seen = set()
+    for ex, m in zip(edits, mask):
+        label = train_dit.edit_label(ex)
+        if ex.kind in ("move", "recolor") and len(ex.source.objects) == 1:
+            assert not m.any(), label  # the only object changes: nothing is kept
+            continue
+        if label not in ("recolor/2", "remove_object/2"):
+            continue
+        seen.add(label)
+        named = [o for o in ex.source.objects if o not in ex.target.objects]
+        other = [o for o in ex.source.objects if o in ex.target.objects]
+        assert len(named) == 1 and len(other) == 1, ex
+        for o, want in ((other[0], True), (named[0], False)):  # the token under each object's centre
+            x, y = data.slot_center(o.position, 128, 128)
+            token = int((y + o.dy) // 16) * 8 + int((x + o.dx) // 16)
+            assert m[token] == want, (label, o, m.reshape(8, 8).astype(int))
+        assert 6 <= m.sum() <= 24  # an object of radius 26-34 px covers a few 16-px blocks, not half the image
+    assert seen == {"recolor/2", "remove_object/2"}
+
+
+def test_the_flow_loss_weighs_tokens_by_the_token_weight(tmp_path):
+    from qwen_image2_ref.config import DEMO
+
+    train.main(_args(tmp_path, 0, "vae,encoder,data"))
+    groups, _ = train_dit.load_groups(tmp_path / "data", train_dit.Group)
+    g = groups["edit_128"]
+    torch.manual_seed(0)
+    model = train_dit.QwenImageTransformer(DEMO.transformer).eval()
+    idx, drop, variant = np.array([0, 3]), np.zeros(2, bool), np.zeros(2, np.int64)
+
+    def loss(weight):
+        with torch.no_grad():
+            return float(train_dit.flow_loss(model, g, idx, drop, variant, torch.Generator().manual_seed(5),
+                                             DEMO.transformer, token_weight=weight))
+
+    n = g.latents.shape[1]
+    plain = loss(None)
+    assert loss(torch.full((2, n), 3.0)) == pytest.approx(plain, rel=1e-6)  # the scale of the weights cancels
+    # weight only on half the tokens: the mean over that half; the two halves average to the plain loss
+    first = torch.zeros(2, n)
+    first[:, : n // 2] = 1.0
+    a, b = loss(first), loss(1.0 - first)
+    assert a != pytest.approx(b, rel=1e-3)
+    assert (a + b) / 2 == pytest.approx(plain, rel=1e-5)
+
+
+def test_the_kept_object_weight_changes_training_and_a_resume_needs_it_again(tmp_path, monkeypatch):
+    more = ("--dit-steps", "12")  # 12 steps draw edit batches (30% of the steps; seed 0 draws some)
+    kept = ("--edit-kept-weight", "4")
+    plain = train.main(_args(tmp_path / "a", 0, "vae,encoder,data,dit", *more))["dit"]["losses"]
+    b = tmp_path / "b"
+    _link_stages(tmp_path / "a", b)
+    weighted = train.main(_args(b, 0, "dit", *more, *kept))["dit"]["losses"]
+    assert len(weighted) == len(plain) == 12
+    assert weighted != plain
+    first = next(i for i, (p, w) in enumerate(zip(plain, weighted)) if p != w)
+    assert weighted[:first] == plain[:first]  # text-to-image batches are not weighted
+    meta = resume.read_checkpoint(b / "ckpt_dit.safetensors")[1]
+    assert meta["settings"]["edit_kept_weight"] == 4.0
+    c = tmp_path / "c"
+    _link_stages(tmp_path / "a", c)
+    _stop_at(monkeypatch, "dit", 2)
+    with pytest.raises(resume.Interrupted):
+        train.main(_args(c, 0, "dit", *more, *kept))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="edit_kept_weight"):
+        train.main(_args(c, 0, "dit", "--resume", *more))
+    assert train.main(_args(c, 0, "dit", "--resume", *more, *kept))["dit"]["losses"] == weighted
+
+
 @pytest.mark.parametrize("flag,message", [
     (("--edit-weight", "recolour/2=4"), r"unknown \['recolour/2'\]"),
     (("--edit-weight", "recolor/2"), "expected KIND"),
     (("--edit-weight", "recolor=-1"), "positive finite"),
     (("--branch-from", "nowhere.safetensors"), "no such checkpoint file"),
+    (("--edit-kept-weight", "0"), "kept-object weight: expected a positive finite number"),
+    (("--edit-kept-weight", "nan"), "kept-object weight"),
     (("--encoder-init", "nowhere"), "no encoder stage there"),
 ])
 def test_bad_branch_and_edit_weight_options_are_refused_before_anything_runs(tmp_path, flag, message):

@@ -177,6 +177,11 @@ def _draw_shape(obj: Shape, width: int, height: int):
     return fn
 
 
+def object_coverage(obj: Shape, width: int, height: int) -> np.ndarray:
+    """The object's anti-aliased coverage float32 [H, W] in [0, 1], as ``render`` draws it."""
+    return _coverage(width, height, _draw_shape(obj, width, height))
+
+
 def glyph_box(position: str, width: int, height: int) -> tuple[float, float, float, float]:
     """Glyph cell (x0, y0, x1, y1): 0.8 of the free half, with a 3:4 aspect."""
     cx, cy = slot_center(position, width, height)
@@ -222,7 +227,7 @@ def render(scene: Scene) -> np.ndarray:
     """The scene as RGBA uint8 [H, W, 4] (straight alpha; RGB 0 where alpha is 0)."""
     validate_scene(scene)
     w, h = scene.width, scene.height
-    layers = [(COLORS[o.color], _coverage(w, h, _draw_shape(o, w, h))) for o in scene.objects]
+    layers = [(COLORS[o.color], object_coverage(o, w, h)) for o in scene.objects]
     if scene.glyph is not None:
         box = glyph_box(glyph_position(scene), w, h)
         layers.append((COLORS[glyph_ink(scene.background)], _coverage(w, h, _draw_glyph(scene.glyph, box))))

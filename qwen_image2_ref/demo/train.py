@@ -143,6 +143,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--edit-weight", action="append", default=[], metavar="KIND[/N]=W",
                    help="dit stage: draw the edits of this kind (and source object count N) W times as often "
                    "within the edit group, e.g. recolor/2=4; repeatable (default: all 1)")
+    p.add_argument("--edit-kept-weight", type=float, default=1.0, metavar="W",
+                   help="dit stage: weigh the flow loss of an edit W times as much on the tokens of the objects "
+                   "it keeps as they were (in a two-object recolour or removal, the object the instruction does "
+                   "not name) as on the others (default: %(default)s, a plain mean)")
     p.add_argument("--branch-from", type=Path, default=None, metavar="CKPT",
                    help="dit stage: start from another run's dit checkpoint (its weights, optimizer, random "
                    "streams and step) with this run's options, instead of step 0; for changing the data "
@@ -186,6 +190,7 @@ def main(argv=None) -> dict:
         _check_device(args.device)
     try:  # parsed once, here, so a bad weight stops the run before any stage
         args.edit_weights = train_dit.parse_edit_weights(args.edit_weight)
+        train_dit.check_kept_weight(args.edit_kept_weight)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
     if args.encoder_init is not None and not (args.encoder_init / "encoder.safetensors").is_file():

@@ -169,6 +169,11 @@ def check_edit_weights(weights: dict[str, float]) -> None:
         raise ConfigError(f"edit weights: expected positive finite numbers, got {weights}")
 
 
+def check_kept_weight(weight: float) -> None:
+    if not (weight > 0 and math.isfinite(weight)):
+        raise ConfigError(f"kept-object weight: expected a positive finite number, got {weight}")
+
+
 def edit_probabilities(seed: int, n: int, weights: dict[str, float]) -> np.ndarray:
     """Sampling probabilities of the edit group's n items: each item's weight is ``weights``'s entry
     for its label ('recolor/2'), else for its kind ('recolor'), else 1. The labels are derived again
@@ -176,6 +181,30 @@ def edit_probabilities(seed: int, n: int, weights: dict[str, float]) -> np.ndarr
     check_edit_weights(weights)
     w = np.array([weights.get(edit_label(ex), weights.get(ex.kind, 1.0)) for ex in train_edits(seed, n)])
     return w / w.sum()
+
+
+# A token is on a kept object when that object covers at least this share of its pixel block.
+KEPT_COVERAGE = 0.05
+
+
+def kept_object_tokens(seed: int, n: int, grid: tuple[int, int]) -> np.ndarray:
+    """[n, h*w] bool, row-major like the packed latents: the tokens of the edit group's n items that an
+    object the edit leaves as it was (the same shape, colour and place in source and target) covers.
+    In a two-object recolour or removal, that is the object the instruction does not name; the
+    triples are derived again from the seed, as in ``edit_probabilities``."""
+    h, w = grid
+    out = np.zeros((n, h * w), bool)
+    for i, ex in enumerate(train_edits(seed, n)):
+        src = ex.source
+        kept = [o for o in src.objects if o in ex.target.objects]
+        if not kept:
+            continue
+        cover = np.zeros((src.height, src.width), np.float32)
+        for o in kept:
+            cover = np.maximum(cover, data.object_coverage(o, src.width, src.height))
+        blocks = cover.reshape(h, src.height // h, w, src.width // w).mean(axis=(1, 3))
+        out[i] = (blocks >= KEPT_COVERAGE).reshape(-1)
+    return out
 
 
 def make_batch(group: Group, idx: np.ndarray, drop: np.ndarray, variant: np.ndarray | None = None):
@@ -201,9 +230,11 @@ class DiTSettings:
 
 
 def flow_loss(model, group: Group, idx, drop, variant, gen: torch.Generator, cfg,
-              device: torch.device | str = "cpu") -> torch.Tensor:
+              device: torch.device | str = "cpu", token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The batch is drawn on the CPU (``gen`` is a CPU generator: the random streams, and so a
-    checkpoint, do not depend on the device), then moved to ``device``, where the model is."""
+    checkpoint, do not depend on the device), then moved to ``device``, where the model is.
+    ``token_weight`` [B, N]: a weighted mean over the target tokens instead of the plain mean (the
+    loss keeps its scale: the weights are divided by their mean)."""
     states, layout, cond = make_batch(group, idx, drop, variant)
     x0 = group.latents[idx]  # [B, N, C]
     noise = torch.randn(x0.shape, generator=gen)
@@ -212,21 +243,27 @@ def flow_loss(model, group: Group, idx, drop, variant, gen: torch.Generator, cfg
     xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
     extra = {k: v.to(device) for k, v in layout_inputs(layout, cfg).items()}
     pred = model(xt, states.to(device), s, cond.to(device), **extra)
-    return (pred - (noise - x0)).square().mean()
+    err = (pred - (noise - x0)).square()
+    if token_weight is None:
+        return err.mean()
+    w = token_weight.to(device=device, dtype=err.dtype)
+    return (err * w[:, :, None]).mean() / w.mean()
 
 
 def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettings, seed: int,
               progress: bool = True, checkpoint=None, resume: bool = False, every_s: float = 600.0,
               on_checkpoint=None, device: torch.device | str = "cpu", edit_weights: dict[str, float] | None = None,
-              branch_from=None):
+              branch_from=None, kept_weight: float = 1.0):
     """Returns (EMA model, losses, stats) after ``settings.steps`` steps, continuing ``checkpoint``
     when ``resume``. ``on_checkpoint(ema, step)`` runs after every checkpoint write. The model, its EMA and
     the optimizer live on ``device``; a checkpoint written on one device resumes on another (the
     device is not a setting; the numbers then differ in the last bits).
 
     ``edit_weights`` ('recolor/2' -> 4.0): draw those edits that many times as often within the edit
-    group (``edit_probabilities``). ``branch_from``: with no checkpoint of its own yet, start from
-    that checkpoint of another run (``resume.branch``) instead of step 0."""
+    group (``edit_probabilities``). ``kept_weight``: the flow loss of an edit weighs the tokens of
+    the objects the edit keeps (``kept_object_tokens``) that many times as much as the others.
+    ``branch_from``: with no checkpoint of its own yet, start from that checkpoint of another run
+    (``resume.branch``) instead of step 0."""
     t0 = time.time()
     torch.manual_seed(seed)
     model = QwenImageTransformer(config.transformer)
@@ -242,9 +279,16 @@ def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettin
                        torch.Generator().manual_seed(seed + 4000), settings.steps,
                        {"seed": seed, **dataclasses.asdict(settings),
                         "data": {n: [len(g.latents), g.captions_per_image] for n, g in groups.items()},
-                        **({"edit_weights": dict(sorted(edit_weights.items()))} if edit_weights else {})})
+                        **({"edit_weights": dict(sorted(edit_weights.items()))} if edit_weights else {}),
+                        **({"edit_kept_weight": kept_weight} if kept_weight != 1.0 else {})})
     edit_p = (edit_probabilities(seed, len(groups["edit_128"].latents), edit_weights)
               if edit_weights and "edit_128" in groups else None)
+    kept = None
+    if kept_weight != 1.0 and "edit_128" in groups:
+        check_kept_weight(kept_weight)
+        g = groups["edit_128"]
+        kept = 1.0 + (kept_weight - 1.0) * torch.from_numpy(
+            kept_object_tokens(seed, len(g.latents), g.target_shape)).float()  # [N, h*w]
 
     def step(st: TrainState) -> float:
         name = names[st.rng.choice(len(names), p=p)]
@@ -256,7 +300,8 @@ def train_dit(config: ModelConfig, groups: dict[str, Group], settings: DiTSettin
         drop = st.rng.random(settings.batch) < DROPOUT
         variant = st.rng.integers(g.captions_per_image, size=settings.batch)
         lr = lr_at(st.step, st.total, settings.lr, settings.warmup)
-        loss = flow_loss(model, g, idx, drop, variant, st.gen, config.transformer, device)
+        weight = kept[idx] if name == "edit_128" and kept is not None else None
+        loss = flow_loss(model, g, idx, drop, variant, st.gen, config.transformer, device, weight)
         return _dit_step(model, ema, opt, lr, loss, min(settings.ema, (1 + st.step) / (10 + st.step)))
 
     if branch_from is not None and not (checkpoint is not None and Path(checkpoint).exists()):
@@ -311,7 +356,8 @@ def run_stage(stage: str, out, config: ModelConfig, args, progress: bool) -> dic
 
         model, losses, stats = train_dit(config, groups, settings, args.seed, progress, out / CHECKPOINTS["dit"],
                                          args.resume, args.checkpoint_minutes * 60, write, device,
-                                         args.edit_weights, args.branch_from)
+                                         args.edit_weights, args.branch_from,
+                                         getattr(args, "edit_kept_weight", 1.0))
         write(model, stats["steps"])
         stats["loss_every_500"] = smoothed(losses)
         log.info("dit stage: %s", stats)
