@@ -95,3 +95,22 @@ def test_tasks_picks_the_rows_and_the_goals_of_missing_rows_read_not_measured(be
     assert "one object, background named: color" in out and "not measured" in out
     with pytest.raises(SystemExit):
         bench.main(["--tasks", "edits"])
+
+
+def test_recolor_spill_counts_the_named_and_the_other_object_apart():
+    """bench/recolor_spill.py on rendered images: the right edit, both recoloured, the source unchanged."""
+    spec = importlib.util.spec_from_file_location("recolor_spill_bench", REPO / "bench" / "recolor_spill.py")
+    spill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spill)
+    cases = spill.heldout_cases(40)
+    assert 10 <= len(cases) <= 40 and all(spill.is_two_object_recolor(ex) for _, ex in cases)
+    assert len({i for i, _ in cases}) == len(cases) and len(spill.train_cases(5)) == 5
+    for _, ex in cases[:6] + spill.train_cases(6):
+        named = next(j for j, (a, b) in enumerate(zip(ex.source.objects, ex.target.objects)) if a != b)
+        new_color = ex.target.objects[named].color
+        both = data.replace_object(ex.target, 1 - named, color=new_color)
+        if both.objects[1 - named].color == ex.source.objects[1 - named].color:
+            continue  # the other object already had the new colour: nothing to tell apart
+        assert spill.object_hits(judge.judge(data.render(ex.target)), ex) == (True, True)
+        assert spill.object_hits(judge.judge(data.render(both)), ex) == (True, False)
+        assert spill.object_hits(judge.judge(data.render(ex.source)), ex) == (False, True)
