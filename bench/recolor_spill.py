@@ -69,9 +69,14 @@ def train_cases(n: int) -> list[tuple[int, data.EditExample]]:
     return out
 
 
+def named_index(ex: data.EditExample) -> int:
+    """Which of the two objects the recolour names (the one that changes)."""
+    return next(j for j, (a, b) in enumerate(zip(ex.source.objects, ex.target.objects)) if a != b)
+
+
 def object_hits(found: judge.Judgement, ex: data.EditExample) -> tuple[bool, bool]:
     """(the named object has its new colour, shape and place; the other is there as it was)."""
-    named = next(j for j, (a, b) in enumerate(zip(ex.source.objects, ex.target.objects)) if a != b)
+    named = named_index(ex)
 
     def there(o: data.Shape) -> bool:
         return any(r.color == o.color and r.shape == o.kind and r.position == o.position for r in found.objects)
@@ -109,7 +114,7 @@ def flow_margin(model: str, data_path: Path, seed: int, n: int, levels: list[flo
     for i, ex in enumerate(train_dit.train_edits(seed, len(g.latents))):
         if not is_two_object_recolor(ex):
             continue
-        named = next(j for j, (a, b) in enumerate(zip(ex.source.objects, ex.target.objects)) if a != b)
+        named = named_index(ex)
         both = data.replace_object(ex.target, 1 - named, color=ex.target.objects[named].color)
         if both != ex.target:
             picked.append((i, ex.target, both))
