@@ -121,6 +121,7 @@ def flow_margin(model: str, data_path: Path, seed: int, n: int, levels: list[flo
         if len(picked) == n:
             break
     m = load_model(model)
+    transformer = m.transformer.eval()
     mean = torch.tensor(stats["latents_mean"])[None, :, None, None]
     std = torch.tensor(stats["latents_std"])[None, :, None, None]
 
@@ -145,7 +146,7 @@ def flow_margin(model: str, data_path: Path, seed: int, n: int, levels: list[flo
         for name, x0 in (("right", right), ("both", both)):
             xt = (1 - s_val) * x0 + s_val * noise
             with torch.no_grad():
-                pred = m.transformer.eval()(xt, states, s, cond, **extra)
+                pred = transformer(xt, states, s, cond, **extra)
             per[name] = (pred - (noise - x0)).square().mean(dim=(1, 2))
         rows.append({"s": s_val, "right": float(per["right"].mean()), "both": float(per["both"].mean()),
                      "right_lower": int((per["right"] < per["both"]).sum()), "n": len(idx)})
